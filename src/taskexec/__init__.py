@@ -1,0 +1,37 @@
+"""taskexec: run LLM agent tasks concurrently, async-first, with sync shims and a rollback flag."""
+
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import PlanError as PlanError
+from ._errors import ProviderNotFoundError as ProviderNotFoundError
+from ._errors import SyncInAsyncContextError as SyncInAsyncContextError
+from ._errors import TaskexecError as TaskexecError
+from ._errors import UnknownAgentError as UnknownAgentError
+from ._errors import UnsupportedModeError as UnsupportedModeError
+from ._executor import TaskExecutor as TaskExecutor
+from ._models import Agent as Agent
+from ._models import AgentTask as AgentTask
+from ._models import ExecutionError as ExecutionError
+from ._models import ExecutionResult as ExecutionResult
+from ._models import ExecutionStatus as ExecutionStatus
+from ._models import Usage as Usage
+from ._retry import RetryPolicy as RetryPolicy
+from ._version import __version__ as __version__
+
+__all__ = (
+    "Agent",
+    "AgentTask",
+    "ConfigurationError",
+    "ExecutionError",
+    "ExecutionResult",
+    "ExecutionStatus",
+    "PlanError",
+    "ProviderNotFoundError",
+    "RetryPolicy",
+    "SyncInAsyncContextError",
+    "TaskExecutor",
+    "TaskexecError",
+    "UnknownAgentError",
+    "UnsupportedModeError",
+    "Usage",
+    "__version__",
+)

@@ -1,0 +1,61 @@
+"""Exceptions raised for programmer and configuration errors.
+
+Task-level failures (an HTTP 500, a script that exits 1, a timeout) never raise: they come back
+as an :class:`~taskexec.ExecutionResult` whose ``error`` says what happened. The exceptions here are
+for mistakes a caller can fix in their code or configuration, and each message names the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = (
+    "ConfigurationError",
+    "PlanError",
+    "ProviderNotFoundError",
+    "SyncInAsyncContextError",
+    "TaskexecError",
+    "UnknownAgentError",
+    "UnsupportedModeError",
+)
+
+
+class TaskexecError(Exception):
+    """Base class of every exception taskexec raises on purpose."""
+
+
+class ConfigurationError(TaskexecError):
+    """The executor was asked to do something its configuration cannot serve."""
+
+
+class UnknownAgentError(ConfigurationError):
+    """A task or call names an agent that is not registered with the executor."""
+
+
+class UnsupportedModeError(ConfigurationError):
+    """The resolved agent cannot serve the requested mode (e.g. ``api`` without a ``url``)."""
+
+
+class ProviderNotFoundError(ConfigurationError):
+    """An agent names an LLM provider that is not registered."""
+
+
+class SyncInAsyncContextError(TaskexecError):
+    """A blocking ``taskexec.sync`` call was made from a thread whose event loop is running."""
+
+
+class PlanError(TaskexecError):
+    """A plan or task list is invalid; ``problems`` lists every problem found, not just the first.
+
+    Args:
+        problems: One human-readable line per problem, each naming the field at fault.
+        source: The file the plan came from, when there is one.
+    """
+
+    def __init__(self, problems: Sequence[str], *, source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        count = len(self.problems)
+        header = f"{where}{count} problem{'s' if count != 1 else ''} found"
+        super().__init__("\n".join([header, *(f"  - {p}" for p in self.problems)]))

@@ -1,0 +1,298 @@
+"""The async TaskExecutor: the one place a task meets its mode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType, TracebackType
+from typing import Self
+
+import httpx
+
+from ._errors import ConfigurationError, UnknownAgentError, UnsupportedModeError
+from ._http import ClientPool
+from ._models import (
+    Agent,
+    AgentTask,
+    ExecutionError,
+    ExecutionResult,
+    ExecutionStatus,
+    Mode,
+)
+from ._modes import Call, Outcome
+from ._modes.api import run_api
+from ._modes.llm import run_llm
+from ._modes.script import run_script
+from ._retry import RetryPolicy
+from .providers import get_provider
+
+__all__ = ("DEFAULT_TIMEOUT_S", "MIGRATION_GUIDE", "TaskExecutor")
+
+log = logging.getLogger("taskexec")
+
+#: A task's deadline when neither the task nor its agent sets ``timeout_s``.
+DEFAULT_TIMEOUT_S = 600.0
+MIGRATION_GUIDE = "docs/MIGRATION.md"
+_MODES = ("llm", "api", "script")
+
+
+class TaskExecutor:
+    """Runs agent tasks: ``await executor.execute(task)`` returns one :class:`ExecutionResult`.
+
+    Calls may run concurrently from one event loop (``asyncio.gather`` or a ``TaskGroup``); HTTP
+    connections are pooled per event loop and shared by every call. Close the executor with
+    ``await executor.aclose()`` or use it as ``async with TaskExecutor(...) as executor``.
+
+    Args:
+        agents: The agents tasks may name.
+        default_agent: The agent for tasks that name none (default: the only agent, if one).
+        http_client: An ``httpx.AsyncClient`` to send every request through instead of the
+            built-in pool; it is not closed by :meth:`aclose`.
+        max_connections: Most HTTP connections open at once per event loop (0: no limit).
+        connect_timeout_s: Time allowed to open one connection.
+        attempt_timeout_s: Cap on one HTTP attempt, so a stalled reply is retried
+            (default: an attempt may use all the time left before the task's deadline).
+        retry_policy: Backoff between attempts.
+
+    Raises:
+        ConfigurationError: Two agents share a name, or ``default_agent`` is not among them.
+    """
+
+    def __init__(
+        self,
+        agents: Iterable[Agent] = (),
+        *,
+        default_agent: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        max_connections: int = 256,
+        connect_timeout_s: float = 10.0,
+        attempt_timeout_s: float | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self._agents = _index_agents(agents)
+        if default_agent is not None and default_agent not in self._agents:
+            raise UnknownAgentError(
+                f"default_agent {default_agent!r} is not among the agents "
+                f"({_names(self._agents)}); pass its Agent in agents=[...]"
+            )
+        self.default_agent = default_agent
+        self._pool = ClientPool(
+            max_connections=max_connections,
+            connect_timeout_s=connect_timeout_s,
+            httpx_client=http_client,
+        )
+        self.attempt_timeout_s = attempt_timeout_s
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._warned_script_agents: set[str] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<TaskExecutor agents=[{_names(self._agents)}] default_agent={self.default_agent!r}>"
+        )
+
+    @property
+    def agents(self) -> Mapping[str, Agent]:
+        """The registered agents by name (read-only)."""
+        return MappingProxyType(self._agents)
+
+    async def execute(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> ExecutionResult:
+        """Execute a single task using the specified agent.
+
+        This method is async so that many tasks can run concurrently on one event loop; it never
+        starts a loop of its own.
+
+        Args:
+            task: The task to run.
+            agent: An agent name or an :class:`Agent`; wins over ``task.agent``.
+            mode: ``"llm"``, ``"api"`` or ``"script"``; wins over ``task.mode`` and the agent's.
+
+        Returns:
+            The task's result. Failures, timeouts and bad replies are results, not exceptions.
+
+        Raises:
+            UnknownAgentError: The agent named is not registered.
+            UnsupportedModeError: The agent cannot serve the mode.
+            ConfigurationError: No agent is named anywhere and there is no default.
+        """
+        return await self._execute(task, agent, mode, None)
+
+    async def aclose(self) -> None:
+        """Close every pooled HTTP connection."""
+        await self._pool.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- internals shared with the orchestrator ------------------------------------------------
+
+    def _derive(self, extra_agents: Iterable[Agent]) -> TaskExecutor:
+        """Return an executor with more agents that shares this one's pool and settings."""
+        derived = object.__new__(TaskExecutor)
+        derived.__dict__.update(self.__dict__)
+        agents = list(self._agents.values())
+        derived._agents = _index_agents([*agents, *extra_agents])
+        return derived
+
+    def resolve(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> tuple[Agent, Mode]:
+        """Return the agent and mode a task would run with, checking that they fit.
+
+        Raises:
+            UnknownAgentError: The agent named is not registered.
+            UnsupportedModeError: The agent cannot serve the mode.
+            ConfigurationError: No agent is named anywhere and there is no default.
+        """
+        if isinstance(agent, Agent):
+            resolved = agent
+        else:
+            name = agent or task.agent or self.default_agent
+            if name is None:
+                if len(self._agents) != 1:
+                    raise ConfigurationError(
+                        f"task {task.id!r} names no agent and there is no default: pass "
+                        "execute(task, agent='name'), set AgentTask(agent='name'), or create "
+                        "TaskExecutor(agents, default_agent='name')"
+                        + (f"; registered agents: {_names(self._agents)}" if self._agents else "")
+                    )
+                name = next(iter(self._agents))
+            found = self._agents.get(name)
+            if found is None:
+                raise UnknownAgentError(
+                    f"task {task.id!r} names unknown agent {name!r}; registered agents: "
+                    f"{_names(self._agents) or '(none)'}. Add Agent(name={name!r}, ...) to the "
+                    "executor's agents"
+                )
+            resolved = found
+        chosen: Mode = mode or task.mode or resolved.mode
+        if chosen not in _MODES:
+            raise UnsupportedModeError(f"unknown mode {chosen!r}; use one of {', '.join(_MODES)}")
+        if chosen == "api" and not resolved.url:
+            raise UnsupportedModeError(
+                f"agent {resolved.name!r} cannot run task {task.id!r} in api mode: it has no url; "
+                "set Agent(url='http://...') or use another mode"
+            )
+        if chosen == "script" and not resolved.command:
+            raise UnsupportedModeError(
+                f"agent {resolved.name!r} cannot run task {task.id!r} in script mode: it has no "
+                "command; set Agent(command=['python', 'agent.py']) or use another mode"
+            )
+        if chosen == "llm":
+            get_provider(resolved.provider)  # raises ProviderNotFoundError naming the known ones
+        return resolved, chosen
+
+    def resolve_names(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> tuple[str, str]:
+        """Return the agent name and mode a task would use (``""`` where unresolvable)."""
+        try:
+            resolved, chosen = self.resolve(task, agent, mode)
+        except ConfigurationError:
+            name = agent.name if isinstance(agent, Agent) else (agent or task.agent or "")
+            return name, mode or task.mode or ""
+        return resolved.name, chosen
+
+    async def _execute(
+        self,
+        task: AgentTask,
+        agent: str | Agent | None,
+        mode: Mode | None,
+        outputs: Mapping[str, str | None] | None,
+    ) -> ExecutionResult:
+        resolved, chosen = self.resolve(task, agent, mode)
+        loop = asyncio.get_running_loop()
+        started_at = datetime.now(UTC)
+        start = loop.time()
+        deadline_s = task.timeout_s or resolved.timeout_s or DEFAULT_TIMEOUT_S
+        call = Call(
+            task=task,
+            agent=resolved,
+            prompt=task.render_prompt(outputs),
+            deadline=start + deadline_s,
+            max_retries=task.max_retries if task.max_retries is not None else resolved.max_retries,
+            pool=self._pool,
+            policy=self.retry_policy,
+            attempt_timeout_s=self.attempt_timeout_s,
+        )
+        if chosen == "script" or (chosen == "llm" and resolved.command):
+            self._warn_script(resolved, chosen)
+        try:
+            async with asyncio.timeout(deadline_s):
+                if chosen == "llm":
+                    outcome = await run_llm(call)
+                elif chosen == "api":
+                    outcome = await run_api(call)
+                else:
+                    outcome = await run_script(call)
+        except TimeoutError:
+            message = f"task {task.id!r} did not finish within its {deadline_s:g} s deadline"
+            outcome = Outcome(
+                error=ExecutionError(kind="timeout", message=message),
+                metadata={"execution_mode": chosen},
+            )
+        duration = loop.time() - start
+        if outcome.error is None:
+            status = ExecutionStatus.SUCCESS
+        elif outcome.error.kind == "timeout":
+            status = ExecutionStatus.TIMEOUT
+        else:
+            status = ExecutionStatus.FAILED
+            log.info("task %s failed: %s", task.id, outcome.error.message)
+        return ExecutionResult(
+            task_id=task.id,
+            status=status,
+            output=outcome.output,
+            error=outcome.error,
+            agent=resolved.name,
+            mode=chosen,
+            engine="async",
+            attempts=call.attempts,
+            started_at=started_at,
+            finished_at=started_at + timedelta(seconds=duration),
+            duration_s=duration,
+            usage=outcome.usage,
+            metadata=outcome.metadata,
+        )
+
+    def _warn_script(self, agent: Agent, mode: Mode) -> None:
+        if mode == "llm":
+            provider = get_provider(agent.provider)
+            if provider.unavailable(agent) is None:
+                return
+        if agent.name in self._warned_script_agents:
+            return
+        self._warned_script_agents.add(agent.name)
+        warnings.warn(
+            f"agent {agent.name!r}: script execution is deprecated in favour of a direct "
+            f"provider (Agent(mode='llm', provider=...)); see {MIGRATION_GUIDE}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+
+
+def _index_agents(agents: Iterable[Agent]) -> dict[str, Agent]:
+    index: dict[str, Agent] = {}
+    for agent in agents:
+        if agent.name in index:
+            raise ConfigurationError(
+                f"two agents are named {agent.name!r}; give each agent a unique name"
+            )
+        index[agent.name] = agent
+    return index
+
+
+def _names(agents: Mapping[str, Agent]) -> str:
+    return ", ".join(sorted(agents))

@@ -1,0 +1,198 @@
+"""The one place HTTP clients are created and pooled.
+
+Every async request taskexec makes goes through a :class:`ClientPool`, which keeps one client per
+event loop: a client made on one loop is never used from another (a pooled connection belongs to
+the loop that opened it; see httpx issue 2473). Changing the transport means changing this module
+only.
+
+The default transport is an aiohttp ``ClientSession``: at a thousand requests in flight it costs a
+fraction of the CPU per request that ``httpx.AsyncClient`` does (see ``benchmarks/RESULTS.md``). A
+caller may pass their own ``httpx.AsyncClient`` instead (``httpx.MockTransport`` is the unit-test
+seam); that client is used as given and is never closed by taskexec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import aiohttp
+import httpx
+
+__all__ = (
+    "AiohttpClient",
+    "ClientPool",
+    "HttpClient",
+    "HttpResponse",
+    "HttpxClient",
+    "TransportError",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """A complete response: status, headers (case-insensitive mapping) and the whole body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class TransportError(Exception):
+    """No complete response arrived: the connection failed or the attempt timed out."""
+
+    def __init__(self, kind: Literal["connection", "timeout"], message: str) -> None:
+        super().__init__(message)
+        self.kind: Literal["connection", "timeout"] = kind
+
+
+class HttpClient(Protocol):
+    """What the modes need from a transport: one POST with a body, and closing."""
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpResponse:
+        """POST ``body`` to ``url`` and return the whole response.
+
+        Raises:
+            TransportError: The connection failed or ``timeout_s`` passed before the response.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        ...
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if str(exc) else text
+
+
+class AiohttpClient:
+    """An :class:`HttpClient` over one aiohttp ``ClientSession`` (the default transport).
+
+    Args:
+        max_connections: Most connections open at once (0 for no limit).
+        connect_timeout_s: Time allowed to open a connection.
+    """
+
+    def __init__(self, *, max_connections: int, connect_timeout_s: float) -> None:
+        # The session binds to the running loop here; ClientPool guarantees it is only ever
+        # used from that loop.
+        connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0)
+        self._connect_timeout_s = connect_timeout_s
+        self._session = aiohttp.ClientSession(
+            connector=connector, skip_auto_headers=("User-Agent",)
+        )
+
+    def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpResponse:
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=self._timeout(timeout_s)
+            ) as response:
+                data = await response.read()
+                return HttpResponse(response.status, response.headers, data)
+        except TimeoutError as exc:
+            # Only aiohttp's own (per-attempt) timeout lands here: a caller's asyncio.timeout
+            # reaches this frame as CancelledError and propagates untouched.
+            raise TransportError("timeout", "no response before the attempt timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError("connection", _describe(exc)) from exc
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    def close_abandoned(self) -> None:
+        """Drop the sockets of a session whose loop is gone, without awaiting anything."""
+        connector = self._session.connector
+        if connector is not None and not connector.closed:
+            connector._close()  # sync part of close(); the loop that could await it is gone
+        self._session._connector = None
+
+
+class HttpxClient:
+    """An :class:`HttpClient` over a caller's ``httpx.AsyncClient`` (never closed by us)."""
+
+    def __init__(self, client: httpx.AsyncClient, *, connect_timeout_s: float) -> None:
+        self._client = client
+        self._connect_timeout_s = connect_timeout_s
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpResponse:
+        timeout = httpx.Timeout(timeout_s, connect=self._connect_timeout_s)
+        try:
+            response = await self._client.post(url, content=body, headers=headers, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise TransportError("timeout", "no response before the attempt timed out") from exc
+        except httpx.TransportError as exc:
+            raise TransportError("connection", _describe(exc)) from exc
+        return HttpResponse(response.status_code, response.headers, response.content)
+
+    async def aclose(self) -> None:
+        """Leave the caller's client open: its owner closes it."""
+
+
+class ClientPool:
+    """One :class:`HttpClient` per event loop, created on first use in that loop.
+
+    Args:
+        max_connections: Connection limit of each client (0 for no limit).
+        connect_timeout_s: Time allowed to open a connection.
+        httpx_client: Use this client for every request instead of creating aiohttp sessions.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 256,
+        connect_timeout_s: float = 10.0,
+        httpx_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout_s = connect_timeout_s
+        self._factory: Callable[[], HttpClient]
+        if httpx_client is not None:
+            shared = HttpxClient(httpx_client, connect_timeout_s=connect_timeout_s)
+            self._factory = lambda: shared
+        else:
+            self._factory = lambda: AiohttpClient(
+                max_connections=max_connections, connect_timeout_s=connect_timeout_s
+            )
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HttpClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.clients_created = 0
+
+    def get(self) -> HttpClient:
+        """Return the client of the running loop, creating it on first use."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = self._factory()
+            self.clients_created += 1
+        return client
+
+    async def aclose(self) -> None:
+        """Close every client: on this loop directly, on other running loops through them."""
+        current = asyncio.get_running_loop()
+        clients = list(self._clients.items())
+        self._clients.clear()
+        for loop, client in clients:
+            if loop is current:
+                await client.aclose()
+            elif loop.is_running():
+                # A client may only be closed on its own loop: hand the close to that loop.
+                future = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                await asyncio.wrap_future(future)
+            elif isinstance(client, AiohttpClient):
+                client.close_abandoned()

@@ -1,0 +1,196 @@
+"""Pydantic models shared by every engine: tasks, agents, results.
+
+All models round-trip exactly through JSON:
+``Model.model_validate_json(m.model_dump_json()) == m``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+__all__ = (
+    "PLACEHOLDER_RE",
+    "Agent",
+    "AgentTask",
+    "ExecutionError",
+    "ExecutionResult",
+    "ExecutionStatus",
+    "Mode",
+    "Usage",
+)
+
+Mode = Literal["llm", "api", "script"]
+Engine = Literal["async", "legacy"]
+
+_ID_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+#: ``{{dep_id}}`` in a prompt names the output of a dependency.
+PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*\}\}")
+
+
+class ExecutionStatus(enum.StrEnum):
+    """The terminal state of one task."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentTask(_Model):
+    """One unit of work for an agent.
+
+    A prompt may name a dependency's output as ``{{dep_id}}``; every name used that way must also
+    be listed in ``depends_on``.
+    """
+
+    id: str = Field(min_length=1, pattern=_ID_PATTERN)
+    prompt: str
+    title: str | None = None
+    deliverables: list[str] = Field(default_factory=list)
+    success_criteria: list[str] = Field(default_factory=list)
+    agent: str | None = None
+    mode: Mode | None = None
+    depends_on: list[str] = Field(default_factory=list)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _placeholders_are_dependencies(self) -> AgentTask:
+        missing = sorted(set(self.placeholders()) - set(self.depends_on))
+        if missing:
+            names = ", ".join(missing)
+            raise ValueError(
+                f"prompt uses {{{{{missing[0]}}}}} but depends_on does not list {names}; "
+                "add it to depends_on or remove the placeholder"
+            )
+        return self
+
+    def placeholders(self) -> list[str]:
+        """Return the dependency ids named as ``{{dep_id}}`` in the prompt, in order."""
+        return PLACEHOLDER_RE.findall(self.prompt)
+
+    def render_prompt(self, outputs: Mapping[str, str | None] | None = None) -> str:
+        """Return the prompt sent to the agent.
+
+        Placeholders are replaced by the matching dependency output (placeholders without an
+        output are left as written); the deliverables and success criteria follow as lists, only
+        when present, so a bare prompt renders as itself.
+
+        Args:
+            outputs: Dependency outputs by task id.
+
+        Returns:
+            The rendered prompt.
+        """
+        text = self.prompt
+        if outputs and "{{" in text:
+
+            def fill(match: re.Match[str]) -> str:
+                value = outputs.get(match.group(1))
+                return match.group(0) if value is None else value
+
+            text = PLACEHOLDER_RE.sub(fill, text)
+        if self.deliverables:
+            text += "\n\nExpected deliverables:\n" + "\n".join(f"- {d}" for d in self.deliverables)
+        if self.success_criteria:
+            text += "\n\nSuccess criteria:\n" + "\n".join(f"- {c}" for c in self.success_criteria)
+        return text
+
+
+class Usage(_Model):
+    """Token counts reported by the provider (zero when it reports none)."""
+
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+
+
+class ExecutionError(_Model):
+    """Why a task did not succeed.
+
+    ``kind`` is one of ``http_status``, ``connection``, ``timeout``, ``bad_response``,
+    ``script_exit``, ``dependency_failed``, ``cancelled`` or ``configuration``.
+    """
+
+    kind: str
+    message: str
+    status_code: int | None = None
+    retryable: bool = False
+
+
+class ExecutionResult(_Model):
+    """The one result every task gets, whether it ran, failed, or never ran."""
+
+    task_id: str
+    status: ExecutionStatus
+    output: str | None = None
+    error: ExecutionError | None = None
+    agent: str
+    mode: str
+    engine: Engine
+    attempts: int = Field(ge=0)
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    duration_s: float = Field(ge=0)
+    usage: Usage = Field(default_factory=Usage)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the task succeeded."""
+        return self.status is ExecutionStatus.SUCCESS
+
+
+class Agent(_Model):
+    """Who runs a task and how it is reached.
+
+    ``mode`` picks the default way to reach the agent: ``llm`` (a chat call to ``provider``),
+    ``api`` (``POST url``) or ``script`` (run ``command``). An ``llm`` agent that also has a
+    ``command`` falls back to that script when its provider cannot run here.
+    """
+
+    name: str = Field(min_length=1, pattern=_ID_PATTERN)
+    mode: Mode = "llm"
+    provider: str = "offline"
+    model: str | None = None
+    system_prompt: str | None = None
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    url: str | None = None
+    command: list[str] | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0)
+
+    @field_validator("command")
+    @classmethod
+    def _command_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not value[0]):
+            raise ValueError("command must name a program, e.g. ['python', 'agent.py']")
+        return value
+
+    @field_validator("base_url", "url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value is not None else None

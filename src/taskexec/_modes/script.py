@@ -1,0 +1,108 @@
+"""``script`` mode: the pre-refactor subprocess path, kept as a fallback and deprecated.
+
+The agent's ``command`` starts with no shell, in a new session (its own process group), so that on
+timeout or cancellation the whole group can be stopped: SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+
+from .._models import ExecutionError
+from . import Call, Outcome
+
+__all__ = ("TERMINATE_GRACE_S", "parse_script_output", "run_script", "script_stdin")
+
+#: Seconds a script gets between SIGTERM and SIGKILL.
+TERMINATE_GRACE_S = 2.0
+_STDERR_TAIL = 2000
+
+
+def script_stdin(call: Call) -> bytes:
+    """Return the JSON a script reads on stdin: the task, the agent's name, the rendered prompt."""
+    document = {
+        "task": call.task.model_dump(mode="json"),
+        "agent": call.agent.name,
+        "prompt": call.prompt,
+    }
+    return json.dumps(document).encode()
+
+
+def parse_script_output(stdout: bytes) -> str:
+    """Return a script's output: ``"output"`` of a JSON object on stdout, else stdout stripped."""
+    text = stdout.decode("utf-8", "replace").strip()
+    if text.startswith("{"):
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(document, dict) and "output" in document:
+            value = document["output"]
+            return value if isinstance(value, str) else json.dumps(value)
+    return text
+
+
+def exit_error(command: list[str], returncode: int, stderr: bytes) -> ExecutionError:
+    """Return the error for a script that exited non-zero, with the tail of its stderr."""
+    tail = stderr.decode("utf-8", "replace")[-_STDERR_TAIL:].strip()
+    how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
+    message = f"script {command[0]!r} {how}" + (f": {tail}" if tail else "")
+    return ExecutionError(kind="script_exit", message=message)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """Stop the script's whole process group: SIGTERM, wait for the grace period, SIGKILL."""
+    if process.returncode is not None:
+        _signal_group(process.pid, signal.SIGKILL)  # reap any grandchildren left behind
+        return
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), TERMINATE_GRACE_S)
+    except (TimeoutError, asyncio.CancelledError):
+        pass
+    finally:
+        # Always reached, even if we are cancelled again while waiting: nothing survives.
+        _signal_group(process.pid, signal.SIGKILL)
+    if process.returncode is None:
+        await process.wait()
+
+
+async def run_script(call: Call) -> Outcome:
+    """Run the agent's command with the task on stdin and its stdout as the output."""
+    command = call.agent.command
+    assert command  # the executor checks this before choosing the mode
+    call.attempts += 1
+    metadata: dict[str, object] = {"execution_mode": "script"}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        message = f"could not start script {command[0]!r}: {exc.strerror or exc}"
+        return Outcome(
+            error=ExecutionError(kind="configuration", message=message), metadata=metadata
+        )
+    try:
+        stdout, stderr = await process.communicate(script_stdin(call))
+    except BaseException:
+        # Timeout (the task deadline cancels us) or the caller's cancellation: leave nothing
+        # running, then let the cancellation go on.
+        await _stop(process)
+        raise
+    if process.returncode != 0:
+        assert process.returncode is not None
+        return Outcome(error=exit_error(command, process.returncode, stderr), metadata=metadata)
+    return Outcome(output=parse_script_output(stdout), metadata=metadata)

@@ -1,0 +1,112 @@
+"""LLM providers, looked up by name.
+
+Built in: ``offline``, ``openai`` (any OpenAI-compatible server), ``anthropic`` and ``gemini``.
+Register your own with :func:`register_provider`, or from a package through the
+``taskexec.providers`` entry point group (the entry point names the provider and points at a
+:class:`~taskexec.providers.base.Provider` subclass or instance)::
+
+    [project.entry-points."taskexec.providers"]
+    mistral = "my_package.providers:MistralProvider"
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from threading import Lock
+
+from .._errors import ProviderNotFoundError
+from .anthropic import AnthropicProvider
+from .base import ChatReply, HttpProvider, Provider, Unavailable
+from .gemini import GeminiProvider
+from .offline import OfflineProvider
+from .openai import OpenAIProvider
+
+__all__ = (
+    "ENTRY_POINT_GROUP",
+    "AnthropicProvider",
+    "ChatReply",
+    "GeminiProvider",
+    "HttpProvider",
+    "OfflineProvider",
+    "OpenAIProvider",
+    "Provider",
+    "Unavailable",
+    "get_provider",
+    "is_provider_available",
+    "list_available_providers",
+    "list_providers",
+    "register_provider",
+)
+
+ENTRY_POINT_GROUP = "taskexec.providers"
+
+_registry: dict[str, Provider] = {
+    p.name: p for p in (OfflineProvider(), OpenAIProvider(), AnthropicProvider(), GeminiProvider())
+}
+_entry_points_loaded = False
+_lock = Lock()
+
+
+def register_provider(provider: Provider | type[Provider], *, name: str | None = None) -> None:
+    """Make a provider available to agents by name (``Agent(provider=name)``).
+
+    Args:
+        provider: A :class:`Provider` instance, or a subclass to instantiate.
+        name: The name agents use; defaults to ``provider.name``.
+    """
+    instance = provider() if isinstance(provider, type) else provider
+    with _lock:
+        _registry[name or instance.name] = instance
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    with _lock:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in _registry]
+        _entry_points_loaded = True
+    for ep in found:
+        register_provider(ep.load(), name=ep.name)
+
+
+def get_provider(name: str) -> Provider:
+    """Return the provider registered as ``name``.
+
+    Raises:
+        ProviderNotFoundError: No provider has that name; the message lists the known ones.
+    """
+    provider = _registry.get(name)
+    if provider is None:
+        _load_entry_points()
+        provider = _registry.get(name)
+    if provider is None:
+        known = ", ".join(sorted(_registry))
+        raise ProviderNotFoundError(
+            f"unknown provider {name!r}; known providers: {known}. Register others with "
+            f"taskexec.providers.register_provider() or the {ENTRY_POINT_GROUP!r} entry point group"
+        )
+    return provider
+
+
+def list_providers() -> list[str]:
+    """Return the names of every registered provider, available here or not."""
+    _load_entry_points()
+    return sorted(_registry)
+
+
+def is_provider_available(name: str) -> bool:
+    """Return True when provider ``name`` can run here and now (key set, packages importable).
+
+    Availability is judged for the vendor's own endpoint; an agent with a custom ``base_url``
+    may need no key at all.
+    """
+    try:
+        return get_provider(name).unavailable(None) is None
+    except ProviderNotFoundError:
+        return False
+
+
+def list_available_providers() -> list[str]:
+    """Return the names of the providers that can run here and now, sorted."""
+    return [name for name in list_providers() if is_provider_available(name)]

@@ -1,0 +1,58 @@
+"""Anthropic's Messages API."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .._models import Agent, Usage
+from .base import ChatReply, HttpProvider, tokens
+
+__all__ = ("AnthropicProvider",)
+
+
+class AnthropicProvider(HttpProvider):
+    """``POST {base_url}/v1/messages`` with ``x-api-key`` and ``anthropic-version`` headers."""
+
+    name: ClassVar[str] = "anthropic"
+    key_env_vars: ClassVar[tuple[str, ...]] = ("ANTHROPIC_API_KEY",)
+    default_base_url: ClassVar[str] = "https://api.anthropic.com"
+    base_url_env_var: ClassVar[str | None] = "ANTHROPIC_BASE_URL"
+    default_model: ClassVar[str] = "claude-sonnet-4-5"
+    api_version: ClassVar[str] = "2023-06-01"
+    #: The Messages API requires max_tokens; this is used when the agent sets none.
+    default_max_tokens: ClassVar[int] = 1024
+
+    def endpoint(self, agent: Agent) -> str:
+        return f"{self.base_url(agent)}/v1/messages"
+
+    def headers(self, agent: Agent, key: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json", "anthropic-version": self.api_version}
+        if key:
+            headers["x-api-key"] = key
+        return headers
+
+    def payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": agent.model or self.default_model,
+            "max_tokens": agent.max_tokens or self.default_max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        if agent.system_prompt:
+            body["system"] = agent.system_prompt
+        if agent.temperature is not None:
+            body["temperature"] = agent.temperature
+        return body
+
+    def parse(self, data: Any) -> ChatReply:
+        blocks = data["content"]
+        if not isinstance(blocks, list):
+            raise TypeError("content is not a list of blocks")
+        text = "".join(b["text"] for b in blocks if b.get("type") == "text")
+        usage = data.get("usage") or {}
+        return ChatReply(
+            text,
+            Usage(
+                input_tokens=tokens(usage.get("input_tokens")),
+                output_tokens=tokens(usage.get("output_tokens")),
+            ),
+        )

@@ -1,0 +1,182 @@
+"""The provider interface: one chat attempt against one vendor's protocol.
+
+A provider turns (agent, rendered prompt) into one request and its reply into text and usage. It
+does not retry, pool, or time anything: the ``llm`` mode does that, the same way for every vendor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from .._http import HttpClient, TransportError
+from .._models import Agent, ExecutionError, Usage
+from .._retry import AttemptFailed, classify_response, transport_failure
+
+__all__ = ("ChatReply", "HttpProvider", "Provider", "Unavailable", "redactor")
+
+FallbackReason = Literal["missing_api_key", "missing_dependency"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatReply:
+    """What one successful chat attempt produced."""
+
+    text: str
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Why a provider cannot run for an agent here and now, and what to do about it."""
+
+    reason: FallbackReason
+    message: str
+
+
+def redactor(*secrets: str | None) -> Callable[[str], str]:
+    """Return a function that replaces every given secret in a text by ``***``."""
+    present = [s for s in secrets if s]
+
+    def redact(text: str) -> str:
+        for secret in present:
+            text = text.replace(secret, "***")
+        return text
+
+    return redact
+
+
+class Provider(ABC):
+    """A way to get a chat reply for an agent.
+
+    Subclasses set ``name`` and implement :meth:`complete`. Providers that need an API key list the
+    environment variables to read it from in ``key_env_vars`` (first set wins); providers that
+    need extra packages list their import names in ``requires`` and the extra to install in
+    ``extra``.
+    """
+
+    name: ClassVar[str]
+    key_env_vars: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
+
+    def api_key(self, agent: Agent | None) -> str | None:
+        """Return the key for ``agent``: its own ``api_key``, else the first set variable."""
+        if agent is not None and agent.api_key is not None:
+            return agent.api_key.get_secret_value()
+        for var in self.key_env_vars:
+            value = os.environ.get(var)
+            if value:
+                return value
+        return None
+
+    def needs_key(self, agent: Agent | None) -> bool:
+        """Return True when the endpoint ``agent`` talks to requires an API key."""
+        return bool(self.key_env_vars)
+
+    def unavailable(self, agent: Agent | None) -> Unavailable | None:
+        """Return why this provider cannot serve ``agent`` here and now, or None if it can."""
+        for module in self.requires:
+            if importlib.util.find_spec(module) is None:
+                hint = (
+                    f"pip install 'taskexec[{self.extra}]'"
+                    if self.extra
+                    else f"pip install {module}"
+                )
+                return Unavailable(
+                    "missing_dependency",
+                    f"provider {self.name!r} needs the package {module!r}: {hint}",
+                )
+        if self.needs_key(agent) and not self.api_key(agent):
+            names = " or ".join(self.key_env_vars)
+            return Unavailable(
+                "missing_api_key",
+                f"provider {self.name!r} needs an API key: set {names}, or the agent's api_key",
+            )
+        return None
+
+    @abstractmethod
+    async def complete(
+        self, agent: Agent, prompt: str, http: HttpClient, timeout_s: float | None
+    ) -> ChatReply:
+        """Make one attempt at a chat reply.
+
+        Args:
+            agent: The agent (model, system prompt, endpoint, limits).
+            prompt: The rendered task prompt, sent as the last user message.
+            http: The pooled client of the running loop.
+            timeout_s: Time this attempt may take.
+
+        Raises:
+            AttemptFailed: The attempt failed; its error says whether a retry may help.
+        """
+
+
+class HttpProvider(Provider):
+    """A provider that makes one JSON POST per attempt; subclasses describe the protocol."""
+
+    default_base_url: ClassVar[str]
+    base_url_env_var: ClassVar[str | None] = None
+
+    def base_url(self, agent: Agent) -> str:
+        """Return the agent's ``base_url``, else the environment's, else the vendor's."""
+        if agent.base_url:
+            return agent.base_url
+        if self.base_url_env_var and os.environ.get(self.base_url_env_var):
+            return os.environ[self.base_url_env_var].rstrip("/")
+        return self.default_base_url
+
+    def needs_key(self, agent: Agent | None) -> bool:
+        # A custom endpoint (a local Ollama, vLLM or llama.cpp server) usually takes no key.
+        return agent is None or self.base_url(agent) == self.default_base_url
+
+    @abstractmethod
+    def endpoint(self, agent: Agent) -> str:
+        """Return the URL to POST to."""
+
+    @abstractmethod
+    def headers(self, agent: Agent, key: str | None) -> dict[str, str]:
+        """Return the request headers; send no credential header when ``key`` is None."""
+
+    @abstractmethod
+    def payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        """Return the JSON body."""
+
+    @abstractmethod
+    def parse(self, data: Any) -> ChatReply:
+        """Return the reply in a 2xx body; raise KeyError, TypeError or ValueError if malformed."""
+
+    async def complete(
+        self, agent: Agent, prompt: str, http: HttpClient, timeout_s: float | None
+    ) -> ChatReply:
+        key = self.api_key(agent)
+        redact = redactor(key)
+        url = self.endpoint(agent)
+        where = f"{self.name} at {url}"
+        body = json.dumps(self.payload(agent, prompt)).encode()
+        try:
+            response = await http.post(url, body, self.headers(agent, key), timeout_s)
+        except TransportError as exc:
+            raise transport_failure(exc, redact, where=where) from None
+        failure = classify_response(response, redact, where=where)
+        if failure is not None:
+            raise failure
+        try:
+            return self.parse(json.loads(response.body))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            snippet = redact(response.body[:200].decode("utf-8", "replace"))
+            message = (
+                f"{where} sent a {response.status} reply that is not a chat response "
+                f"({exc!r}): {snippet}"
+            )
+            raise AttemptFailed(ExecutionError(kind="bad_response", message=message)) from None
+
+
+def tokens(value: Any) -> int:
+    """Return a token count from a vendor's usage field (missing or null counts as 0)."""
+    return int(value) if isinstance(value, int | float) else 0

@@ -1,0 +1,56 @@
+"""Google Gemini's ``generateContent``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .._models import Agent, Usage
+from .base import ChatReply, HttpProvider, tokens
+
+__all__ = ("GeminiProvider",)
+
+
+class GeminiProvider(HttpProvider):
+    """``POST {base_url}/v1beta/models/{model}:generateContent`` with ``x-goog-api-key``."""
+
+    name: ClassVar[str] = "gemini"
+    # The order Google's own SDK reads them in.
+    key_env_vars: ClassVar[tuple[str, ...]] = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+    default_base_url: ClassVar[str] = "https://generativelanguage.googleapis.com"
+    base_url_env_var: ClassVar[str | None] = "GEMINI_BASE_URL"
+    default_model: ClassVar[str] = "gemini-2.5-flash"
+
+    def endpoint(self, agent: Agent) -> str:
+        model = agent.model or self.default_model
+        return f"{self.base_url(agent)}/v1beta/models/{model}:generateContent"
+
+    def headers(self, agent: Agent, key: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if key:
+            headers["x-goog-api-key"] = key
+        return headers
+
+    def payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}
+        if agent.system_prompt:
+            body["systemInstruction"] = {"parts": [{"text": agent.system_prompt}]}
+        config: dict[str, Any] = {}
+        if agent.max_tokens is not None:
+            config["maxOutputTokens"] = agent.max_tokens
+        if agent.temperature is not None:
+            config["temperature"] = agent.temperature
+        if config:
+            body["generationConfig"] = config
+        return body
+
+    def parse(self, data: Any) -> ChatReply:
+        parts = data["candidates"][0]["content"]["parts"]
+        text = "".join(p["text"] for p in parts if "text" in p)
+        usage = data.get("usageMetadata") or {}
+        return ChatReply(
+            text,
+            Usage(
+                input_tokens=tokens(usage.get("promptTokenCount")),
+                output_tokens=tokens(usage.get("candidatesTokenCount")),
+            ),
+        )

@@ -1,0 +1,35 @@
+"""The offline provider: deterministic replies with no network, for quickstarts and tests."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import ClassVar
+
+from .._http import HttpClient
+from .._models import Agent, Usage
+from .base import ChatReply, Provider
+
+__all__ = ("OfflineProvider", "offline_reply")
+
+
+def offline_reply(agent: str, model: str | None, prompt: str) -> str:
+    """Return the offline provider's reply: a pure function of (agent, model, prompt)."""
+    model = model or "offline"
+    digest = hashlib.sha256(f"{agent}\0{model}\0{prompt}".encode()).hexdigest()[:12]
+    first_line = prompt.strip().splitlines()[0] if prompt.strip() else ""
+    if len(first_line) > 120:
+        first_line = first_line[:117] + "..."
+    return f"[{agent}/{model} {digest}] Done: {first_line}"
+
+
+class OfflineProvider(Provider):
+    """Answers at once from (agent, model, prompt); never touches the network."""
+
+    name: ClassVar[str] = "offline"
+
+    async def complete(
+        self, agent: Agent, prompt: str, http: HttpClient, timeout_s: float | None
+    ) -> ChatReply:
+        text = offline_reply(agent.name, agent.model, prompt)
+        usage = Usage(input_tokens=len(prompt.split()), output_tokens=len(text.split()))
+        return ChatReply(text, usage)

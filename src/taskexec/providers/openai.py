@@ -1,0 +1,54 @@
+"""OpenAI-compatible chat completions: OpenAI, vLLM, Ollama, llama.cpp server, LM Studio."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .._models import Agent, Usage
+from .base import ChatReply, HttpProvider, tokens
+
+__all__ = ("OpenAIProvider",)
+
+
+class OpenAIProvider(HttpProvider):
+    """``POST {base_url}/chat/completions`` with a bearer key when one is set."""
+
+    name: ClassVar[str] = "openai"
+    key_env_vars: ClassVar[tuple[str, ...]] = ("OPENAI_API_KEY",)
+    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+    base_url_env_var: ClassVar[str | None] = "OPENAI_BASE_URL"
+    default_model: ClassVar[str] = "gpt-4o-mini"
+
+    def endpoint(self, agent: Agent) -> str:
+        return f"{self.base_url(agent)}/chat/completions"
+
+    def headers(self, agent: Agent, key: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    def payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        messages = []
+        if agent.system_prompt:
+            messages.append({"role": "system", "content": agent.system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        body: dict[str, Any] = {"model": agent.model or self.default_model, "messages": messages}
+        if agent.max_tokens is not None:
+            body["max_tokens"] = agent.max_tokens
+        if agent.temperature is not None:
+            body["temperature"] = agent.temperature
+        return body
+
+    def parse(self, data: Any) -> ChatReply:
+        content = data["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+            raise TypeError("choices[0].message.content is not a string")
+        usage = data.get("usage") or {}
+        return ChatReply(
+            content,
+            Usage(
+                input_tokens=tokens(usage.get("prompt_tokens")),
+                output_tokens=tokens(usage.get("completion_tokens")),
+            ),
+        )
