@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,15 @@ def _mock_server_session() -> Iterator[MockServer]:
 
 @pytest.fixture
 def mock_server(_mock_server_session: MockServer) -> MockServer:
-    """The shared mock server, with counters, recordings and faults cleared for this test."""
+    """The shared mock server, with counters, recordings and faults cleared for this test.
+
+    Requests a previous test abandoned (a cancelled call, a stalled reply) are drained first, so
+    they cannot show up in this test's counters.
+    """
+    server = _mock_server_session
+    end = time.monotonic() + 10
+    while server.stats.in_flight and time.monotonic() < end:
+        time.sleep(0.005)
     _mock_server_session.reset()
     _mock_server_session.latency_s = 0.0
     return _mock_server_session
@@ -71,3 +80,19 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def eventually(condition: object, timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` is true, polling; fail the test if it never becomes true.
+
+    This waits for a state, it does not time anything: the bound only keeps a broken test from
+    hanging.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if loop.time() > end:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.005)

@@ -155,11 +155,13 @@ async def run_attempts(
     policy = call.policy
     while True:
         call.attempts += 1
-        remaining = call.deadline - loop.time()
-        if call.attempt_timeout_s is not None:
-            remaining = min(remaining, call.attempt_timeout_s)
+        # The task's deadline is enforced once, by the executor; an attempt gets a timeout of
+        # its own only when attempt_timeout_s makes it shorter than the time left.
+        timeout = call.attempt_timeout_s
+        if timeout is not None and timeout >= call.deadline - loop.time():
+            timeout = None
         try:
-            return await attempt(max(remaining, 0.001)), None
+            return await attempt(timeout), None
         except AttemptFailed as failed:
             error = failed.error
             log.debug("task %s: attempt %d failed: %s", call.task.id, call.attempts, error.message)

@@ -28,10 +28,8 @@ async def run_llm(call: Call) -> Outcome:
         metadata = {"execution_mode": "llm", "provider": agent.provider}
         return Outcome(error=config_error, metadata=metadata)
 
-    http = call.pool.get()
-
     async def attempt(timeout_s: float | None) -> ChatReply:
-        return await provider.complete(agent, call.prompt, http, timeout_s)
+        return await provider.complete(agent, call.prompt, call.pool, timeout_s)
 
     reply, error = await run_attempts(call, attempt)
     metadata = {"execution_mode": "llm", "provider": agent.provider}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from .._http import HttpClient, TransportError
+from .._http import ClientPool, TransportError
 from .._models import Agent, ExecutionError, Usage
 from .._retry import AttemptFailed, classify_response, transport_failure
 
@@ -102,14 +102,14 @@ class Provider(ABC):
 
     @abstractmethod
     async def complete(
-        self, agent: Agent, prompt: str, http: HttpClient, timeout_s: float | None
+        self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
     ) -> ChatReply:
         """Make one attempt at a chat reply.
 
         Args:
             agent: The agent (model, system prompt, endpoint, limits).
             prompt: The rendered task prompt, sent as the last user message.
-            http: The pooled client of the running loop.
+            pool: The client pool; ``pool.get()`` is the running loop's client.
             timeout_s: Time this attempt may take.
 
         Raises:
@@ -152,7 +152,7 @@ class HttpProvider(Provider):
         """Return the reply in a 2xx body; raise KeyError, TypeError or ValueError if malformed."""
 
     async def complete(
-        self, agent: Agent, prompt: str, http: HttpClient, timeout_s: float | None
+        self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
     ) -> ChatReply:
         key = self.api_key(agent)
         redact = redactor(key)
@@ -160,7 +160,7 @@ class HttpProvider(Provider):
         where = f"{self.name} at {url}"
         body = json.dumps(self.payload(agent, prompt)).encode()
         try:
-            response = await http.post(url, body, self.headers(agent, key), timeout_s)
+            response = await pool.get().post(url, body, self.headers(agent, key), timeout_s)
         except TransportError as exc:
             raise transport_failure(exc, redact, where=where) from None
         failure = classify_response(response, redact, where=where)

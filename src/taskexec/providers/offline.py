@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import ClassVar
 
-from .._http import HttpClient
+from .._http import ClientPool
 from .._models import Agent, Usage
 from .base import ChatReply, Provider
 
@@ -28,7 +28,7 @@ class OfflineProvider(Provider):
     name: ClassVar[str] = "offline"
 
     async def complete(
-        self, agent: Agent, prompt: str, http: HttpClient, timeout_s: float | None
+        self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
     ) -> ChatReply:
         text = offline_reply(agent.name, agent.model, prompt)
         usage = Usage(input_tokens=len(prompt.split()), output_tokens=len(text.split()))
