@@ -14,8 +14,13 @@ from ._models import ExecutionError as ExecutionError
 from ._models import ExecutionResult as ExecutionResult
 from ._models import ExecutionStatus as ExecutionStatus
 from ._models import Usage as Usage
+from ._orchestrator import ProjectOrchestrator as ProjectOrchestrator
+from ._plan import Plan as Plan
+from ._plan import PlanSettings as PlanSettings
+from ._plan import load_plan as load_plan
 from ._retry import RetryPolicy as RetryPolicy
 from ._version import __version__ as __version__
+from .bus import MessageBus as MessageBus
 
 __all__ = (
     "Agent",
@@ -24,7 +29,11 @@ __all__ = (
     "ExecutionError",
     "ExecutionResult",
     "ExecutionStatus",
+    "MessageBus",
+    "Plan",
     "PlanError",
+    "PlanSettings",
+    "ProjectOrchestrator",
     "ProviderNotFoundError",
     "RetryPolicy",
     "SyncInAsyncContextError",
@@ -34,4 +43,5 @@ __all__ = (
     "UnsupportedModeError",
     "Usage",
     "__version__",
+    "load_plan",
 )

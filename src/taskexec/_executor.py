@@ -17,6 +17,7 @@ from ._http import ClientPool
 from ._models import (
     Agent,
     AgentTask,
+    Engine,
     ExecutionError,
     ExecutionResult,
     ExecutionStatus,
@@ -204,6 +205,33 @@ class TaskExecutor:
             name = agent.name if isinstance(agent, Agent) else (agent or task.agent or "")
             return name, mode or task.mode or ""
         return resolved.name, chosen
+
+    def not_run_result(
+        self,
+        task: AgentTask,
+        status: ExecutionStatus,
+        error: ExecutionError,
+        *,
+        engine: Engine = "async",
+    ) -> ExecutionResult:
+        """Return the result of a task that never ran (``skipped`` or ``cancelled``).
+
+        Its ``agent`` and ``mode`` are what the task would have used, ``""`` where unresolved.
+        """
+        agent, mode = self.resolve_names(task)
+        now = datetime.now(UTC)
+        return ExecutionResult(
+            task_id=task.id,
+            status=status,
+            error=error,
+            agent=agent,
+            mode=mode,
+            engine=engine,
+            attempts=0,
+            started_at=now,
+            finished_at=now,
+            duration_s=0.0,
+        )
 
     async def _execute(
         self,

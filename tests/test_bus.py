@@ -1,0 +1,106 @@
+"""MessageBus: per-topic ordering, bounded queues and their policies, request/reply."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import BaseModel
+
+from taskexec import MessageBus
+from taskexec.bus import Envelope
+
+
+class Note(BaseModel):
+    n: int
+
+
+async def test_order_is_kept_per_topic_and_patterns_match() -> None:
+    bus = MessageBus()
+    exact = bus.subscribe("a.x")
+    prefix = bus.subscribe("a.*")
+    every = bus.subscribe("*")
+    for i in range(5):
+        await bus.publish("a.x", Note(n=i))
+        await bus.publish("b", Note(n=100 + i))
+    assert [(await exact.get()).message for _ in range(5)] == [Note(n=i) for i in range(5)]
+    assert len(exact) == 0
+    assert len(prefix) == 5
+    assert len(every) == 10
+    assert bus.has_subscribers("a.y")
+    await bus.aclose()
+    assert not bus.has_subscribers("a.y")
+
+
+async def test_drop_oldest_keeps_the_newest_and_counts() -> None:
+    bus = MessageBus(maxsize=3)
+    sub = bus.subscribe("t")
+    for i in range(10):
+        assert await bus.publish("t", Note(n=i)) == 1
+    assert len(sub) == 3
+    assert sub.dropped == 7
+    sub.close()
+    assert [e.message.n async for e in sub] == [7, 8, 9]  # type: ignore[attr-defined]
+
+
+async def test_drop_newest_keeps_the_oldest() -> None:
+    bus = MessageBus()
+    sub = bus.subscribe("t", maxsize=2, overflow="drop_newest")
+    delivered = [await bus.publish("t", Note(n=i)) for i in range(4)]
+    assert delivered == [1, 1, 0, 0]
+    assert [(await sub.get()).message for _ in range(2)] == [Note(n=0), Note(n=1)]
+
+
+async def test_block_waits_for_room_then_gives_up() -> None:
+    bus = MessageBus(block_timeout_s=0.05)
+    sub = bus.subscribe("t", maxsize=1, overflow="block")
+    await bus.publish("t", Note(n=1))
+    # Full, nobody reading: the publisher waits at most block_timeout_s, then the message drops.
+    assert await bus.publish("t", Note(n=2)) == 0
+    assert sub.dropped == 1
+    # Full, but a reader makes room: the publisher gets through.
+    publisher = asyncio.create_task(bus.publish("t", Note(n=3)))
+    assert (await sub.get()).message == Note(n=1)
+    assert await publisher == 1
+    assert (await sub.get()).message == Note(n=3)
+
+
+async def test_request_reply_and_timeout() -> None:
+    bus = MessageBus()
+
+    async def doubler(envelope: Envelope) -> None:
+        assert isinstance(envelope.message, Note)
+        await bus.reply(envelope, Note(n=envelope.message.n * 2))
+
+    bus.on("double", doubler)
+    assert await bus.request("double", Note(n=21), timeout_s=5) == Note(n=42)
+    bus.subscribe("silent")
+    with pytest.raises(TimeoutError):
+        await bus.request("silent", Note(n=1), timeout_s=0.05)
+    with pytest.raises(LookupError, match="no subscriber"):
+        await bus.request("nobody", Note(n=1), timeout_s=1)
+    with pytest.raises(ValueError, match="not a request"):
+        await bus.reply(Envelope("x", Note(n=1)), Note(n=2))
+    await bus.aclose()
+
+
+async def test_messages_must_be_models() -> None:
+    bus = MessageBus()
+    with pytest.raises(TypeError, match="pydantic models"):
+        await bus.publish("t", {"n": 1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="maxsize"):
+        bus.subscribe("t", maxsize=-1)
+
+
+async def test_closed_subscription_ends_iteration_and_stops_delivery() -> None:
+    bus = MessageBus()
+    with bus.subscribe("t") as sub:
+        await bus.publish("t", Note(n=1))
+    assert await bus.publish("t", Note(n=2)) == 0
+    assert [e.message async for e in sub] == [Note(n=1)]
+    waiting = bus.subscribe("u")
+    reader = asyncio.create_task(waiting.get())
+    await asyncio.sleep(0)
+    waiting.close()
+    with pytest.raises(StopAsyncIteration):
+        await reader
