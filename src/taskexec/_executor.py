@@ -23,11 +23,12 @@ from ._models import (
     ExecutionStatus,
     Mode,
 )
-from ._modes import Call, Outcome
+from ._modes import Call, Outcome, timeout_outcome
 from ._modes.api import run_api
 from ._modes.llm import run_llm
 from ._modes.script import run_script
 from ._retry import RetryPolicy
+from .flags import get_engine
 from .providers import get_provider
 
 __all__ = ("DEFAULT_TIMEOUT_S", "MIGRATION_GUIDE", "TaskExecutor")
@@ -120,7 +121,18 @@ class TaskExecutor:
             UnsupportedModeError: The agent cannot serve the mode.
             ConfigurationError: No agent is named anywhere and there is no default.
         """
+        if get_engine() == "legacy":
+            # Rollback flag: the pre-refactor sync engine, in a worker thread so that this
+            # event loop is never blocked.
+            return await asyncio.to_thread(self._legacy_execute, task, agent, mode)
         return await self._execute(task, agent, mode, None)
+
+    def _legacy_execute(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> ExecutionResult:
+        from ._legacy import LegacyEngine  # the legacy engine is loaded only when used
+
+        return LegacyEngine(self).execute(task, agent, mode)
 
     async def aclose(self) -> None:
         """Close every pooled HTTP connection."""
@@ -233,17 +245,16 @@ class TaskExecutor:
             duration_s=0.0,
         )
 
-    async def _execute(
+    def _prepare(
         self,
         task: AgentTask,
         agent: str | Agent | None,
         mode: Mode | None,
         outputs: Mapping[str, str | None] | None,
-    ) -> ExecutionResult:
+        start: float,
+    ) -> tuple[Call, Mode, float]:
+        """Resolve a task and return its call record, its mode and its deadline in seconds."""
         resolved, chosen = self.resolve(task, agent, mode)
-        loop = asyncio.get_running_loop()
-        started_at = datetime.now(UTC)
-        start = loop.time()
         deadline_s = task.timeout_s or resolved.timeout_s or DEFAULT_TIMEOUT_S
         call = Call(
             task=task,
@@ -257,6 +268,19 @@ class TaskExecutor:
         )
         if chosen == "script" or (chosen == "llm" and resolved.command):
             self._warn_script(resolved, chosen)
+        return call, chosen, deadline_s
+
+    async def _execute(
+        self,
+        task: AgentTask,
+        agent: str | Agent | None,
+        mode: Mode | None,
+        outputs: Mapping[str, str | None] | None,
+    ) -> ExecutionResult:
+        loop = asyncio.get_running_loop()
+        started_at = datetime.now(UTC)
+        start = loop.time()
+        call, chosen, deadline_s = self._prepare(task, agent, mode, outputs, start)
         try:
             async with asyncio.timeout(deadline_s):
                 if chosen == "llm":
@@ -266,34 +290,8 @@ class TaskExecutor:
                 else:
                     outcome = await run_script(call)
         except TimeoutError:
-            message = f"task {task.id!r} did not finish within its {deadline_s:g} s deadline"
-            outcome = Outcome(
-                error=ExecutionError(kind="timeout", message=message),
-                metadata={"execution_mode": chosen},
-            )
-        duration = loop.time() - start
-        if outcome.error is None:
-            status = ExecutionStatus.SUCCESS
-        elif outcome.error.kind == "timeout":
-            status = ExecutionStatus.TIMEOUT
-        else:
-            status = ExecutionStatus.FAILED
-            log.info("task %s failed: %s", task.id, outcome.error.message)
-        return ExecutionResult(
-            task_id=task.id,
-            status=status,
-            output=outcome.output,
-            error=outcome.error,
-            agent=resolved.name,
-            mode=chosen,
-            engine="async",
-            attempts=call.attempts,
-            started_at=started_at,
-            finished_at=started_at + timedelta(seconds=duration),
-            duration_s=duration,
-            usage=outcome.usage,
-            metadata=outcome.metadata,
-        )
+            outcome = timeout_outcome(task, deadline_s, chosen)
+        return make_result(call, chosen, outcome, started_at, loop.time() - start, "async")
 
     def _warn_script(self, agent: Agent, mode: Mode) -> None:
         if mode == "llm":
@@ -309,6 +307,39 @@ class TaskExecutor:
             DeprecationWarning,
             stacklevel=4,
         )
+
+
+def make_result(
+    call: Call,
+    mode: Mode,
+    outcome: Outcome,
+    started_at: datetime,
+    duration: float,
+    engine: Engine,
+) -> ExecutionResult:
+    """Return the result of a task that ran, from its outcome (the same on both engines)."""
+    if outcome.error is None:
+        status = ExecutionStatus.SUCCESS
+    elif outcome.error.kind == "timeout":
+        status = ExecutionStatus.TIMEOUT
+    else:
+        status = ExecutionStatus.FAILED
+        log.info("task %s failed: %s", call.task.id, outcome.error.message)
+    return ExecutionResult(
+        task_id=call.task.id,
+        status=status,
+        output=outcome.output,
+        error=outcome.error,
+        agent=call.agent.name,
+        mode=mode,
+        engine=engine,
+        attempts=call.attempts,
+        started_at=started_at,
+        finished_at=started_at + timedelta(seconds=duration),
+        duration_s=duration,
+        usage=outcome.usage,
+        metadata=outcome.metadata,
+    )
 
 
 def _index_agents(agents: Iterable[Agent]) -> dict[str, Agent]:

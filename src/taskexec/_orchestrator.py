@@ -12,6 +12,7 @@ from typing import Self
 from ._errors import ConfigurationError, PlanError
 from ._executor import TaskExecutor
 from ._graph import graph_problems
+from ._legacy import LegacyEngine
 from ._models import (
     Agent,
     AgentTask,
@@ -22,6 +23,7 @@ from ._models import (
 )
 from ._plan import Plan
 from .bus import Bus, MessageBus, TaskEvent, _current_bus
+from .flags import get_engine
 
 __all__ = ("ProjectOrchestrator",)
 
@@ -81,6 +83,11 @@ class ProjectOrchestrator:
         """
         return await self.executor.execute(task, agent, mode)
 
+    def _legacy_execute_task(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> ExecutionResult:
+        return self.executor._legacy_execute(task, agent, mode)
+
     async def execute_tasks(
         self, tasks: Iterable[AgentTask], *, fail_fast: bool = False
     ) -> list[ExecutionResult]:
@@ -97,7 +104,21 @@ class ProjectOrchestrator:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
         """
-        return await self._run(self.executor, list(tasks), fail_fast, self.max_concurrency)
+        task_list = list(tasks)
+        if get_engine() == "legacy":
+            # Rollback flag: the pre-refactor engine, one task after another, in a worker
+            # thread so that this event loop is never blocked.
+            return await asyncio.to_thread(
+                self._legacy_execute_tasks, task_list, fail_fast=fail_fast
+            )
+        return await self._run(self.executor, task_list, fail_fast, self.max_concurrency)
+
+    def _legacy_execute_tasks(
+        self, tasks: Iterable[AgentTask], *, fail_fast: bool = False
+    ) -> list[ExecutionResult]:
+        task_list = list(tasks)
+        self._check(self.executor, task_list)
+        return LegacyEngine(self.executor).execute_tasks(task_list, fail_fast)
 
     async def stream(
         self, tasks: Iterable[AgentTask], *, fail_fast: bool = False
@@ -138,11 +159,27 @@ class ProjectOrchestrator:
         Raises:
             PlanError: The plan's agents clash with the executor's, or the plan is invalid.
         """
+        if get_engine() == "legacy":
+            return await asyncio.to_thread(self._legacy_run, plan)
         settings = plan.settings
         limit = settings.max_concurrency or self.max_concurrency
         if self._executor is None:
             async with TaskExecutor(plan.agents, default_agent=settings.default_agent) as executor:
                 return await self._run(executor, plan.tasks, settings.fail_fast, limit)
+        executor = self._plan_executor(plan)
+        return await self._run(executor, plan.tasks, settings.fail_fast, limit)
+
+    def _legacy_run(self, plan: Plan) -> list[ExecutionResult]:
+        if self._executor is None:
+            executor = TaskExecutor(plan.agents, default_agent=plan.settings.default_agent)
+        else:
+            executor = self._plan_executor(plan)
+        self._check(executor, plan.tasks)
+        return LegacyEngine(executor).execute_tasks(plan.tasks, plan.settings.fail_fast)
+
+    def _plan_executor(self, plan: Plan) -> TaskExecutor:
+        """Return the executor's view with the plan's agents added for one run."""
+        assert self._executor is not None
         clashes = sorted({a.name for a in plan.agents} & set(self._executor.agents))
         if clashes:
             raise PlanError(
@@ -152,9 +189,9 @@ class ProjectOrchestrator:
                 ]
             )
         executor = self._executor._derive(plan.agents)
-        if settings.default_agent is not None:
-            executor.default_agent = settings.default_agent
-        return await self._run(executor, plan.tasks, settings.fail_fast, limit)
+        if plan.settings.default_agent is not None:
+            executor.default_agent = plan.settings.default_agent
+        return executor
 
     async def aclose(self) -> None:
         """Close the executor if the orchestrator made it."""

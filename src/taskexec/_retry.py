@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 __all__ = (
     "AttemptFailed",
     "RetryPolicy",
+    "attempt_timeout",
     "classify_response",
+    "next_wait",
     "retry_after_s",
     "run_attempts",
     "transport_failure",
@@ -136,6 +138,32 @@ def transport_failure(
     return AttemptFailed(ExecutionError(kind=exc.kind, message=message, retryable=True))
 
 
+def next_wait(call: Call, failed: AttemptFailed, now: float) -> float | None:
+    """Return how long to wait before the next try, or None when there should be none.
+
+    No retry for a permanent error, a spent budget, or a wait that would end past the deadline
+    (then the real error is reported at once instead of sleeping into a timeout).
+    """
+    error = failed.error
+    log.debug("task %s: attempt %d failed: %s", call.task.id, call.attempts, error.message)
+    if not error.retryable or call.attempts > call.max_retries:
+        return None
+    if failed.retry_after_s is not None:
+        wait = min(failed.retry_after_s, call.policy.max_retry_after_s)
+    else:
+        wait = call.policy.backoff_s(call.attempts)
+    return None if now + wait >= call.deadline else wait
+
+
+def attempt_timeout(call: Call, now: float) -> float | None:
+    """Return the timeout of the next attempt: ``attempt_timeout_s`` if shorter than the time left.
+
+    Otherwise None: the task's deadline is enforced once, by the engine, not again per attempt.
+    """
+    timeout = call.attempt_timeout_s
+    return None if timeout is None or timeout >= call.deadline - now else timeout
+
+
 async def run_attempts(
     call: Call, attempt: Callable[[float | None], Awaitable[T]]
 ) -> tuple[T | None, ExecutionError | None]:
@@ -146,33 +174,19 @@ async def run_attempts(
 
     Args:
         call: The task's call record (deadline, retry budget, policy, per-attempt timeout).
-        attempt: One try; gets the time it may take and raises :class:`AttemptFailed`.
+        attempt: One try; gets its timeout (None: until the deadline) and raises
+            :class:`AttemptFailed`.
 
     Returns:
         ``(value, None)`` on success, else ``(None, last_error)``.
     """
     loop = asyncio.get_running_loop()
-    policy = call.policy
     while True:
         call.attempts += 1
-        # The task's deadline is enforced once, by the executor; an attempt gets a timeout of
-        # its own only when attempt_timeout_s makes it shorter than the time left.
-        timeout = call.attempt_timeout_s
-        if timeout is not None and timeout >= call.deadline - loop.time():
-            timeout = None
         try:
-            return await attempt(timeout), None
+            return await attempt(attempt_timeout(call, loop.time())), None
         except AttemptFailed as failed:
-            error = failed.error
-            log.debug("task %s: attempt %d failed: %s", call.task.id, call.attempts, error.message)
-            if not error.retryable or call.attempts > call.max_retries:
-                return None, error
-            if failed.retry_after_s is not None:
-                wait = min(failed.retry_after_s, policy.max_retry_after_s)
-            else:
-                wait = policy.backoff_s(call.attempts)
-            if loop.time() + wait >= call.deadline:
-                # The next try could not start before the deadline: stop now with the real error
-                # instead of sleeping into a timeout.
-                return None, error
+            wait = next_wait(call, failed, loop.time())
+            if wait is None:
+                return None, failed.error
             await asyncio.sleep(wait)

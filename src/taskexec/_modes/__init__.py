@@ -9,7 +9,7 @@ from .._http import ClientPool
 from .._models import Agent, AgentTask, ExecutionError, Usage
 from .._retry import RetryPolicy
 
-__all__ = ("Call", "Outcome")
+__all__ = ("Call", "Outcome", "timeout_outcome")
 
 
 @dataclass(slots=True)
@@ -35,3 +35,11 @@ class Outcome:
     error: ExecutionError | None = None
     usage: Usage = field(default_factory=Usage)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def timeout_outcome(task: AgentTask, deadline_s: float, mode: str) -> Outcome:
+    """Return the outcome of a task stopped by its deadline (the same on both engines)."""
+    message = f"task {task.id!r} did not finish within its {deadline_s:g} s deadline"
+    return Outcome(
+        error=ExecutionError(kind="timeout", message=message), metadata={"execution_mode": mode}
+    )

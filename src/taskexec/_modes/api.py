@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from .._http import TransportError
+from .._http import HttpResponse, TransportError
 from .._models import ExecutionError
 from .._retry import AttemptFailed, classify_response, run_attempts, transport_failure
 from ..providers.base import redactor
 from . import Call, Outcome
 
-__all__ = ("run_api",)
+__all__ = ("ApiRequest", "api_request", "parse_api_response", "run_api")
 
 
-async def run_api(call: Call) -> Outcome:
-    """POST the task to ``agent.url``; a 2xx reply ``{"output": "..."}`` is the output."""
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    """The one request of ``api`` mode, shared by both engines."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    where: str
+    redact: Callable[[str], str]
+
+
+def api_request(call: Call) -> ApiRequest:
+    """Return the request for ``call``: JSON ``{"task_id", "prompt", "agent", "metadata"}``."""
     agent = call.agent
     assert agent.url is not None  # the executor checks this before choosing the mode
-    url = agent.url
     key = agent.api_key.get_secret_value() if agent.api_key else None
-    redact = redactor(key)
     headers = {"content-type": "application/json"}
     if key:
         headers["authorization"] = f"Bearer {key}"
@@ -31,29 +42,42 @@ async def run_api(call: Call) -> Outcome:
             "metadata": call.task.metadata,
         }
     ).encode()
-    where = f"agent {agent.name!r} at {url}"
-    http = call.pool.get()
+    return ApiRequest(
+        agent.url, headers, body, f"agent {agent.name!r} at {agent.url}", redactor(key)
+    )
+
+
+def parse_api_response(request: ApiRequest, response: HttpResponse) -> str:
+    """Return the output of a reply, or raise :class:`AttemptFailed` saying what was wrong."""
+    failure = classify_response(response, request.redact, where=request.where)
+    if failure is not None:
+        raise failure
+    try:
+        output = json.loads(response.body)["output"]
+        if not isinstance(output, str):
+            raise TypeError("output is not a string")
+    except (KeyError, TypeError, ValueError) as exc:
+        snippet = request.redact(response.body[:200].decode("utf-8", "replace"))
+        message = (
+            f'{request.where} replied {response.status} without {{"output": "..."}} '
+            f"({exc!r}): {snippet}"
+        )
+        raise AttemptFailed(ExecutionError(kind="bad_response", message=message)) from None
+    return output
+
+
+async def run_api(call: Call) -> Outcome:
+    """POST the task to ``agent.url``; a 2xx reply ``{"output": "..."}`` is the output."""
+    request = api_request(call)
 
     async def attempt(timeout_s: float | None) -> str:
         try:
-            response = await http.post(url, body, headers, timeout_s)
-        except TransportError as exc:
-            raise transport_failure(exc, redact, where=where) from None
-        failure = classify_response(response, redact, where=where)
-        if failure is not None:
-            raise failure
-        try:
-            output = json.loads(response.body)["output"]
-            if not isinstance(output, str):
-                raise TypeError("output is not a string")
-        except (KeyError, TypeError, ValueError) as exc:
-            snippet = redact(response.body[:200].decode("utf-8", "replace"))
-            message = (
-                f'{where} replied {response.status} without {{"output": "..."}} ({exc!r}): '
-                f"{snippet}"
+            response = await call.pool.get().post(
+                request.url, request.body, request.headers, timeout_s
             )
-            raise AttemptFailed(ExecutionError(kind="bad_response", message=message)) from None
-        return output
+        except TransportError as exc:
+            raise transport_failure(exc, request.redact, where=request.where) from None
+        return parse_api_response(request, response)
 
     output, error = await run_attempts(call, attempt)
     return Outcome(output=output, error=error, metadata={"execution_mode": "api"})

@@ -1,0 +1,216 @@
+"""The pre-refactor sync engine, kept on purpose for the rollback flag (``TASKEXEC_ENGINE=legacy``).
+
+This is how the executor worked before it went async, and it stays that way so that operators
+can roll back to it without a redeploy:
+
+- ``llm`` mode runs ``asyncio.run(self._execute_via_llm(...))`` for every task, with a client of
+  its own. This module is the one place in taskexec that calls ``asyncio.run``, on purpose: it is
+  the old behaviour, a new event loop and a new HTTP client per task.
+- ``api`` mode makes a blocking ``httpx`` call; ``script`` mode a blocking subprocess.
+- The orchestrator runs tasks one after another, in dependency order.
+
+It shares the providers, the retry rules, prompt rendering and result building with the async
+engine, so both produce the same statuses, outputs and error kinds; only ``engine`` (``legacy``),
+timing, and concurrency differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import httpx
+
+from ._graph import topological_order
+from ._http import ClientPool, HttpResponse, TransportError
+from ._models import (
+    Agent,
+    AgentTask,
+    ExecutionError,
+    ExecutionResult,
+    ExecutionStatus,
+    Mode,
+)
+from ._modes import Call, Outcome, timeout_outcome
+from ._modes.api import api_request, parse_api_response
+from ._modes.llm import run_llm
+from ._modes.script import TERMINATE_GRACE_S, exit_error, parse_script_output, script_stdin
+from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
+
+if TYPE_CHECKING:
+    from ._executor import TaskExecutor
+
+__all__ = ("LegacyEngine",)
+
+
+class LegacyEngine:
+    """Runs tasks the pre-refactor way, with the agents and settings of an async executor."""
+
+    def __init__(self, executor: TaskExecutor) -> None:
+        self._executor = executor
+
+    def execute(
+        self,
+        task: AgentTask,
+        agent: str | Agent | None = None,
+        mode: Mode | None = None,
+        outputs: dict[str, str | None] | None = None,
+    ) -> ExecutionResult:
+        """Run one task, blocking the calling thread until it is done."""
+        from ._executor import make_result
+
+        started_at = datetime.now(UTC)
+        start = time.monotonic()
+        call, chosen, deadline_s = self._executor._prepare(task, agent, mode, outputs, start)
+        if chosen == "llm":
+            outcome = asyncio.run(self._execute_via_llm(call, deadline_s))
+        elif chosen == "api":
+            outcome = self._execute_api(call, deadline_s)
+        else:
+            outcome = self._execute_script(call, deadline_s)
+        return make_result(call, chosen, outcome, started_at, time.monotonic() - start, "legacy")
+
+    async def _execute_via_llm(self, call: Call, deadline_s: float) -> Outcome:
+        # A new pool, hence a new client and new connections, for this one task: the old way.
+        pool = ClientPool(
+            max_connections=self._executor._pool.max_connections,
+            connect_timeout_s=self._executor._pool.connect_timeout_s,
+        )
+        call.pool = pool
+        try:
+            # loop.time() is time.monotonic(), so the deadline computed outside still holds.
+            async with asyncio.timeout_at(call.deadline):
+                return await run_llm(call)
+        except TimeoutError:
+            return timeout_outcome(call.task, deadline_s, "llm")
+        finally:
+            await pool.aclose()
+
+    def _execute_api(self, call: Call, deadline_s: float) -> Outcome:
+        request = api_request(call)
+        metadata = {"execution_mode": "api"}
+        connect = self._executor._pool.connect_timeout_s
+        with httpx.Client(timeout=httpx.Timeout(None, connect=connect)) as client:
+            while True:
+                call.attempts += 1
+                now = time.monotonic()
+                if now >= call.deadline:
+                    return timeout_outcome(call.task, deadline_s, "api")
+                left = attempt_timeout(call, now) or call.deadline - now
+                timeout = httpx.Timeout(left, connect=min(connect, left))
+                try:
+                    response = _post(client, request.url, request.body, request.headers, timeout)
+                    return Outcome(output=parse_api_response(request, response), metadata=metadata)
+                except TransportError as exc:
+                    if exc.kind == "timeout" and time.monotonic() >= call.deadline:
+                        return timeout_outcome(call.task, deadline_s, "api")
+                    failed = transport_failure(exc, request.redact, where=request.where)
+                except AttemptFailed as exc:
+                    failed = exc
+                wait = next_wait(call, failed, time.monotonic())
+                if wait is None:
+                    return Outcome(error=failed.error, metadata=metadata)
+                time.sleep(wait)
+
+    def _execute_script(self, call: Call, deadline_s: float) -> Outcome:
+        command = call.agent.command
+        assert command
+        call.attempts += 1
+        metadata = {"execution_mode": "script"}
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            message = f"could not start script {command[0]!r}: {exc.strerror or exc}"
+            error = ExecutionError(kind="configuration", message=message)
+            return Outcome(error=error, metadata=metadata)
+        try:
+            stdout, stderr = process.communicate(
+                script_stdin(call), timeout=max(call.deadline - time.monotonic(), 0.001)
+            )
+        except subprocess.TimeoutExpired:
+            _stop(process)
+            return timeout_outcome(call.task, deadline_s, "script")
+        except BaseException:
+            _stop(process)  # Ctrl-C or any other interruption: leave nothing running
+            raise
+        if process.returncode != 0:
+            return Outcome(error=exit_error(command, process.returncode, stderr), metadata=metadata)
+        return Outcome(output=parse_script_output(stdout), metadata=metadata)
+
+    def execute_tasks(
+        self,
+        tasks: Sequence[AgentTask],
+        fail_fast: bool = False,
+        on_result: Callable[[ExecutionResult], None] | None = None,
+    ) -> list[ExecutionResult]:
+        """Run tasks one after another in dependency order; the same skip and fail-fast rules."""
+        results: dict[str, ExecutionResult] = {}
+        stopped_by: str | None = None
+        for task in topological_order(tasks):
+            if stopped_by is not None:
+                error = ExecutionError(
+                    kind="cancelled",
+                    message=f"cancelled by fail_fast after task {stopped_by!r} did not succeed",
+                )
+                result = self._executor.not_run_result(
+                    task, ExecutionStatus.CANCELLED, error, engine="legacy"
+                )
+            else:
+                failed = next((d for d in task.depends_on if not results[d].ok), None)
+                if failed is not None:
+                    error = ExecutionError(
+                        kind="dependency_failed",
+                        message=f"dependency {failed!r} did not succeed "
+                        f"({results[failed].status.value})",
+                    )
+                    result = self._executor.not_run_result(
+                        task, ExecutionStatus.SKIPPED, error, engine="legacy"
+                    )
+                else:
+                    outputs = {d: results[d].output for d in task.depends_on}
+                    result = self.execute(task, outputs=outputs or None)
+                    if not result.ok and fail_fast:
+                        stopped_by = task.id
+            results[task.id] = result
+            if on_result is not None:
+                on_result(result)
+        return [results[t.id] for t in tasks]
+
+
+def _post(
+    client: httpx.Client, url: str, body: bytes, headers: dict[str, str], timeout: httpx.Timeout
+) -> HttpResponse:
+    try:
+        reply = client.post(url, content=body, headers=headers, timeout=timeout)
+    except httpx.TimeoutException as exc:
+        raise TransportError("timeout", "no response before the attempt timed out") from exc
+    except httpx.TransportError as exc:
+        raise TransportError("connection", f"{type(exc).__name__}: {exc}") from exc
+    return HttpResponse(reply.status_code, reply.headers, reply.content)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a script's whole process group: SIGTERM, the grace period, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

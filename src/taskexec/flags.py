@@ -1,0 +1,83 @@
+"""The rollback flag: which engine runs tasks, read at call time.
+
+``TASKEXEC_ENGINE=legacy`` (or :func:`set_engine` / :func:`use_engine`) switches every entry
+point of both APIs to the pre-refactor sync engine on the next call, with no redeploy. A call in
+flight finishes on the engine it started with. Precedence: :func:`use_engine` (this context
+only), then :func:`set_engine` (the whole process), then the environment variable, then
+``"async"``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from ._errors import ConfigurationError
+
+__all__ = ("ENGINES", "ENV_VAR", "Engine", "get_engine", "set_engine", "use_engine")
+
+Engine = Literal["async", "legacy"]
+ENGINES: tuple[Engine, ...] = ("async", "legacy")
+ENV_VAR = "TASKEXEC_ENGINE"
+
+log = logging.getLogger("taskexec")
+_process_engine: Engine | None = None
+_context_engine: contextvars.ContextVar[Engine | None] = contextvars.ContextVar(
+    "taskexec_engine", default=None
+)
+_last_seen: Engine = "async"
+_lock = threading.Lock()
+
+
+def _check(name: str, where: str) -> Engine:
+    if name not in ENGINES:
+        raise ConfigurationError(f"{where}={name!r} is not an engine; use one of: async, legacy")
+    return name
+
+
+def get_engine() -> Engine:
+    """Return the engine the next call will use, logging once at WARNING when it changes."""
+    global _last_seen
+    engine = _context_engine.get() or _process_engine
+    source = "use_engine()" if _context_engine.get() else "set_engine()"
+    if engine is None:
+        raw = os.environ.get(ENV_VAR, "").strip().lower()
+        engine = _check(raw, ENV_VAR) if raw else "async"
+        source = ENV_VAR if raw else "default"
+    if engine != _last_seen:
+        with _lock:
+            if engine != _last_seen:
+                log.warning(
+                    "taskexec engine switched from %s to %s (%s)", _last_seen, engine, source
+                )
+                _last_seen = engine
+    return engine
+
+
+def set_engine(name: str | None) -> None:
+    """Set the engine for the whole process; ``None`` goes back to ``TASKEXEC_ENGINE``.
+
+    Raises:
+        ConfigurationError: ``name`` is not ``"async"`` or ``"legacy"``.
+    """
+    global _process_engine
+    _process_engine = None if name is None else _check(name, "set_engine")
+
+
+@contextmanager
+def use_engine(name: str) -> Iterator[None]:
+    """Use ``name`` for calls made inside the ``with`` block (this thread or task only).
+
+    Raises:
+        ConfigurationError: ``name`` is not ``"async"`` or ``"legacy"``.
+    """
+    token = _context_engine.set(_check(name, "use_engine"))
+    try:
+        yield
+    finally:
+        _context_engine.reset(token)
