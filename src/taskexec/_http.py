@@ -17,7 +17,7 @@ import asyncio
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import aiohttp
 import httpx
@@ -111,6 +111,10 @@ class AiohttpClient:
     async def aclose(self) -> None:
         await self._session.close()
 
+    def detach(self) -> None:
+        """Forget the session's connector without closing anything (it is not ours to close)."""
+        self._session._connector = None
+
     def close_abandoned(self) -> None:
         """Drop the sockets of a session whose loop is gone, without awaiting anything."""
         connector = self._session.connector
@@ -145,11 +149,16 @@ class HttpxClient:
 class ClientPool:
     """One :class:`HttpClient` per event loop, created on first use in that loop.
 
+    Every pool is listed (weakly) in ``ClientPool.instances``, so the sync bridge can close the
+    connections it opened at interpreter exit and forget its loop's in a forked child.
+
     Args:
         max_connections: Connection limit of each client (0 for no limit).
         connect_timeout_s: Time allowed to open a connection.
         httpx_client: Use this client for every request instead of creating aiohttp sessions.
     """
+
+    instances: ClassVar[weakref.WeakSet[ClientPool]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -172,6 +181,7 @@ class ClientPool:
             weakref.WeakKeyDictionary()
         )
         self.clients_created = 0
+        ClientPool.instances.add(self)
 
     def get(self) -> HttpClient:
         """Return the client of the running loop, creating it on first use."""
@@ -181,6 +191,18 @@ class ClientPool:
             client = self._clients[loop] = self._factory()
             self.clients_created += 1
         return client
+
+    def forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop the client of ``loop`` without touching its sockets (a forked child's copy)."""
+        client = self._clients.pop(loop, None)
+        if isinstance(client, AiohttpClient):
+            client.detach()
+
+    async def aclose_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the client of ``loop`` (the running loop) only."""
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
 
     async def aclose(self) -> None:
         """Close every client: on this loop directly, on other running loops through them."""
