@@ -96,3 +96,85 @@ async def eventually(condition: object, timeout_s: float = 10.0) -> None:
         if loop.time() > end:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.005)
+
+
+class SyncDriven:
+    """Drives a ``taskexec.sync`` object from async test code through asgiref's sync_to_async.
+
+    Its blocking methods become awaitables (run in a worker thread, with the test's loop as the
+    application loop, as in a Django view); anything else is read from the async object behind.
+    """
+
+    _BLOCKING = frozenset({"execute", "execute_task", "execute_tasks", "run", "close"})
+
+    def __init__(self, sync_object: object) -> None:
+        self._sync = sync_object
+
+    def __getattr__(self, name: str) -> object:
+        from asgiref.sync import sync_to_async
+
+        if name in self._BLOCKING:
+            return sync_to_async(getattr(self._sync, name), thread_sensitive=False)
+        return getattr(self._sync._async, name)  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.close()  # type: ignore[operator]
+
+    async def __aenter__(self) -> SyncDriven:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+@pytest.fixture(params=["async", "sync"])
+def api(request: pytest.FixtureRequest) -> str:
+    """Run the test body once through the async classes and once through the sync shims."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_executor(api: str) -> object:
+    """Return ``make(agents, **options)``: a TaskExecutor of the API under test."""
+    import taskexec
+    import taskexec.sync
+
+    def make(agents: object = (), **options: object) -> object:
+        if isinstance(agents, Agent):
+            agents = [agents]
+        options.setdefault("retry_policy", FAST_RETRY)
+        if api == "async":
+            return taskexec.TaskExecutor(agents, **options)  # type: ignore[arg-type]
+        return SyncDriven(taskexec.sync.TaskExecutor(agents, **options))  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def make_orchestrator(api: str) -> object:
+    """Return ``make(agents, executor_options=..., **orchestrator_options)`` for the API under test.
+
+    The orchestrator is built over an executor of the same API and closes it on exit.
+    """
+    import contextlib
+
+    import taskexec
+    import taskexec.sync
+
+    @contextlib.asynccontextmanager
+    async def make(
+        agents: object = (), executor_options: dict[str, object] | None = None, **options: object
+    ):  # type: ignore[no-untyped-def]
+        executor_options = {"retry_policy": FAST_RETRY, **(executor_options or {})}
+        if api == "async":
+            async with taskexec.TaskExecutor(agents, **executor_options) as executor:  # type: ignore[arg-type]
+                yield taskexec.ProjectOrchestrator(executor, **options)  # type: ignore[arg-type]
+        else:
+            executor = taskexec.sync.TaskExecutor(agents, **executor_options)  # type: ignore[arg-type]
+            orchestrator = SyncDriven(taskexec.sync.ProjectOrchestrator(executor, **options))  # type: ignore[arg-type]
+            try:
+                yield orchestrator
+            finally:
+                await SyncDriven(executor).aclose()
+
+    return make

@@ -7,6 +7,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,9 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+Make = Any  # the make_executor fixture: make(agents, **options) -> async-usable executor
+
+
 def executor_for(*agents: Agent, **options: object) -> TaskExecutor:
     options.setdefault("retry_policy", FAST_RETRY)
     return TaskExecutor(agents, **options)  # type: ignore[arg-type]
@@ -38,9 +42,9 @@ def executor_for(*agents: Agent, **options: object) -> TaskExecutor:
 # -- llm mode ---------------------------------------------------------------------------------
 
 
-async def test_offline_is_deterministic_and_needs_no_network() -> None:
+async def test_offline_is_deterministic_and_needs_no_network(make_executor: Make) -> None:
     task = AgentTask(id="t1", prompt="Design the API")
-    async with executor_for(Agent(name="writer", model="m1")) as executor:
+    async with make_executor(Agent(name="writer", model="m1")) as executor:
         first = await executor.execute(task)
         second = await executor.execute(task)
     assert first.status is ExecutionStatus.SUCCESS
@@ -60,7 +64,7 @@ async def test_offline_is_deterministic_and_needs_no_network() -> None:
     ],
 )
 async def test_each_vendor_against_the_mock_server(
-    mock_server: MockServer, provider: str, path: str
+    mock_server: MockServer, provider: str, path: str, make_executor: Make
 ) -> None:
     base = mock_server.openai_base_url if provider == "openai" else mock_server.url
     agent = Agent(
@@ -73,7 +77,7 @@ async def test_each_vendor_against_the_mock_server(
         temperature=0.2,
     )
     task = AgentTask(id="t", prompt="Say hi", deliverables=["a greeting"])
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(task)
     assert result.status is ExecutionStatus.SUCCESS, result.error
     assert result.output == "mock reply to: " + task.render_prompt()
@@ -88,13 +92,15 @@ async def test_each_vendor_against_the_mock_server(
     assert not {"authorization", "x-api-key", "x-goog-api-key"} & set(request.headers)
 
 
-async def test_api_key_is_sent_in_each_vendors_header(mock_server: MockServer) -> None:
+async def test_api_key_is_sent_in_each_vendors_header(
+    mock_server: MockServer, make_executor: Make
+) -> None:
     agents = [
         Agent(name="o", provider="openai", base_url=mock_server.openai_base_url, api_key="k-o"),  # type: ignore[arg-type]
         Agent(name="a", provider="anthropic", base_url=mock_server.url, api_key="k-a"),  # type: ignore[arg-type]
         Agent(name="g", provider="gemini", base_url=mock_server.url, api_key="k-g"),  # type: ignore[arg-type]
     ]
-    async with executor_for(*agents) as executor:
+    async with make_executor(agents) as executor:
         for agent in agents:
             result = await executor.execute(AgentTask(id="t", prompt="x"), agent=agent.name)
             assert result.ok
@@ -105,8 +111,10 @@ async def test_api_key_is_sent_in_each_vendors_header(mock_server: MockServer) -
     assert headers[2]["x-goog-api-key"] == "k-g"
 
 
-async def test_sequential_calls_reuse_one_pooled_connection(mock_server: MockServer) -> None:
-    async with executor_for(openai_agent(mock_server)) as executor:
+async def test_sequential_calls_reuse_one_pooled_connection(
+    mock_server: MockServer, make_executor: Make
+) -> None:
+    async with make_executor(openai_agent(mock_server)) as executor:
         for i in range(20):
             assert (await executor.execute(AgentTask(id=f"t{i}", prompt="x"))).ok
         assert executor._pool.clients_created == 1
@@ -114,10 +122,12 @@ async def test_sequential_calls_reuse_one_pooled_connection(mock_server: MockSer
     assert mock_server.stats.chat_requests == 20
 
 
-async def test_concurrent_calls_are_in_flight_together(mock_server: MockServer) -> None:
+async def test_concurrent_calls_are_in_flight_together(
+    mock_server: MockServer, make_executor: Make
+) -> None:
     mock_server.latency_s = 0.3
     tasks = [AgentTask(id=f"t{i}", prompt=f"p{i}") for i in range(3)]
-    async with executor_for(openai_agent(mock_server)) as executor:
+    async with make_executor(openai_agent(mock_server)) as executor:
         results = await asyncio.gather(*(executor.execute(t) for t in tasks))
     assert [r.status for r in results] == [ExecutionStatus.SUCCESS] * 3
     assert mock_server.stats.max_in_flight == 3
@@ -127,9 +137,11 @@ async def test_concurrent_calls_are_in_flight_together(mock_server: MockServer) 
 
 
 @pytest.mark.parametrize("fault", ["429", "429ms:1", "500", "503", "408", "409", "reset"])
-async def test_retryable_faults_are_retried(mock_server: MockServer, fault: str) -> None:
+async def test_retryable_faults_are_retried(
+    mock_server: MockServer, fault: str, make_executor: Make
+) -> None:
     mock_server.set_faults([fault, fault])
-    async with executor_for(openai_agent(mock_server)) as executor:
+    async with make_executor(openai_agent(mock_server)) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.SUCCESS, result.error
     assert result.attempts == 3
@@ -146,10 +158,10 @@ async def test_retryable_faults_are_retried(mock_server: MockServer, fault: str)
     ],
 )
 async def test_permanent_faults_are_not_retried(
-    mock_server: MockServer, fault: str, kind: str, status_code: int | None
+    mock_server: MockServer, fault: str, kind: str, status_code: int | None, make_executor: Make
 ) -> None:
     mock_server.set_faults([fault])
-    async with executor_for(openai_agent(mock_server)) as executor:
+    async with make_executor(openai_agent(mock_server)) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.FAILED
     assert result.error is not None
@@ -162,9 +174,11 @@ async def test_permanent_faults_are_not_retried(
     assert mock_server.stats.chat_requests == 1
 
 
-async def test_budget_exhausted_returns_last_error(mock_server: MockServer) -> None:
+async def test_budget_exhausted_returns_last_error(
+    mock_server: MockServer, make_executor: Make
+) -> None:
     mock_server.set_faults(["503"] * 10)
-    async with executor_for(openai_agent(mock_server, max_retries=2)) as executor:
+    async with make_executor(openai_agent(mock_server, max_retries=2)) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
         # The task's max_retries wins over the agent's.
         mock_server.set_faults(["503"] * 10)
@@ -180,19 +194,21 @@ async def test_budget_exhausted_returns_last_error(mock_server: MockServer) -> N
     assert overridden.attempts == 1
 
 
-async def test_stalled_reply_is_retried_after_the_attempt_timeout(mock_server: MockServer) -> None:
+async def test_stalled_reply_is_retried_after_the_attempt_timeout(
+    mock_server: MockServer, make_executor: Make
+) -> None:
     mock_server.set_faults(["stall"])
-    async with executor_for(openai_agent(mock_server), attempt_timeout_s=0.2) as executor:
+    async with make_executor(openai_agent(mock_server), attempt_timeout_s=0.2) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.SUCCESS
     assert result.attempts == 2
 
 
-async def test_deadline_covers_every_attempt(mock_server: MockServer) -> None:
+async def test_deadline_covers_every_attempt(mock_server: MockServer, make_executor: Make) -> None:
     mock_server.latency_s = 0.15
     mock_server.set_faults(["503"] * 50)
     agent = openai_agent(mock_server, max_retries=50)
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x", timeout_s=0.5))
     assert result.status is ExecutionStatus.TIMEOUT
     assert result.error is not None
@@ -204,7 +220,7 @@ async def test_deadline_covers_every_attempt(mock_server: MockServer) -> None:
 
 
 async def test_retry_after_sets_the_wait(
-    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch, make_executor: Make
 ) -> None:
     waits: list[float] = []
     real_sleep = asyncio.sleep
@@ -215,16 +231,16 @@ async def test_retry_after_sets_the_wait(
 
     monkeypatch.setattr("taskexec._retry.asyncio.sleep", recording_sleep)
     mock_server.set_faults(["429:0.04", "429ms:30", "429:999"])
-    async with executor_for(openai_agent(mock_server, max_retries=5)) as executor:
+    async with make_executor(openai_agent(mock_server, max_retries=5)) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.ok
     # Retry-After seconds, retry-after-ms, then a huge Retry-After capped by the policy.
     assert waits == [0.04, 0.03, FAST_RETRY.max_retry_after_s]
 
 
-async def test_connection_refused_is_a_connection_error() -> None:
+async def test_connection_refused_is_a_connection_error(make_executor: Make) -> None:
     agent = Agent(name="a", provider="openai", base_url="http://127.0.0.1:9", max_retries=1)
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.FAILED
     assert result.error is not None
@@ -235,10 +251,10 @@ async def test_connection_refused_is_a_connection_error() -> None:
 # -- api mode ---------------------------------------------------------------------------------
 
 
-async def test_api_mode_posts_the_task(mock_server: MockServer) -> None:
+async def test_api_mode_posts_the_task(mock_server: MockServer, make_executor: Make) -> None:
     agent = Agent(name="remote", mode="api", url=mock_server.agent_url)
     task = AgentTask(id="t", prompt="Review it", metadata={"ticket": 7})
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(task)
     assert result.status is ExecutionStatus.SUCCESS
     assert result.output == "mock reply to: Review it"
@@ -252,10 +268,12 @@ async def test_api_mode_posts_the_task(mock_server: MockServer) -> None:
     }
 
 
-async def test_api_mode_retries_and_rejects_bad_bodies(mock_server: MockServer) -> None:
+async def test_api_mode_retries_and_rejects_bad_bodies(
+    mock_server: MockServer, make_executor: Make
+) -> None:
     agent = Agent(name="remote", mode="api", url=mock_server.agent_url, api_key="tok")  # type: ignore[arg-type]
     mock_server.set_faults(["500", "malformed"])
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.error is not None
     assert (result.status, result.error.kind, result.attempts) == (
@@ -283,14 +301,14 @@ async def test_script_mode_json_output() -> None:
     )
 
 
-async def test_script_mode_plain_output_is_stripped() -> None:
-    async with executor_for(script_agent("bot", "plain.py")) as executor:
+async def test_script_mode_plain_output_is_stripped(make_executor: Make) -> None:
+    async with make_executor(script_agent("bot", "plain.py")) as executor:
         result = await executor.execute(AgentTask(id="t9", prompt="x"))
     assert result.output == "plain answer to t9"
 
 
-async def test_script_exit_reports_code_and_stderr_tail() -> None:
-    async with executor_for(script_agent("bot", "fail.py", "7")) as executor:
+async def test_script_exit_reports_code_and_stderr_tail(make_executor: Make) -> None:
+    async with make_executor(script_agent("bot", "fail.py", "7")) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.FAILED
     assert result.error is not None
@@ -299,9 +317,9 @@ async def test_script_exit_reports_code_and_stderr_tail() -> None:
     assert "something went wrong in the agent" in result.error.message
 
 
-async def test_missing_script_program_is_a_configuration_failure() -> None:
+async def test_missing_script_program_is_a_configuration_failure(make_executor: Make) -> None:
     agent = Agent(name="bot", mode="script", command=["/nonexistent/agent-program"])
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.error is not None
     assert (result.status, result.error.kind) == (ExecutionStatus.FAILED, "configuration")
@@ -313,10 +331,10 @@ async def _wait_for_pids(pidfile: Path) -> list[int]:
     return [int(p) for p in pidfile.read_text().split()]  # noqa: ASYNC240 (a tiny local file)
 
 
-async def test_script_timeout_kills_the_process_group(tmp_path: Path) -> None:
+async def test_script_timeout_kills_the_process_group(tmp_path: Path, make_executor: Make) -> None:
     pidfile = tmp_path / "pids"
     agent = script_agent("bot", "sleepy.py", str(pidfile))
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         running = asyncio.create_task(executor.execute(AgentTask(id="t", prompt="x", timeout_s=30)))
         pids = await _wait_for_pids(pidfile)
         running.cancel()
@@ -326,10 +344,12 @@ async def test_script_timeout_kills_the_process_group(tmp_path: Path) -> None:
     assert not any(pid_alive(p) for p in pids)
 
 
-async def test_script_past_deadline_is_timeout_and_leaves_nothing(tmp_path: Path) -> None:
+async def test_script_past_deadline_is_timeout_and_leaves_nothing(
+    tmp_path: Path, make_executor: Make
+) -> None:
     pidfile = tmp_path / "pids"
     agent = script_agent("bot", "sleepy.py", str(pidfile), timeout_s=1.0)
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.TIMEOUT
     pids = [int(p) for p in pidfile.read_text().split()]
@@ -340,9 +360,11 @@ async def test_script_past_deadline_is_timeout_and_leaves_nothing(tmp_path: Path
 # -- cancellation -----------------------------------------------------------------------------
 
 
-async def test_cancelling_an_llm_call_closes_its_request(mock_server: MockServer) -> None:
+async def test_cancelling_an_llm_call_closes_its_request(
+    mock_server: MockServer, make_executor: Make
+) -> None:
     mock_server.latency_s = 30
-    async with executor_for(openai_agent(mock_server)) as executor:
+    async with make_executor(openai_agent(mock_server)) as executor:
         running = asyncio.create_task(executor.execute(AgentTask(id="t", prompt="x")))
         await eventually(lambda: mock_server.stats.chat_requests == 1)
         running.cancel()
@@ -356,7 +378,7 @@ async def test_cancelling_an_llm_call_closes_its_request(mock_server: MockServer
 
 
 async def test_execute_never_creates_an_event_loop(
-    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch, make_executor: Make
 ) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the async path must not create or run another event loop")
@@ -367,7 +389,7 @@ async def test_execute_never_creates_an_event_loop(
         Agent(name="remote", mode="api", url=mock_server.agent_url),
         script_agent("bot", "echo.py"),
     ]
-    async with executor_for(*agents) as executor:
+    async with make_executor(agents) as executor:
         with monkeypatch.context() as patched:
             patched.setattr(asyncio, "run", forbidden)
             patched.setattr(asyncio, "new_event_loop", forbidden)
@@ -437,8 +459,8 @@ async def test_execute_raises_programmer_errors() -> None:
 # -- providers that cannot run: fallback and configuration errors -----------------------------
 
 
-async def test_missing_key_without_script_is_a_configuration_failure() -> None:
-    async with executor_for(Agent(name="gpt", provider="openai")) as executor:
+async def test_missing_key_without_script_is_a_configuration_failure(make_executor: Make) -> None:
+    async with make_executor(Agent(name="gpt", provider="openai")) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.status is ExecutionStatus.FAILED
     assert result.error is not None
@@ -447,9 +469,9 @@ async def test_missing_key_without_script_is_a_configuration_failure() -> None:
     assert result.output is None
 
 
-async def test_missing_key_falls_back_to_the_script() -> None:
+async def test_missing_key_falls_back_to_the_script(make_executor: Make) -> None:
     agent = Agent(name="claude", provider="anthropic", command=script_agent("x", "echo.py").command)
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             first = await executor.execute(AgentTask(id="t", prompt="x"))
@@ -468,21 +490,21 @@ async def test_missing_key_falls_back_to_the_script() -> None:
 
 
 async def test_key_set_uses_the_provider_not_the_script(
-    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch, make_executor: Make
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
     monkeypatch.setenv("OPENAI_BASE_URL", mock_server.openai_base_url)
     agent = Agent(name="gpt", provider="openai", command=["false"])
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
     assert result.ok
     assert result.metadata["execution_mode"] == "llm"
     assert mock_server.recorded[0].headers["authorization"] == "Bearer sk-env"
 
 
-async def test_script_mode_warns_once_per_agent() -> None:
+async def test_script_mode_warns_once_per_agent(make_executor: Make) -> None:
     agents = [script_agent("one", "echo.py"), script_agent("two", "echo.py")]
-    async with executor_for(*agents) as executor:
+    async with make_executor(agents) as executor:
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             for name in ("one", "two", "one", "two"):
@@ -496,13 +518,13 @@ async def test_script_mode_warns_once_per_agent() -> None:
 
 
 async def test_secret_never_leaks(
-    mock_server: MockServer, caplog: pytest.LogCaptureFixture
+    mock_server: MockServer, caplog: pytest.LogCaptureFixture, make_executor: Make
 ) -> None:
     secret = "sk-DISTINCTIVE-4f9a2c77e1"
     agent = openai_agent(mock_server, api_key=secret, max_retries=1)
     caplog.set_level(logging.DEBUG)
     mock_server.set_faults(["503", "401"])  # the 401 body echoes the key back
-    async with executor_for(agent) as executor:
+    async with make_executor(agent) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x"))
         text = repr(executor) + repr(agent) + result.model_dump_json() + repr(result)
     assert result.error is not None

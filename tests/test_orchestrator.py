@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -135,22 +136,24 @@ async def _run_with_events(
 # -- specific behaviours ------------------------------------------------------------------------
 
 
-async def test_dependency_outputs_fill_placeholders() -> None:
+async def test_dependency_outputs_fill_placeholders(make_orchestrator: Any) -> None:
     agent = Agent(name="w")
     tasks = [
         AgentTask(id="a", prompt="first"),
         AgentTask(id="b", prompt="use [{{a}}]", depends_on=["a"]),
     ]
-    async with TaskExecutor([agent]) as executor, ProjectOrchestrator(executor) as orchestrator:
+    async with make_orchestrator([agent]) as orchestrator:
         first, second = await orchestrator.execute_tasks(tasks)
     assert first.output is not None
     assert second.output is not None
     assert f"use [{first.output}]" in second.output
 
 
-async def test_skipped_names_the_dependency(scripted: ScriptedProvider) -> None:
+async def test_skipped_names_the_dependency(
+    scripted: ScriptedProvider, make_orchestrator: Any
+) -> None:
     tasks = [task("a", "fail"), task("b", "success", "a"), task("c", "success", "b")]
-    async with TaskExecutor([SCRIPTED]) as executor, ProjectOrchestrator(executor) as orchestrator:
+    async with make_orchestrator([SCRIPTED]) as orchestrator:
         a, b, c = await orchestrator.execute_tasks(tasks)
     assert a.status is ExecutionStatus.FAILED
     assert (b.status, c.status) == (ExecutionStatus.SKIPPED, ExecutionStatus.SKIPPED)
@@ -162,17 +165,16 @@ async def test_skipped_names_the_dependency(scripted: ScriptedProvider) -> None:
     assert [e for e in scripted.events if e[0] == "start"] == [("start", "a")]
 
 
-async def test_fail_fast_cancels_the_rest(scripted: ScriptedProvider) -> None:
+async def test_fail_fast_cancels_the_rest(
+    scripted: ScriptedProvider, make_orchestrator: Any
+) -> None:
     tasks = [
         task("hang1", "hang"),
         task("boom", "fail"),
         task("later", "success", "hang1"),
         task("hang2", "hang"),
     ]
-    async with (
-        TaskExecutor([SCRIPTED]) as executor,
-        ProjectOrchestrator(executor, max_concurrency=3) as orchestrator,
-    ):
+    async with make_orchestrator([SCRIPTED], max_concurrency=3) as orchestrator:
         results = await orchestrator.execute_tasks(tasks, fail_fast=True)
     statuses = [r.status for r in results]
     assert statuses == [
@@ -187,17 +189,16 @@ async def test_fail_fast_cancels_the_rest(scripted: ScriptedProvider) -> None:
     assert scripted.active == 0
 
 
-async def test_fail_fast_kills_running_scripts(tmp_path: Path, scripted: ScriptedProvider) -> None:
+async def test_fail_fast_kills_running_scripts(
+    tmp_path: Path, scripted: ScriptedProvider, make_orchestrator: Any
+) -> None:
     pidfile = tmp_path / "pids"
     agents = [SCRIPTED, script_agent("sleepy", "sleepy.py", str(pidfile))]
     tasks = [
         AgentTask(id="sleeper", prompt="x", agent="sleepy"),
         task("boom", f"failwhen={pidfile}"),  # fails once the sleeper and its child are up
     ]
-    async with (
-        TaskExecutor(agents, default_agent="s") as executor,
-        ProjectOrchestrator(executor) as orchestrator,
-    ):
+    async with make_orchestrator(agents, executor_options={"default_agent": "s"}) as orchestrator:
         sleeper, boom = await orchestrator.execute_tasks(tasks, fail_fast=True)
     assert (sleeper.status, boom.status) == (ExecutionStatus.CANCELLED, ExecutionStatus.FAILED)
     pids = [int(p) for p in pidfile.read_text().split()]
@@ -206,7 +207,7 @@ async def test_fail_fast_kills_running_scripts(tmp_path: Path, scripted: Scripte
 
 
 async def test_caller_cancellation_cleans_up_before_propagating(
-    mock_server: MockServer, tmp_path: Path
+    mock_server: MockServer, tmp_path: Path, make_orchestrator: Any
 ) -> None:
     mock_server.latency_s = 30
     pidfile = tmp_path / "pids"
@@ -217,7 +218,7 @@ async def test_caller_cancellation_cleans_up_before_propagating(
         AgentTask(id="script", prompt="z", agent="sleepy"),
         AgentTask(id="after", prompt="w", agent="gpt", depends_on=["llm1"]),
     ]
-    async with TaskExecutor(agents) as executor, ProjectOrchestrator(executor) as orchestrator:
+    async with make_orchestrator(agents) as orchestrator:
         running = asyncio.create_task(orchestrator.execute_tasks(tasks))
         await eventually(
             lambda: (
@@ -236,31 +237,31 @@ async def test_caller_cancellation_cleans_up_before_propagating(
     assert mock_server.stats.chat_requests == 2
 
 
-async def test_seed_case_three_requests_in_flight_at_once(mock_server: MockServer) -> None:
+async def test_seed_case_three_requests_in_flight_at_once(
+    mock_server: MockServer, make_orchestrator: Any
+) -> None:
     mock_server.latency_s = 0.3
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(3)]
-    async with (
-        TaskExecutor([openai_agent(mock_server)]) as executor,
-        ProjectOrchestrator(executor) as orchestrator,
-    ):
+    async with make_orchestrator([openai_agent(mock_server)]) as orchestrator:
         results = await orchestrator.execute_tasks(tasks)
     assert [r.status for r in results] == [ExecutionStatus.SUCCESS] * 3
     assert mock_server.stats.max_in_flight == 3
 
 
-async def test_concurrency_limit_is_what_the_server_sees(mock_server: MockServer) -> None:
+async def test_concurrency_limit_is_what_the_server_sees(
+    mock_server: MockServer, make_orchestrator: Any
+) -> None:
     mock_server.latency_s = 0.05
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(12)]
-    async with (
-        TaskExecutor([openai_agent(mock_server)]) as executor,
-        ProjectOrchestrator(executor, max_concurrency=4) as orch,
-    ):
+    async with make_orchestrator([openai_agent(mock_server)], max_concurrency=4) as orch:
         results = await orch.execute_tasks(tasks)
     assert all(r.ok for r in results)
     assert mock_server.stats.max_in_flight == 4
 
 
-async def test_plan_errors_are_listed_before_anything_runs(scripted: ScriptedProvider) -> None:
+async def test_plan_errors_are_listed_before_anything_runs(
+    scripted: ScriptedProvider, make_orchestrator: Any
+) -> None:
     tasks = [
         task("a"),
         task("a"),
@@ -269,7 +270,7 @@ async def test_plan_errors_are_listed_before_anything_runs(scripted: ScriptedPro
         task("d", "success", "c"),
         AgentTask(id="e", prompt="x", agent="nobody"),
     ]
-    async with TaskExecutor([SCRIPTED]) as executor, ProjectOrchestrator(executor) as orchestrator:
+    async with make_orchestrator([SCRIPTED]) as orchestrator:
         with pytest.raises(PlanError) as info:
             await orchestrator.execute_tasks(tasks)
     problems = info.value.problems
@@ -300,11 +301,8 @@ async def test_leaving_a_stream_early_cancels_the_rest(scripted: ScriptedProvide
     assert scripted.active == 0
 
 
-async def test_execute_task_delegates() -> None:
-    async with (
-        TaskExecutor([Agent(name="w")]) as executor,
-        ProjectOrchestrator(executor) as orchestrator,
-    ):
+async def test_execute_task_delegates(make_orchestrator: Any) -> None:
+    async with make_orchestrator([Agent(name="w")]) as orchestrator:
         result = await orchestrator.execute_task(AgentTask(id="t", prompt="p"))
     assert (result.status, result.agent) == (ExecutionStatus.SUCCESS, "w")
     with pytest.raises(ValueError, match="at least 1"):

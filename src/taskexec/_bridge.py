@@ -113,8 +113,14 @@ def unwrap(value: Any) -> Any:
     return getattr(value, "_async", value)
 
 
-def _target_loop() -> asyncio.AbstractEventLoop:
-    """The application loop when called inside asgiref's sync_to_async, else the portal's."""
+def _target_loop() -> tuple[asyncio.AbstractEventLoop, list[asyncio.Task[Any]] | None]:
+    """The loop to run on, and asgiref's task list to join for cancellation.
+
+    Inside asgiref's ``sync_to_async`` (a worker thread under a running application loop) that
+    is the application loop, and our task joins asgiref's ``task_context`` so that cancelling
+    the awaiting coroutine cancels it, exactly as with ``async_to_sync``. Otherwise it is the
+    portal's loop.
+    """
     asgiref_sync = sys.modules.get("asgiref.sync")
     if asgiref_sync is not None:
         local = asgiref_sync.SyncToAsync.threadlocal
@@ -122,8 +128,8 @@ def _target_loop() -> asyncio.AbstractEventLoop:
         if getattr(local, "main_event_loop_pid", None) == os.getpid():
             loop: asyncio.AbstractEventLoop | None = getattr(local, "main_event_loop", None)
             if loop is not None and loop.is_running():
-                return loop
-    return _portal.loop()
+                return loop, getattr(local, "task_context", None)
+    return _portal.loop(), None
 
 
 def _restore_context(context: contextvars.Context) -> None:
@@ -141,7 +147,7 @@ _warned_sites: set[tuple[str, int]] = set()
 _warned_lock = threading.Lock()
 
 
-def _warn_sync_call(qualname: str) -> None:
+def _warn_sync_call(cls: str, name: str) -> None:
     """With TASKEXEC_WARN_SYNC=1, warn once per call site so teams can list what to migrate."""
     frame = sys._getframe(3)  # call() <- the shim method <- the caller
     site = (frame.f_code.co_filename, frame.f_lineno)
@@ -149,9 +155,10 @@ def _warn_sync_call(qualname: str) -> None:
         if site in _warned_sites:
             return
         _warned_sites.add(site)
+    sync_name = "close" if name == "aclose" else name
     warnings.warn(
-        f"taskexec.sync.{qualname}() is a blocking shim; migrate this call to "
-        f"`await taskexec.{qualname}(...)` (see docs/MIGRATION.md)",
+        f"taskexec.sync.{cls}.{sync_name}() is a blocking shim; migrate this call to "
+        f"`await taskexec.{cls}.{name}()` (see docs/MIGRATION.md)",
         DeprecationWarning,
         stacklevel=4,
     )
@@ -168,32 +175,39 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
     """
     target = getattr(method, "__self__", None)
     name = method.__name__
-    qualname = f"{type(target).__name__}.{name}"
+    cls = type(target).__name__
     if os.environ.get(WARN_SYNC_ENV, "") not in ("", "0"):
-        _warn_sync_call(qualname)
+        _warn_sync_call(cls, name)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
         raise SyncInAsyncContextError(
-            f"taskexec.sync.{qualname}() blocks, and this thread is running an event loop; "
-            f"use `await taskexec.{qualname}(...)` here instead"
+            f"taskexec.sync.{cls}.{name}() blocks, and this thread is running an event loop; "
+            f"use `await taskexec.{cls}.{name}(...)` here instead"
         )
     if get_engine() == "legacy":
         legacy: Callable[P, T] | None = getattr(target, f"_legacy_{name}", None)
         if legacy is not None:
             return legacy(*args, **kwargs)
-    return _run(_target_loop(), method(*args, **kwargs))
+    loop, task_context = _target_loop()
+    return _run(loop, method(*args, **kwargs), task_context)
 
 
-def _run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+def _run(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, T],
+    task_context: list[asyncio.Task[Any]] | None = None,
+) -> T:
     context = contextvars.copy_context()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
     task_box: list[asyncio.Task[T]] = []
     cancel_requested = threading.Event()
 
     def finish(task: asyncio.Task[T]) -> None:
+        if task_context is not None and task in task_context:
+            task_context.remove(task)
         if task.cancelled():
             done.cancel()
         elif (exc := task.exception()) is not None:
@@ -209,6 +223,8 @@ def _run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
             done.cancel()
             return
         task = loop.create_task(coro, context=context)
+        if task_context is not None:
+            task_context.append(task)
         task.add_done_callback(finish)
         task_box.append(task)
 
@@ -227,8 +243,11 @@ def _run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
         if not done.done():
             cancel_requested.set()
             loop.call_soon_threadsafe(cancel)
-            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C stops the wait
-                concurrent.futures.wait([done])
+            # Future.exception() waits for the outcome, a cancellation included (unlike
+            # concurrent.futures.wait, which a bare Future.cancel() never wakes).
+            # A second Ctrl-C stops the wait.
+            with contextlib.suppress(KeyboardInterrupt, concurrent.futures.CancelledError):
+                done.exception()
         raise
     finally:
         _restore_context(context)

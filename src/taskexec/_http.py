@@ -112,7 +112,14 @@ class AiohttpClient:
         await self._session.close()
 
     def detach(self) -> None:
-        """Forget the session's connector without closing anything (it is not ours to close)."""
+        """Forget the session's connector without closing anything (it is not ours to close).
+
+        Used in a forked child: the sockets belong to the parent's connections, so they are
+        left alone, and the objects are marked closed so that nothing warns about them.
+        """
+        connector = self._session.connector
+        if connector is not None:
+            connector._closed = True
         self._session._connector = None
 
     def close_abandoned(self) -> None:

@@ -158,8 +158,11 @@ class MockServer:
 
     def reset(self) -> None:
         """Zero the counters, forget recorded requests and clear the fault schedule."""
-        in_flight = self._stats.in_flight
-        self._stats = MockStats(in_flight=in_flight)
+        # In place, so that handlers of requests still in flight update the same counters.
+        stats = self._stats
+        for name, value in vars(MockStats(in_flight=stats.in_flight)).items():
+            setattr(stats, name, value)
+        stats.max_in_flight = stats.in_flight
         self.recorded.clear()
         self.faults.clear()
 
