@@ -130,9 +130,27 @@ class ProjectOrchestrator:
         task_list = list(tasks)
         self._check(self.executor, task_list)
         queue: asyncio.Queue[ExecutionResult | None] = asyncio.Queue()
-        runner = asyncio.create_task(
-            self._run(self.executor, task_list, fail_fast, self.max_concurrency, queue.put_nowait)
-        )
+        if get_engine() == "legacy":
+            loop = asyncio.get_running_loop()
+            legacy = LegacyEngine(self.executor)
+
+            def deliver(result: ExecutionResult) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, result)
+
+            runner: asyncio.Future[list[ExecutionResult]] = asyncio.ensure_future(
+                asyncio.to_thread(
+                    legacy.execute_tasks,
+                    task_list,
+                    fail_fast,
+                    deliver,
+                )
+            )
+        else:
+            runner = asyncio.create_task(
+                self._run(
+                    self.executor, task_list, fail_fast, self.max_concurrency, queue.put_nowait
+                )
+            )
         runner.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (result := await queue.get()) is not None:

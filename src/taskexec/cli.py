@@ -1,0 +1,436 @@
+"""The ``taskexec`` command: run a plan, validate it, or serve the mock LLM server.
+
+Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import flags
+from ._errors import PlanError, ProviderNotFoundError, TaskexecError
+from ._executor import TaskExecutor
+from ._legacy import LegacyEngine
+from ._models import PLACEHOLDER_RE, AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
+from ._orchestrator import ProjectOrchestrator
+from ._plan import Plan, load_plan
+from ._version import __version__
+from .bus import MessageBus
+from .providers import get_provider
+
+__all__ = ("main",)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class EnvSettings(BaseSettings):
+    """Settings read from the environment; a plan's settings override them, flags override both."""
+
+    model_config = SettingsConfigDict(env_prefix="TASKEXEC_", extra="ignore")
+
+    engine: Literal["async", "legacy"] | None = None
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class UsageError(Exception):
+    """A mistake on the command line or in the environment: message, exit 2, no traceback."""
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+class Reporter:
+    """Progress on stderr, the JSONL file, and the final summary."""
+
+    def __init__(self, tasks: Sequence[AgentTask], output: IO[str] | None, stderr: IO[str]) -> None:
+        self.total = len(tasks)
+        self.output = output
+        self.results: dict[str, ExecutionResult] = {}
+        self.running = 0
+        self.failed = 0
+        self._console = Console(file=stderr, stderr=True)
+        self._plain = not self._console.is_terminal
+        self._stderr = stderr
+        self._progress: Progress | None = None
+        self._bar: TaskID | None = None
+
+    def __enter__(self) -> Reporter:
+        if not self._plain:
+            self._progress = Progress(
+                TextColumn("[bold]tasks"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self._console,
+            )
+            self._progress.start()
+            self._bar = self._progress.add_task(
+                "tasks", total=self.total, running=0, failed=0, rate=""
+            )
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def started(self) -> None:
+        self.running += 1
+        self._refresh()
+
+    def finished(self, result: ExecutionResult, *, ran: bool = True) -> None:
+        if result.task_id in self.results:
+            return
+        self.results[result.task_id] = result
+        if ran and result.status is not ExecutionStatus.SKIPPED:
+            self.running = max(0, self.running - 1)
+        if not result.ok:
+            self.failed += 1
+        if self.output is not None:
+            # One line per finished task, on disk before we go on: a crash loses nothing.
+            self.output.write(result.model_dump_json() + "\n")
+            self.output.flush()
+            os.fsync(self.output.fileno())
+        if self._plain:
+            done = len(self.results)
+            detail = result.error.message if result.error else ""
+            print(
+                f"[{done:>{len(str(self.total))}}/{self.total}] {result.status.value:<9} "
+                f"{result.task_id} ({result.duration_s:.2f}s){'  ' + detail if detail else ''}",
+                file=self._stderr,
+                flush=True,
+            )
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._progress is None or self._bar is None:
+            return
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        self._progress.update(
+            self._bar,
+            completed=len(self.results),
+            running=self.running,
+            failed=self.failed,
+            rate=f"{len(self.results) / elapsed:.1f}/s",
+        )
+
+
+def _print_summary(results: Sequence[ExecutionResult], elapsed: float, as_json: bool) -> None:
+    if as_json:
+        json.dump([json.loads(r.model_dump_json()) for r in results], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    console = Console(file=sys.stdout, width=max(100, Console().width))
+    table = Table(title="taskexec run", title_justify="left")
+    for column in ("task", "status", "agent", "mode", "attempts", "time", "output / error"):
+        table.add_column(column, overflow="fold" if column == "output / error" else "ellipsis")
+    for r in results:
+        text = r.output if r.ok else (r.error.message if r.error else "")
+        text = (text or "").replace("\n", " ")
+        style = "green" if r.ok else ("yellow" if r.status is ExecutionStatus.SKIPPED else "red")
+        table.add_row(
+            escape(r.task_id),
+            f"[{style}]{r.status.value}[/]",
+            escape(r.agent),
+            r.mode,
+            str(r.attempts),
+            f"{r.duration_s:.2f}s",
+            escape(text[:80] + ("..." if len(text) > 80 else "")),
+        )
+    console.print(table)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    console.print(f"{len(results)} tasks: {parts} in {elapsed:.2f} s")
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def _read_previous(path: Path) -> dict[str, ExecutionResult]:
+    """Return the latest result per task id in a JSONL file (later lines win)."""
+    latest: dict[str, ExecutionResult] = {}
+    if not path.exists():
+        return latest
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            result = ExecutionResult.model_validate_json(line)
+        except ValidationError:
+            # A line cut short by a crash mid-write: that task simply runs again.
+            print(
+                f"taskexec: {path}:{number}: ignoring a line that is not a result", file=sys.stderr
+            )
+            continue
+        latest[result.task_id] = result
+    return latest
+
+
+def _without_done_dependencies(task: AgentTask, done: dict[str, ExecutionResult]) -> AgentTask:
+    """Fill placeholders of dependencies that already succeeded, and drop those dependencies."""
+    finished = [d for d in task.depends_on if d in done]
+    if not finished:
+        return task
+
+    def fill(match: object) -> str:
+        name = match.group(1)  # type: ignore[attr-defined]
+        return done[name].output or "" if name in done else match.group(0)  # type: ignore[attr-defined]
+
+    return task.model_copy(
+        update={
+            "prompt": PLACEHOLDER_RE.sub(fill, task.prompt),
+            "depends_on": [d for d in task.depends_on if d not in done],
+        }
+    )
+
+
+def _cancelled(executor: TaskExecutor, task: AgentTask, engine: flags.Engine) -> ExecutionResult:
+    error = ExecutionError(kind="cancelled", message="cancelled: the run was interrupted (Ctrl-C)")
+    return executor.not_run_result(task, ExecutionStatus.CANCELLED, error, engine=engine)
+
+
+async def _run_async(
+    executor: TaskExecutor,
+    tasks: list[AgentTask],
+    concurrency: int,
+    fail_fast: bool,
+    report: Reporter,
+) -> bool:
+    """Run on the async engine; return False if interrupted by Ctrl-C."""
+    bus = MessageBus(maxsize=max(1000, 2 * len(tasks)))
+    orchestrator = ProjectOrchestrator(executor, max_concurrency=concurrency, bus=bus)
+
+    async def watch_starts() -> None:
+        async for _ in bus.subscribe("task.started"):
+            report.started()
+
+    async def consume() -> None:
+        async for result in orchestrator.stream(tasks, fail_fast=fail_fast):
+            report.finished(result)
+
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(consume())
+    watcher = asyncio.create_task(watch_starts())
+    interrupts = 0
+
+    def on_sigint() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            os._exit(EXIT_INTERRUPTED)  # a second Ctrl-C: leave at once
+        print("\ntaskexec: interrupted, cancelling (Ctrl-C again to quit at once)", file=sys.stderr)
+        runner.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        await runner
+        return True
+    except asyncio.CancelledError:
+        return False
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        watcher.cancel()
+        await bus.aclose()
+        await executor.aclose()
+
+
+def _run_legacy(
+    executor: TaskExecutor, tasks: list[AgentTask], fail_fast: bool, report: Reporter
+) -> bool:
+    """Run on the legacy engine in this thread; return False if interrupted by Ctrl-C."""
+    try:
+        LegacyEngine(executor).execute_tasks(tasks, fail_fast, report.finished)
+    except KeyboardInterrupt:
+        # The legacy engine stopped the script or request in flight before this got here.
+        return False
+    return True
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    _check_providers(plan, args.plan)
+    env = _env_settings()
+    engine: flags.Engine = args.engine or plan.settings.engine or env.engine or "async"
+    concurrency = args.concurrency or plan.settings.max_concurrency or env.max_concurrency or 64
+    fail_fast = args.fail_fast or plan.settings.fail_fast
+    executor = TaskExecutor(
+        plan.agents, default_agent=plan.settings.default_agent, max_connections=concurrency
+    )
+    previous: dict[str, ExecutionResult] = {}
+    output_path = Path(args.output) if args.output else None
+    if args.resume:
+        if output_path is None:
+            raise UsageError("--resume needs --output FILE.jsonl, the file of the earlier run")
+        previous = {k: r for k, r in _read_previous(output_path).items() if r.ok}
+    kept = [previous[t.id] for t in plan.tasks if t.id in previous]
+    todo = [_without_done_dependencies(t, previous) for t in plan.tasks if t.id not in previous]
+    if kept:
+        print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
+    output = output_path.open("a", encoding="utf-8") if output_path else None
+    started = time.monotonic()
+    try:
+        with flags.use_engine(engine), Reporter(todo, output, sys.stderr) as report:
+            if engine == "legacy":
+                completed = _run_legacy(executor, todo, fail_fast, report)
+            else:
+                # The command line's own entry point: it owns the process's event loop.
+                completed = asyncio.run(_run_async(executor, todo, concurrency, fail_fast, report))
+            for task in todo:
+                if task.id not in report.results:
+                    report.finished(_cancelled(executor, task, engine), ran=False)
+    finally:
+        if output is not None:
+            output.close()
+    by_id = {**previous, **report.results}
+    results = [by_id[t.id] for t in plan.tasks]
+    _print_summary(results, time.monotonic() - started, args.json)
+    if not completed:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _check_providers(plan: Plan, source: str) -> None:
+    problems = []
+    for index, agent in enumerate(plan.agents):
+        if agent.mode == "llm":
+            try:
+                get_provider(agent.provider)
+            except ProviderNotFoundError as exc:
+                problems.append(f"agents[{index}] (name {agent.name!r}).provider: {exc}")
+    if problems:
+        raise PlanError(problems, source=source)
+
+
+def _env_settings() -> EnvSettings:
+    try:
+        return EnvSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TASKEXEC_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise UsageError(f"invalid environment: {problems}") from None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    _check_providers(plan, args.plan)
+    print(f"{args.plan}: ok ({len(plan.tasks)} tasks, {len(plan.agents)} agents)")
+    return EXIT_OK
+
+
+def _cmd_mock_server(args: argparse.Namespace) -> int:
+    from .testing import MockServer
+
+    async def serve() -> None:
+        server = MockServer(args.host, args.port, latency_s=args.latency, faults=args.faults)
+        await server.start()
+        print(f"taskexec mock server listening on {server.url}", flush=True)
+        print(f"  OpenAI-compatible base_url: {server.openai_base_url}", flush=True)
+        print(f"  Anthropic / Gemini base_url: {server.url}", flush=True)
+        print(f"  api-mode agent url: {server.agent_url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    try:
+        # The command line's own entry point: it owns the process's event loop.
+        asyncio.run(serve())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def _faults(value: str) -> list[str]:
+    return [f.strip() for f in value.split(",") if f.strip()]
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskexec", description="Run LLM agent tasks concurrently from a plan file."
+    )
+    parser.add_argument("--version", action="version", version=f"taskexec {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a plan's tasks")
+    run.add_argument("plan", help="plan file (YAML or JSON)")
+    run.add_argument("--concurrency", type=_positive_int, help="most tasks running at once")
+    run.add_argument("--engine", choices=flags.ENGINES, help="async (default) or legacy")
+    run.add_argument("--output", metavar="FILE.jsonl", help="append one JSON result per task")
+    run.add_argument(
+        "--resume", action="store_true", help="skip tasks already successful in --output"
+    )
+    run.add_argument(
+        "--fail-fast", action="store_true", help="cancel the rest at the first failure"
+    )
+    run.add_argument("--json", action="store_true", help="print the results as JSON, not a table")
+    run.set_defaults(handler=_cmd_run)
+
+    validate = commands.add_parser("validate", help="check a plan and list every problem")
+    validate.add_argument("plan")
+    validate.set_defaults(handler=_cmd_validate)
+
+    mock = commands.add_parser("mock-server", help="serve the mock LLM server until Ctrl-C")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8765)
+    mock.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    mock.add_argument("--faults", type=_faults, default=[], help="e.g. 429,500,reset")
+    mock.set_defaults(handler=_cmd_mock_server)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    # Started in the background by a non-interactive shell, a process inherits SIGINT ignored;
+    # Ctrl-C handling below needs the default handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except PlanError as exc:
+        print(f"taskexec: invalid plan {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, TaskexecError) as exc:
+        print(f"taskexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code

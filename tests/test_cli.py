@@ -1,0 +1,297 @@
+"""The command line, driven as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from taskexec import ExecutionResult, ExecutionStatus
+from taskexec.testing import MockServer
+
+from .conftest import AGENTS_DIR, ROOT, pid_alive
+
+EXAMPLE = ROOT / "examples" / "project.yaml"
+
+
+def taskexec(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskexec", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def lines(path: Path) -> list[ExecutionResult]:
+    return [ExecutionResult.model_validate_json(line) for line in path.read_text().splitlines()]
+
+
+def write_plan(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_plan_runs_offline(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    completed = taskexec("run", str(EXAMPLE), "--output", str(out))
+    assert completed.returncode == 0, completed.stderr
+    results = lines(out)
+    assert sorted(r.task_id for r in results) == [
+        "design",
+        "implement-api",
+        "implement-storage",
+        "review",
+    ]
+    assert all(r.ok for r in results)
+    assert results[-1].task_id == "review"  # it waits for both implementations
+    assert "4 tasks: 4 success" in completed.stdout
+    # Not a terminal: one plain progress line per task on stderr.
+    assert completed.stderr.count("success") == 4
+
+
+def test_json_output_and_legacy_engine() -> None:
+    completed = taskexec("run", str(EXAMPLE), "--json", "--engine", "legacy", "--concurrency", "2")
+    assert completed.returncode == 0, completed.stderr
+    results = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)]
+    assert [r.engine for r in results] == ["legacy"] * 4
+
+
+def test_failure_exits_1_and_skips_dependents(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        f"""
+agents:
+  - {{name: broken, mode: script, command: ["{sys.executable}", "{AGENTS_DIR / "fail.py"}"]}}
+  - {{name: fine}}
+tasks:
+  - {{id: a, prompt: x, agent: broken}}
+  - {{id: b, prompt: y, agent: fine, depends_on: [a]}}
+""",
+    )
+    out = tmp_path / "r.jsonl"
+    completed = taskexec("run", str(plan), "--output", str(out), env={"PYTHONWARNINGS": "ignore"})
+    assert completed.returncode == 1
+    assert [(r.task_id, r.status) for r in lines(out)] == [
+        ("a", ExecutionStatus.FAILED),
+        ("b", ExecutionStatus.SKIPPED),
+    ]
+    assert "something went wrong in the agent" in completed.stderr
+
+
+def test_bad_plan_exits_2_with_the_field_path_and_no_traceback(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path, "agents: [{name: a}]\ntasks:\n  - {id: t, prompt: p, timeout_s: -1}\n"
+    )
+    for command in ("run", "validate"):
+        completed = taskexec(command, str(plan))
+        assert completed.returncode == 2
+        assert str(plan) in completed.stderr
+        assert "tasks[0] (id 't').timeout_s: Input should be greater than 0" in completed.stderr
+        assert "Traceback" not in completed.stderr
+
+
+def test_unknown_provider_is_a_plan_error(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path, "agents: [{name: a, provider: nope}]\ntasks: [{id: t, prompt: p}]\n"
+    )
+    completed = taskexec("validate", str(plan))
+    assert completed.returncode == 2
+    assert "agents[0] (name 'a').provider: unknown provider 'nope'" in completed.stderr
+
+
+def test_validate_and_version() -> None:
+    completed = taskexec("validate", str(EXAMPLE))
+    assert (completed.returncode, completed.stdout.strip()) == (
+        0,
+        f"{EXAMPLE}: ok (4 tasks, 3 agents)",
+    )
+    version = taskexec("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("taskexec 0.")
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert taskexec("run", str(EXAMPLE), "--resume").returncode == 2
+    assert taskexec("run", str(EXAMPLE), "--concurrency", "0").returncode == 2
+    bad_env = taskexec("run", str(EXAMPLE), env={"TASKEXEC_MAX_CONCURRENCY": "lots"})
+    assert bad_env.returncode == 2
+    assert "TASKEXEC_MAX_CONCURRENCY" in bad_env.stderr
+    assert "Traceback" not in bad_env.stderr
+
+
+def _llm_plan(
+    tmp_path: Path, server: MockServer, ids: list[str], base_url: str | None = None
+) -> Path:
+    base = base_url or server.openai_base_url
+    tasks = "\n".join(f"  - {{id: {i}, prompt: 'task {i}'}}" for i in ids)
+    return write_plan(
+        tmp_path,
+        f"agents: [{{name: gpt, provider: openai, base_url: '{base}', max_retries: 0}}]\n"
+        f"tasks:\n{tasks}\n",
+    )
+
+
+def test_resume_runs_only_what_did_not_succeed(tmp_path: Path, mock_server: MockServer) -> None:
+    plan = _llm_plan(tmp_path, mock_server, ["a", "b", "c", "d"])
+    out = tmp_path / "r.jsonl"
+    mock_server.set_faults(["400"])  # the first request fails
+    first = taskexec("run", str(plan), "--output", str(out), "--concurrency", "1")
+    assert first.returncode == 1
+    assert [r.status for r in lines(out)].count(ExecutionStatus.SUCCESS) == 3
+    assert mock_server.stats.chat_requests == 4
+    second = taskexec("run", str(plan), "--output", str(out), "--resume")
+    assert second.returncode == 0, second.stderr
+    assert mock_server.stats.chat_requests == 5  # only the failed task ran again
+    results = lines(out)
+    assert len(results) == 5  # appended, not rewritten
+    latest = {r.task_id: r.status for r in results}
+    assert set(latest.values()) == {ExecutionStatus.SUCCESS}
+    assert "4 tasks: 4 success" in second.stdout
+
+
+def test_resume_fills_placeholders_of_finished_dependencies(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    plan = write_plan(
+        tmp_path,
+        f"""
+agents: [{{name: gpt, provider: openai, base_url: '{mock_server.openai_base_url}', max_retries: 0}}]
+tasks:
+  - {{id: design, prompt: 'design it'}}
+  - {{id: build, prompt: 'build from <{{{{design}}}}>', depends_on: [design]}}
+""",
+    )
+    out = tmp_path / "r.jsonl"
+    first = taskexec("run", str(plan), "--output", str(out))
+    assert first.returncode == 0
+    # Pretend the build failed: append a failed line for it, then resume.
+    failed = lines(out)[1].model_copy(update={"status": ExecutionStatus.FAILED})
+    with out.open("a") as f:
+        f.write(failed.model_dump_json() + "\n")
+    mock_server.reset()
+    second = taskexec("run", str(plan), "--output", str(out), "--resume")
+    assert second.returncode == 0, second.stderr
+    (request,) = mock_server.recorded
+    design_output = lines(out)[0].output
+    assert request.json()["messages"][-1]["content"] == f"build from <{design_output}>"
+
+
+def test_missing_key_is_a_configuration_failure_naming_the_variable(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path, "agents: [{name: gpt, provider: openai}]\ntasks: [{id: t, prompt: p}]\n"
+    )
+    out = tmp_path / "r.jsonl"
+    completed = taskexec("run", str(plan), "--output", str(out))
+    assert completed.returncode == 1
+    (result,) = lines(out)
+    assert result.error is not None
+    assert result.error.kind == "configuration"
+    assert "OPENAI_API_KEY" in result.error.message
+    assert result.output is None
+
+
+def test_the_key_appears_nowhere(tmp_path: Path, mock_server: MockServer) -> None:
+    secret = "sk-cli-SECRET-9c1e5b"
+    plan = _llm_plan(tmp_path, mock_server, ["a", "b"])
+    out = tmp_path / "r.jsonl"
+    mock_server.set_faults(["401"])  # echoes the key back in its body
+    completed = taskexec(
+        "run", str(plan), "--output", str(out), "--concurrency", "1", env={"OPENAI_API_KEY": secret}
+    )
+    assert completed.returncode == 1
+    assert mock_server.recorded[0].headers["authorization"] == f"Bearer {secret}"
+    assert "Incorrect API key provided: ***" in out.read_text()
+    for text in (completed.stdout, completed.stderr, out.read_text()):
+        assert secret not in text
+
+
+def test_ctrl_c_cancels_cleanly(tmp_path: Path) -> None:
+    pidfiles = [tmp_path / f"pids{i}" for i in range(3)]
+    agents = "\n".join(
+        f"  - {{name: s{i}, mode: script, "
+        f'command: ["{sys.executable}", "{AGENTS_DIR / "sleepy.py"}", "{p}"]}}'
+        for i, p in enumerate(pidfiles)
+    )
+    tasks = "\n".join(f"  - {{id: t{i}, prompt: x, agent: s{i}}}" for i in range(3))
+    tasks += "\n  - {id: after, prompt: y, agent: s0, depends_on: [t0]}"
+    plan = write_plan(tmp_path, f"agents:\n{agents}\ntasks:\n{tasks}\n")
+    out = tmp_path / "r.jsonl"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-W",
+            "ignore::DeprecationWarning",
+            "-m",
+            "taskexec",
+            "run",
+            str(plan),
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not all(p.exists() and len(p.read_text().split()) == 2 for p in pidfiles):
+            assert time.monotonic() < deadline, "the scripts never started"
+            time.sleep(0.02)
+        pids = [int(pid) for p in pidfiles for pid in p.read_text().split()]
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert not any(pid_alive(pid) for pid in pids)
+    results = lines(out)
+    assert sorted(r.task_id for r in results) == ["after", "t0", "t1", "t2"]
+    assert {r.status for r in results} == {ExecutionStatus.CANCELLED}
+    assert "4 cancelled" in stdout
+
+
+def test_mock_server_command_serves_until_interrupted() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "taskexec", "mock-server", "--port", "0", "--latency", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.startswith("taskexec mock server listening on http://127.0.0.1:")
+        url = first.rsplit(" ", 1)[1].strip()
+        import httpx
+
+        reply = httpx.post(f"{url}/agent", json={"prompt": "hi"}, timeout=10)
+        assert reply.json() == {"output": "mock reply to: hi"}
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_mock_server_rejects_unknown_faults() -> None:
+    completed = taskexec("mock-server", "--port", "0", "--faults", "boom")
+    assert completed.returncode == 2
+    assert "unknown fault 'boom'" in completed.stderr
+
+
+@pytest.mark.parametrize("module", ["taskexec.cli"])
+def test_cli_module_has_a_main(module: str) -> None:
+    from taskexec import cli
+
+    assert cli.main(["validate", str(EXAMPLE)]) == 0
