@@ -1,0 +1,82 @@
+"""Every code block in the README and the guides runs, so the docs stay true.
+
+Python blocks run as scripts, bash blocks through bash, each file's blocks in order in one
+scratch directory that has the project's ``examples/``. Two things are adapted, no more:
+``python -m pip install ... &&`` prefixes are dropped (the package is already installed here),
+and ``taskexec mock-server`` lines are not started, because this module serves a mock server on
+the port the docs use (8765) for the whole module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from taskexec.testing import mock_server_in_thread
+
+from .conftest import ROOT
+
+DOCS = ["README.md", "docs/MIGRATION.md", "docs/ROLLBACK.md"]
+FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+
+
+def blocks(name: str) -> list[tuple[str, str]]:
+    return [(lang, body) for lang, body in FENCE.findall((ROOT / name).read_text())]
+
+
+@pytest.fixture(scope="module")
+def docs_server() -> Iterator[None]:
+    with mock_server_in_thread(port=8765, latency_s=0.01):
+        yield
+
+
+def adapt_bash(body: str) -> str:
+    lines = []
+    for line in body.splitlines():
+        if line.startswith("taskexec mock-server"):
+            continue
+        lines.append(re.sub(r"^python -m pip install [^&]*&& ", "", line))
+    return "\n".join(lines)
+
+
+@pytest.mark.usefixtures("docs_server")
+@pytest.mark.parametrize("name", DOCS)
+def test_every_block_runs(name: str, tmp_path: Path) -> None:
+    found = blocks(name)
+    assert found, f"{name} has no code blocks"
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    }
+    for index, (lang, body) in enumerate(found):
+        if lang == "python":
+            command = [sys.executable, "-c", body]
+        elif lang == "bash":
+            command = ["bash", "-euo", "pipefail", "-c", adapt_bash(body)]
+        else:
+            continue
+        if "python -m pytest" in body:
+            continue  # the README's test command: this is it, running now
+        completed = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert completed.returncode == 0, (
+            f"{name} block {index} ({lang}) failed:\n{body}\n--- stdout\n{completed.stdout}"
+            f"\n--- stderr\n{completed.stderr}"
+        )
+
+
+def test_readme_quickstart_has_the_two_commands() -> None:
+    bash = [body.strip() for lang, body in blocks("README.md") if lang == "bash"]
+    assert bash[0] == "python -m pip install -e . && taskexec run examples/project.yaml"
+    assert bash[1] == "python -m pip install -e '.[dev]' && python -m pytest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert bash[1] in ci
