@@ -533,3 +533,25 @@ async def test_secret_never_leaks(
     assert secret not in text
     assert secret not in caplog.text
     assert mock_server.recorded[-1].headers["authorization"] == f"Bearer {secret}"
+
+
+async def test_gemini_retries_429_and_503_but_not_400(
+    mock_server: MockServer, make_executor: Make
+) -> None:
+    agent = Agent(name="g", provider="gemini", base_url=mock_server.url, api_key="g-key")  # type: ignore[arg-type]
+    async with make_executor(agent) as executor:
+        mock_server.set_faults(["429", "503"])
+        retried = await executor.execute(AgentTask(id="t", prompt="x"))
+        mock_server.set_faults(["400"])
+        rejected = await executor.execute(AgentTask(id="u", prompt="y"))
+    assert (retried.status, retried.attempts, retried.output) == (
+        ExecutionStatus.SUCCESS,
+        3,
+        "mock reply to: x",
+    )
+    assert rejected.error is not None
+    assert (rejected.status, rejected.attempts, rejected.error.status_code) == (
+        ExecutionStatus.FAILED,
+        1,
+        400,
+    )

@@ -76,3 +76,23 @@ def test_prompt_directives_pick_fault_and_latency(mock_server: MockServer) -> No
 def test_unknown_fault_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown fault 'boom'"):
         MockServer(faults=["boom"])
+
+
+def test_official_google_genai_sdk_accepts_the_mock(mock_server: MockServer) -> None:
+    from google import genai
+    from google.genai import types
+
+    client = genai.Client(
+        api_key="g-test", http_options=types.HttpOptions(base_url=mock_server.url)
+    )
+    reply = client.models.generate_content(
+        model="gemini-test",
+        contents="ping",
+        config=types.GenerateContentConfig(system_instruction="be terse"),
+    )
+    assert reply.text == "mock reply to: ping"
+    assert reply.usage_metadata is not None
+    assert reply.usage_metadata.prompt_token_count == 1
+    (request,) = mock_server.recorded
+    assert request.headers["x-goog-api-key"] == "g-test"
+    assert request.json()["systemInstruction"]["parts"][0]["text"] == "be terse"

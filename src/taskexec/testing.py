@@ -4,7 +4,7 @@ It speaks enough of each protocol for the official SDKs to accept it:
 
 - OpenAI: ``POST /v1/chat/completions`` (also ``"stream": true`` as server-sent events),
 - Anthropic: ``POST /v1/messages``,
-- Gemini: ``POST /v1beta/models/{model}:generateContent``,
+- Gemini: ``POST /v1beta/models/{model}:generateContent`` (and ``/v1/...``, as google-genai sends),
 - an ``api``-mode agent: ``POST /agent`` (``{"output": ...}``),
 
 plus ``GET /_stats``, ``POST /_reset`` and ``POST /_faults`` (a JSON list) to observe and steer it
@@ -50,7 +50,7 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _CHAT_PATHS = ("/v1/chat/completions", "/v1/messages", "/agent")
-_GEMINI_RE = re.compile(r"^/v1beta/models/([^/:]+):generateContent$")
+_GEMINI_RE = re.compile(r"^/v1(?:beta)?/models/([^/:]+):generateContent$")
 
 
 def _check_fault(spec: str) -> str:
@@ -529,6 +529,11 @@ def mock_server_in_thread(**options: Any) -> Iterator[MockServer]:
         started.set()
         loop.run_forever()
         loop.run_until_complete(server.stop())
+        # Let the dropped connections' handlers finish, so nothing is destroyed while pending.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
 
     thread = threading.Thread(target=run, name="taskexec-mock-server", daemon=True)
