@@ -1,0 +1,46 @@
+"""The mock server in a process of its own, so it never competes with the code measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+
+class ServerProcess:
+    """``taskexec mock-server`` on a free port, in a child process."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "taskexec", "mock-server", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/_stats") as reply:
+            return dict(json.load(reply))
+
+    def reset(self) -> None:
+        request = urllib.request.Request(f"{self.url}/_reset", method="POST", data=b"")
+        urllib.request.urlopen(request).close()
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
