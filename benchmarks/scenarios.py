@@ -288,7 +288,58 @@ def sync_path(base_url: str, server: Any, calls: int) -> dict[str, float]:
     for _ in range(calls):
         blocking(task)
     out["raw async_to_sync us/call"] = (time.perf_counter() - start) / calls * 1e6
+    out.update(_handoff_floors(calls))
     return out
+
+
+def _handoff_floors(calls: int) -> dict[str, float]:
+    """What the two bridge designs cost before any taskexec code runs.
+
+    A portal (one loop thread per process, taskexec's choice) pays a thread hand-off per call:
+    the caller wakes the loop thread, which runs a task and wakes the caller. A loop kept by the
+    calling thread pays a re-entry per call instead.
+    """
+    import threading
+
+    async def noop() -> int:
+        return 1
+
+    loop = asyncio.new_event_loop()  # the portal design's loop, measured bare
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def handoff() -> None:
+        latch = threading.Lock()
+        latch.acquire()
+
+        async def run() -> None:
+            try:
+                await noop()
+            finally:
+                latch.release()
+
+        loop.call_soon_threadsafe(lambda: loop.create_task(run()))
+        latch.acquire()
+
+    handoff()
+    start = time.perf_counter()
+    for _ in range(calls):
+        handoff()
+    portal = (time.perf_counter() - start) / calls * 1e6
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+    own = asyncio.new_event_loop()  # the per-thread design's loop, measured bare
+    start = time.perf_counter()
+    for _ in range(calls):
+        own.run_until_complete(noop())
+    reentry = (time.perf_counter() - start) / calls * 1e6
+    own.close()
+    return {
+        "bare portal hand-off us/call": portal,
+        "bare re-entry of a thread's own loop us/call": reentry,
+    }
 
 
 def result_ok(result: ExecutionResult) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -295,3 +296,69 @@ def test_cli_module_has_a_main(module: str) -> None:
     from taskexec import cli
 
     assert cli.main(["validate", str(EXAMPLE)]) == 0
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, stderr gets a live progress bar instead of one line per task."""
+    import pty
+
+    out = tmp_path / "r.jsonl"
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs the CLI
+        os.environ["COLUMNS"] = "120"
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "taskexec", "run", str(EXAMPLE), "--output", str(out)],
+        )
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "tasks" in screen
+    assert "4/4" in screen
+    assert "running" in screen
+    assert "[1/4]" not in screen  # the plain format is for pipes only
+    assert len(lines(out)) == 4
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    agent = AGENTS_DIR / "stubborn.py"  # ignores SIGTERM: the first Ctrl-C's cleanup must wait
+    plan = write_plan(
+        tmp_path,
+        f"agents: [{{name: s, mode: script, "
+        f'command: ["{sys.executable}", "{agent}", "{pidfile}"]}}]\n'
+        "tasks: [{id: t, prompt: x}]\n",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-m", "taskexec", "run", str(plan)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        # Two SIGINTs sent back to back can merge into one pending signal in the kernel; a
+        # pause keeps them two. Nothing here measures time.
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    assert process.returncode == 130
+    assert "interrupted, cancelling" in stderr
+    assert "1 tasks:" not in stdout  # left at once: no summary, unlike a clean first Ctrl-C

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
 import contextvars
 import os
@@ -34,7 +33,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
@@ -195,59 +194,80 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
     return _run(loop, method(*args, **kwargs), task_context)
 
 
+class _Rendezvous:
+    """One blocking call's meeting point: a lock the caller waits on, released by the loop.
+
+    A bare lock is the cheapest cross-thread wake-up there is (a concurrent.futures.Future adds a
+    Condition and callbacks), and waiting on it stays interruptible by Ctrl-C in the main thread.
+    """
+
+    __slots__ = ("cancel_requested", "cancelled", "error", "latch", "task", "value")
+
+    def __init__(self) -> None:
+        self.latch = threading.Lock()
+        self.latch.acquire()
+        self.task: asyncio.Task[Any] | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.cancel_requested = False
+
+
 def _run(
     loop: asyncio.AbstractEventLoop,
     coro: Coroutine[Any, Any, T],
     task_context: list[asyncio.Task[Any]] | None = None,
 ) -> T:
     context = contextvars.copy_context()
-    done: concurrent.futures.Future[T] = concurrent.futures.Future()
-    task_box: list[asyncio.Task[T]] = []
-    cancel_requested = threading.Event()
+    meeting = _Rendezvous()
 
-    def finish(task: asyncio.Task[T]) -> None:
-        if task_context is not None and task in task_context:
-            task_context.remove(task)
-        if task.cancelled():
-            done.cancel()
-        elif (exc := task.exception()) is not None:
-            done.set_exception(exc)
-        else:
-            done.set_result(task.result())
+    async def run_and_report() -> None:
+        # Reports from inside the task rather than from a done-callback: one loop iteration
+        # less per call, which is a measurable part of the hand-off (benchmarks/RESULTS.md).
+        try:
+            meeting.value = await coro
+        except asyncio.CancelledError:
+            meeting.cancelled = True
+            raise
+        except BaseException as exc:
+            meeting.error = exc
+        finally:
+            if task_context is not None and meeting.task in task_context:
+                task_context.remove(meeting.task)
+            meeting.latch.release()
 
     def start() -> None:
         # Runs on the target loop. The task runs in `context`, a copy of the caller's, so the
         # caller's contextvars are visible inside and changes can be copied back afterwards.
-        if cancel_requested.is_set():
+        if meeting.cancel_requested:
             coro.close()
-            done.cancel()
+            meeting.cancelled = True
+            meeting.latch.release()
             return
-        task = loop.create_task(coro, context=context)
+        task = meeting.task = loop.create_task(run_and_report(), context=context)
         if task_context is not None:
             task_context.append(task)
-        task.add_done_callback(finish)
-        task_box.append(task)
 
     def cancel() -> None:
-        if task_box:
-            task_box[0].cancel()
+        meeting.cancel_requested = True
+        if meeting.task is not None:
+            meeting.task.cancel()
 
     loop.call_soon_threadsafe(start)
     try:
-        return done.result()
-    except concurrent.futures.CancelledError:
-        raise asyncio.CancelledError from None
+        meeting.latch.acquire()
     except BaseException:
         # KeyboardInterrupt, or an exception raised into this thread (a signal handler's
-        # timeout): cancel the task and wait for its cleanup before letting it propagate.
-        if not done.done():
-            cancel_requested.set()
-            loop.call_soon_threadsafe(cancel)
-            # Future.exception() waits for the outcome, a cancellation included (unlike
-            # concurrent.futures.wait, which a bare Future.cancel() never wakes).
-            # A second Ctrl-C stops the wait.
-            with contextlib.suppress(KeyboardInterrupt, concurrent.futures.CancelledError):
-                done.exception()
+        # timeout): cancel the task and wait for its cleanup (request closed, subprocess
+        # killed) before letting it propagate. A second Ctrl-C stops the wait.
+        loop.call_soon_threadsafe(cancel)
+        with contextlib.suppress(KeyboardInterrupt):
+            meeting.latch.acquire()
         raise
     finally:
         _restore_context(context)
+    if meeting.cancelled:
+        raise asyncio.CancelledError
+    if meeting.error is not None:
+        raise meeting.error
+    return cast(T, meeting.value)

@@ -24,6 +24,7 @@ import httpx
 
 __all__ = (
     "AiohttpClient",
+    "BlockingClient",
     "ClientPool",
     "HttpClient",
     "HttpResponse",
@@ -151,6 +152,40 @@ class HttpxClient:
 
     async def aclose(self) -> None:
         """Leave the caller's client open: its owner closes it."""
+
+
+class BlockingClient:
+    """A blocking client for the legacy engine: one per task, as before the refactor.
+
+    Args:
+        connect_timeout_s: Time allowed to open a connection.
+    """
+
+    def __init__(self, *, connect_timeout_s: float) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._client = httpx.Client(timeout=httpx.Timeout(None, connect=connect_timeout_s))
+
+    def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> HttpResponse:
+        """POST ``body`` and return the whole response, like :meth:`HttpClient.post`."""
+        timeout = httpx.Timeout(timeout_s, connect=min(self._connect_timeout_s, timeout_s))
+        try:
+            reply = self._client.post(url, content=body, headers=headers, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise TransportError("timeout", "no response before the attempt timed out") from exc
+        except httpx.TransportError as exc:
+            raise TransportError("connection", _describe(exc)) from exc
+        return HttpResponse(reply.status_code, reply.headers, reply.content)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class ClientPool:

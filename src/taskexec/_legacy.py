@@ -26,10 +26,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import httpx
-
 from ._graph import topological_order
-from ._http import ClientPool, HttpResponse, TransportError
+from ._http import BlockingClient, ClientPool, TransportError
 from ._models import (
     Agent,
     AgentTask,
@@ -97,16 +95,15 @@ class LegacyEngine:
         request = api_request(call)
         metadata = {"execution_mode": "api"}
         connect = self._executor._pool.connect_timeout_s
-        with httpx.Client(timeout=httpx.Timeout(None, connect=connect)) as client:
+        with BlockingClient(connect_timeout_s=connect) as client:
             while True:
                 call.attempts += 1
                 now = time.monotonic()
                 if now >= call.deadline:
                     return timeout_outcome(call.task, deadline_s, "api")
-                left = attempt_timeout(call, now) or call.deadline - now
-                timeout = httpx.Timeout(left, connect=min(connect, left))
+                timeout = attempt_timeout(call, now) or call.deadline - now
                 try:
-                    response = _post(client, request.url, request.body, request.headers, timeout)
+                    response = client.post(request.url, request.body, request.headers, timeout)
                     return Outcome(output=parse_api_response(request, response), metadata=metadata)
                 except TransportError as exc:
                     if exc.kind == "timeout" and time.monotonic() >= call.deadline:
@@ -188,18 +185,6 @@ class LegacyEngine:
             if on_result is not None:
                 on_result(result)
         return [results[t.id] for t in tasks]
-
-
-def _post(
-    client: httpx.Client, url: str, body: bytes, headers: dict[str, str], timeout: httpx.Timeout
-) -> HttpResponse:
-    try:
-        reply = client.post(url, content=body, headers=headers, timeout=timeout)
-    except httpx.TimeoutException as exc:
-        raise TransportError("timeout", "no response before the attempt timed out") from exc
-    except httpx.TransportError as exc:
-        raise TransportError("connection", f"{type(exc).__name__}: {exc}") from exc
-    return HttpResponse(reply.status_code, reply.headers, reply.content)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -310,7 +310,7 @@ class _Run:
 
     def _start(self, task: AgentTask) -> None:
         assert self._group is not None
-        self.running[task.id] = self._group.create_task(self._run_one(task), name=task.id)
+        self.running[task.id] = self._group.create_task(self._run_one(task))
 
     async def _run_one(self, task: AgentTask) -> None:
         try:
