@@ -201,41 +201,28 @@ def test_ctrl_c_cancels_and_kills_the_script(tmp_path: Path) -> None:
     assert not any(pid_alive(p) for p in pids)
 
 
-def test_interpreter_exit_is_clean(mock_server: MockServer) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "error",
-            "-X",
-            "dev",
-            str(ROOT / "tests" / "sync_program.py"),
-            "exit",
-            mock_server.openai_base_url,
-        ],
+def run_program(
+    *args: str, python_options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run tests/sync_program.py as a plain sync program, warnings as errors."""
+    program = str(ROOT / "tests" / "sync_program.py")
+    return subprocess.run(
+        [sys.executable, "-W", "error", *python_options, program, *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_interpreter_exit_is_clean(mock_server: MockServer) -> None:
+    completed = run_program("exit", mock_server.openai_base_url, python_options=("-X", "dev"))
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "done"
     assert completed.stderr == ""
 
 
 def test_a_forked_child_works(mock_server: MockServer) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "error",
-            str(ROOT / "tests" / "sync_program.py"),
-            "fork",
-            mock_server.openai_base_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    completed = run_program("fork", mock_server.openai_base_url)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.split("\n")[:3] == [
         "parent mock reply to: before fork",
