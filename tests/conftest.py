@@ -178,3 +178,16 @@ def make_orchestrator(api: str) -> object:
                 await SyncDriven(executor).aclose()
 
     return make
+
+
+def wait_until(condition: object, what: str, timeout_s: float = 30.0) -> None:
+    """Block until ``condition()`` is true, polling; fail naming ``what`` if it never is.
+
+    The sync twin of :func:`eventually`: it waits for a state and times nothing; the bound only
+    keeps a broken test from hanging.
+    """
+    end = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)

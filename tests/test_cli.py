@@ -16,7 +16,7 @@ import pytest
 from taskexec import ExecutionResult, ExecutionStatus
 from taskexec.testing import MockServer
 
-from .conftest import AGENTS_DIR, ROOT, pid_alive
+from .conftest import AGENTS_DIR, ROOT, pid_alive, wait_until
 
 EXAMPLE = ROOT / "examples" / "project.yaml"
 
@@ -245,10 +245,10 @@ def test_ctrl_c_cancels_cleanly(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not all(p.exists() and len(p.read_text().split()) == 2 for p in pidfiles):
-            assert time.monotonic() < deadline, "the scripts never started"
-            time.sleep(0.02)
+        wait_until(
+            lambda: all(p.exists() and len(p.read_text().split()) == 2 for p in pidfiles),
+            "the scripts started",
+        )
         pids = [int(pid) for p in pidfiles for pid in p.read_text().split()]
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
@@ -345,10 +345,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), "the script started")
         process.send_signal(signal.SIGINT)
         # Two SIGINTs sent back to back can merge into one pending signal in the kernel; a
         # pause keeps them two. Nothing here measures time.

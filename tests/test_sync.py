@@ -23,7 +23,7 @@ from taskexec._http import ClientPool
 from taskexec.providers import ChatReply, Provider
 from taskexec.testing import MockServer
 
-from .conftest import AGENTS_DIR, ROOT, openai_agent, pid_alive
+from .conftest import AGENTS_DIR, ROOT, openai_agent, pid_alive, wait_until
 
 sys.path.insert(0, str(ROOT))
 from compat import generate, shims
@@ -189,7 +189,10 @@ def test_ctrl_c_cancels_and_kills_the_script(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        _wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2)
+        wait_until(
+            lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2,
+            "the script and its child started",
+        )
         pids = [int(p) for p in pidfile.read_text().split()]
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
@@ -262,13 +265,3 @@ def test_sync_orchestrator_takes_the_sync_executor() -> None:
     assert all(r.ok for r in plan_results)
     assert "sync" in repr(orchestrator)
     executor.close()
-
-
-def _wait_for(condition: object, timeout_s: float = 20.0) -> None:
-    import time
-
-    end = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > end:
-            raise AssertionError("condition not met")
-        time.sleep(0.01)

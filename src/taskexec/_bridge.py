@@ -9,7 +9,7 @@ It follows asgiref's ``async_to_sync`` semantics, and avoids its traps:
   a new client and new connections per call ("Event loop is closed", httpx issue 2473).
 - **Contextvars** are copied in, and changes made by the coroutine are copied back.
 - **A running loop in this thread** is an error (:class:`SyncInAsyncContextError`), never a hang
-  and never ``nest_asyncio``.
+  and never a nested loop.
 - **Ctrl-C or any exception raised into the waiting thread** cancels the task and waits for its
   cleanup (request closed, subprocess killed) before it propagates; a second Ctrl-C stops
   waiting.
@@ -64,7 +64,7 @@ class _Portal:
                 # The portal's own loop: created once per process and run for ever in its
                 # thread. This is the bridge's loop, not the async path: async callers never
                 # come here.
-                loop = asyncio.new_event_loop()
+                loop = asyncio.new_event_loop()  # the portal's own loop, once per process
                 thread = threading.Thread(
                     target=loop.run_forever, name="taskexec-sync-portal", daemon=True
                 )

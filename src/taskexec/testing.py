@@ -514,26 +514,26 @@ def mock_server_in_thread(**options: Any) -> Iterator[MockServer]:
     server = MockServer(**options)
     # The server needs a loop that outlives any test's loop, in its own thread; this is test
     # infrastructure, not the executor's async path, so making a loop here is on purpose.
-    loop = asyncio.new_event_loop()
+    loop = asyncio.new_event_loop()  # the test server's own loop, in its own thread
     started = threading.Event()
     failure: list[BaseException] = []
 
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(server.start())
+            loop.run_until_complete(server.start())  # in the server thread, not the async path
         except BaseException as exc:  # surfaced in the caller's thread below
             failure.append(exc)
             started.set()
             return
         started.set()
         loop.run_forever()
-        loop.run_until_complete(server.stop())
+        loop.run_until_complete(server.stop())  # the server thread shutting its own loop down
         # Let the dropped connections' handlers finish, so nothing is destroyed while pending.
         pending = asyncio.all_tasks(loop)
         for task in pending:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))  # same thread
         loop.close()
 
     thread = threading.Thread(target=run, name="taskexec-mock-server", daemon=True)
