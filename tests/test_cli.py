@@ -359,3 +359,36 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     assert process.returncode == 130
     assert "interrupted, cancelling" in stderr
     assert "1 tasks:" not in stdout  # left at once: no summary, unlike a clean first Ctrl-C
+
+
+def test_ctrl_c_on_the_legacy_engine(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    plan = write_plan(
+        tmp_path,
+        f"agents: [{{name: s, mode: script, "
+        f'command: ["{sys.executable}", "{AGENTS_DIR / "sleepy.py"}", "{pidfile}"]}}]\n'
+        "tasks: [{id: a, prompt: x}, {id: b, prompt: y}]\n",
+    )
+    out = tmp_path / "r.jsonl"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-W", "ignore::DeprecationWarning", "-m", "taskexec", "run"),
+            *(str(plan), "--engine", "legacy", "--output", str(out)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, "a started")
+        pids = [int(p) for p in pidfile.read_text().split()]
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert not any(pid_alive(p) for p in pids)
+    results = lines(out)
+    assert sorted(r.task_id for r in results) == ["a", "b"]
+    assert {(r.status, r.engine) for r in results} == {(ExecutionStatus.CANCELLED, "legacy")}
+    assert "2 cancelled" in stdout
