@@ -90,7 +90,7 @@ async def test_switching_between_calls(monkeypatch: pytest.MonkeyPatch, make_exe
 async def test_seed_case_concurrent_on_async_sequential_on_legacy(
     mock_server: MockServer, make_orchestrator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mock_server.latency_s = 0.2
+    mock_server.latency_s = 0.3
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(3)]
     async with make_orchestrator([openai_agent(mock_server)]) as orchestrator:
         fast = await orchestrator.execute_tasks(tasks)

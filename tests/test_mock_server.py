@@ -96,3 +96,13 @@ def test_official_google_genai_sdk_accepts_the_mock(mock_server: MockServer) -> 
     (request,) = mock_server.recorded
     assert request.headers["x-goog-api-key"] == "g-test"
     assert request.json()["systemInstruction"]["parts"][0]["text"] == "be terse"
+
+
+def test_a_port_in_use_is_reported_cleanly(mock_server: MockServer) -> None:
+    from taskexec.testing import mock_server_in_thread
+
+    with (
+        pytest.raises(OSError, match="address already in use"),
+        mock_server_in_thread(port=mock_server.port),
+    ):
+        pass

@@ -251,7 +251,7 @@ async def test_seed_case_three_requests_in_flight_at_once(
 async def test_concurrency_limit_is_what_the_server_sees(
     mock_server: MockServer, make_orchestrator: Any
 ) -> None:
-    mock_server.latency_s = 0.05
+    mock_server.latency_s = 0.2  # long enough that four requests overlap even on a loaded machine
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(12)]
     async with make_orchestrator([openai_agent(mock_server)], max_concurrency=4) as orch:
         results = await orch.execute_tasks(tasks)

@@ -99,7 +99,7 @@ def test_sequential_calls_reuse_pooled_connections(mock_server: MockServer) -> N
 
 
 def test_sixteen_threads_at_once(mock_server: MockServer) -> None:
-    mock_server.latency_s = 0.3
+    mock_server.latency_s = 1.0  # long enough for 16 threads to all be in flight
     executor = taskexec.sync.TaskExecutor([openai_agent(mock_server)])
     outputs: dict[int, str | None] = {}
     barrier = threading.Barrier(16)

@@ -524,6 +524,7 @@ def mock_server_in_thread(**options: Any) -> Iterator[MockServer]:
             loop.run_until_complete(server.start())  # in the server thread, not the async path
         except BaseException as exc:  # surfaced in the caller's thread below
             failure.append(exc)
+            loop.close()
             started.set()
             return
         started.set()
