@@ -155,9 +155,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 SHIM_GAP = """
-**Shim overhead (target <= 100 us over a direct await): {shim:.0f} us in this run.** The shims run
-every call on one long-lived loop in a daemon thread (the *portal*), so each call pays a thread
-hand-off: the caller wakes the loop thread, which runs the task and wakes the caller. That
+**Shim overhead (target <= 100 us over a direct await): {shim:.0f} us in this run.** A call that
+finds another thread running the shared loop pays a thread hand-off: it wakes the loop's thread,
+which runs the task and wakes the caller. That
 hand-off alone, with no taskexec code ("bare portal hand-off" above), took {handoff:.0f} us in this
 run; the remaining {rest:.0f} us are the shim's own work (contextvars copied in and back, the engine
 flag, the running-loop check) and the executor's call itself running slower on the portal thread
@@ -278,6 +278,21 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"taskexec.sync against the official OpenAI sync client: **{half:.2f}x** its time per call "
         f"(target <= 0.5x). Shim overhead over a direct await: **{shim:.1f} us** (target <= 100 us).",
+        "",
+    ]
+    handoff = sync["bare portal hand-off us/call"]["median"]
+    reentry = sync["bare re-entry of a thread's own loop us/call"]["median"]
+    lines += [
+        "### Bridge design",
+        "",
+        "The sync shims run calls on one event loop per process, driven by the calling threads "
+        "themselves (see `src/taskexec/_bridge.py`). The two simpler designs, measured bare in "
+        f"this run: a loop in a thread of its own costs a thread hand-off per call ({handoff:.0f} us "
+        "here, before any work, and the call then runs on another core), and a loop kept by each "
+        f"calling thread costs a re-entry ({reentry:.0f} us) but a pool per thread and a `close()` "
+        "that must reach every thread's loop. The shared, caller-driven loop pays a re-entry when "
+        "one thread calls and a hand-off only when another thread is already running the loop, "
+        "with one pool for all.",
         "",
     ]
     fw = r["framework"]

@@ -21,7 +21,7 @@ from taskexec import Agent, AgentTask, ExecutionStatus, SyncInAsyncContextError,
 from taskexec import providers as providers_module
 from taskexec._http import ClientPool
 from taskexec.providers import ChatReply, Provider
-from taskexec.testing import MockServer
+from taskexec.testing import MockServer, mock_server_in_thread
 
 from .conftest import AGENTS_DIR, ROOT, openai_agent, pid_alive, wait_until
 
@@ -265,3 +265,22 @@ def test_sync_orchestrator_takes_the_sync_executor() -> None:
     assert all(r.ok for r in plan_results)
     assert "sync" in repr(orchestrator)
     executor.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between sync calls nobody runs the loop; the next call must still notice a closed socket."""
+    from taskexec import _bridge
+
+    monkeypatch.setattr(_bridge._shared, "_idle_since", 0.0)
+    with mock_server_in_thread(idle_timeout_s=0.05) as server:
+        executor = taskexec.sync.TaskExecutor([openai_agent(server, max_retries=0)])
+        assert executor.execute(AgentTask(id="a", prompt="x")).ok
+        wait_until(lambda: server.stats.idle_closes == 1, "the server closed the idle connection")
+        # Make the bridge treat the loop as idle for long, whatever the clock says.
+        monkeypatch.setattr(_bridge._shared, "_idle_since", 1.0)
+        second = executor.execute(AgentTask(id="b", prompt="y"))
+        executor.close()
+    assert (second.status, second.attempts) == (ExecutionStatus.SUCCESS, 1)
+    assert server.stats.connections_opened == 2

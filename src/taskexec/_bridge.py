@@ -4,22 +4,28 @@ It follows asgiref's ``async_to_sync`` semantics, and avoids its traps:
 
 - **Which loop.** Called from a worker thread of asgiref's ``sync_to_async`` under a running
   application loop, the coroutine runs on that application loop (as ``async_to_sync`` does).
-  Otherwise it runs on one long-lived loop in a daemon thread of this process (the *portal*),
-  never on a new loop per call: pooled connections live on a loop, so a loop per call would mean
-  a new client and new connections per call ("Event loop is closed", httpx issue 2473).
+  Otherwise it runs on one event loop shared by the whole process, never on a new loop per
+  call: pooled connections live on a loop, so a loop per call would mean a new client and new
+  connections per call ("Event loop is closed", httpx issue 2473).
+- **Who runs that loop.** The calling threads themselves: a caller that finds the loop idle runs
+  it in its own thread for the length of its call (a loop re-entry, a few microseconds); a caller
+  that finds another thread running it hands its call over and waits, and takes over the running
+  if that thread finishes first. So a single-threaded program pays no thread hand-off, and many
+  threads still share one loop, one pool and one ``close()``.
 - **Contextvars** are copied in, and changes made by the coroutine are copied back.
 - **A running loop in this thread** is an error (:class:`SyncInAsyncContextError`), never a hang
   and never a nested loop.
 - **Ctrl-C or any exception raised into the waiting thread** cancels the task and waits for its
   cleanup (request closed, subprocess killed) before it propagates; a second Ctrl-C stops
   waiting.
-- **Exit and fork.** At interpreter exit the portal closes every pool it served and stops; a
-  forked child starts a portal of its own and never touches the parent's loop or sockets.
+- **Exit and fork.** At interpreter exit the shared loop's pools are closed, then the loop; a
+  forked child makes a loop of its own and never touches the parent's loop or sockets.
 
-Why one portal thread rather than a loop per calling thread: a portal costs a thread hand-off per
-call (tens of microseconds) but gives every thread one shared pool and a ``close()`` that reaches
-it; a loop per thread would be cheaper per call but need a pool per thread and a close that must
-visit each thread's loop while that thread may be using it. See ``benchmarks/RESULTS.md``.
+The two designs measured before choosing (``benchmarks/RESULTS.md``): a loop in a thread of its
+own (a *portal*) costs a thread hand-off per call, 45-110 us on these 2-core machines, more than
+the 100 us budget once the call itself runs on the other core; a loop per calling thread costs a
+re-entry, but a pool per thread. The shared, caller-driven loop keeps the portal's one pool and
+the re-entry's price.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import contextvars
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
@@ -46,65 +53,209 @@ P = ParamSpec("P")
 WARN_SYNC_ENV = "TASKEXEC_WARN_SYNC"
 
 
-class _Portal:
-    """One event loop in a daemon thread, started on first use, per process."""
+class _SharedLoop:
+    """One event loop per process for every sync call, driven by the calling threads themselves.
+
+    No thread of its own: a caller that finds the loop idle runs it in its own thread until its
+    call is done (the *driver*), which costs a loop re-entry rather than a hand-off to another
+    thread. A caller that finds another thread driving hands its call to that loop and waits; if
+    the driver finishes first, a waiting caller takes over the driving. One loop means one pool
+    of connections shared by every thread, and one place for ``close()`` and exit to reach.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._pid = 0
+        self._driving = False
+        self._driver_meeting: _Meeting | None = None
+        self._idle_since = 0.0
 
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is not None and self._pid == os.getpid():
             return loop
-        with self._lock:
+        with self._cond:
             if self._loop is None or self._pid != os.getpid():
-                # The portal's own loop: created once per process and run for ever in its
-                # thread. This is the bridge's loop, not the async path: async callers never
-                # come here.
-                loop = asyncio.new_event_loop()  # the portal's own loop, once per process
-                thread = threading.Thread(
-                    target=loop.run_forever, name="taskexec-sync-portal", daemon=True
-                )
-                thread.start()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+                # The bridge's own loop, made once per process and run only by calling threads
+                # inside a sync call: never on the async path, never while another loop runs
+                # in the calling thread (call() refuses that first).
+                self._loop = asyncio.new_event_loop()  # the sync bridge's one loop
+                self._pid = os.getpid()
             return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], context: contextvars.Context) -> T:
+        loop = self.loop()
+        meeting = _Meeting(self, loop, coro, context)
+        with self._cond:
+            drive = not self._driving
+            if drive:
+                self._driving = True
+        if drive:
+            self._read_if_idle(loop)
+            meeting.start()  # the loop is ours and idle: no hand-off needed
+        else:
+            loop.call_soon_threadsafe(meeting.start)  # the driver's loop will pick it up
+        try:
+            if not drive:
+                drive = self._wait(meeting)
+            if drive:
+                self._drive(meeting)
+        except BaseException:
+            # KeyboardInterrupt, or an exception raised into this thread (a signal handler's
+            # timeout): cancel the task and wait for its cleanup (request closed, subprocess
+            # killed) before letting it propagate. A second Ctrl-C stops the wait.
+            loop.call_soon_threadsafe(meeting.cancel)
+            with contextlib.suppress(KeyboardInterrupt):
+                if self._wait(meeting):
+                    self._drive(meeting)
+            raise
+        return cast(T, meeting.outcome())
+
+    def _wait(self, meeting: _Meeting) -> bool:
+        """Wait for the call to finish; return True if this thread must drive the loop instead."""
+        with self._cond:
+            while not meeting.done:
+                if not self._driving:
+                    self._driving = True
+                    return True
+                self._cond.wait()
+        return False
+
+    def _drive(self, meeting: _Meeting) -> None:
+        """Run the loop in this thread until ``meeting`` is done, then give the loop up."""
+        loop = meeting.loop
+        try:
+            self._driver_meeting = meeting
+            if not meeting.done:
+                loop.run_forever()  # stopped by the meeting's task when it finishes
+        finally:
+            with self._cond:
+                self._driver_meeting = None
+                self._driving = False
+                self._idle_since = time.monotonic()
+                self._cond.notify_all()
+
+    def _read_if_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a while idle, let the loop read what arrived meanwhile, before a call starts.
+
+        Nobody runs the loop between calls, so a server closing an idle keep-alive connection
+        goes unnoticed until the loop runs again; one pass of the loop notices it, so that the
+        next call does not pick that dead connection from the pool.
+        """
+        if self._idle_since and time.monotonic() - self._idle_since > 1.0:
+            loop.run_until_complete(_one_pass())  # this thread is the driver: the loop is ours
+
+    def finished(self, meeting: _Meeting) -> None:
+        """Called on the loop when a call's task ends: wake its caller."""
+        if self._driver_meeting is meeting:
+            meeting.loop.stop()
+        with self._cond:
+            self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's loop and its connections; the child makes its own on first use."""
         old = self._loop
-        self._lock = threading.Lock()
-        self._loop, self._thread, self._pid = None, None, 0
+        self._cond = threading.Condition()
+        self._loop, self._pid, self._driving, self._driver_meeting = None, 0, False, None
         if old is not None:
             for pool in list(ClientPool.instances):
                 pool.forget(old)
 
     def shutdown(self) -> None:
-        """Close every pool served by the portal, then stop its loop (at interpreter exit)."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or self._pid != os.getpid() or not loop.is_running():
+        """Close every pool that used the bridge's loop, then the loop (at interpreter exit)."""
+        loop = self._loop
+        if loop is None or self._pid != os.getpid() or self._driving or loop.is_closed():
             return
 
         async def close_all() -> None:
             for pool in list(ClientPool.instances):
-                await pool.aclose_loop(asyncio.get_running_loop())
+                await pool.aclose_loop(loop)
 
         # Exit must not hang or fail because a close did.
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        if not loop.is_running():
-            loop.close()
+            loop.run_until_complete(asyncio.wait_for(close_all(), 5))  # at exit, in this thread
+        loop.close()
         self._loop = None
 
 
-_portal = _Portal()
-atexit.register(_portal.shutdown)
+async def _one_pass() -> None:
+    """Return at once: running it makes the loop poll its sockets once."""
+
+
+class _Meeting:
+    """One blocking call on the shared loop: its task, its outcome, its cancellation."""
+
+    __slots__ = (
+        "cancel_requested",
+        "context",
+        "coro",
+        "done",
+        "error",
+        "loop",
+        "owner",
+        "task",
+        "value",
+        "was_cancelled",
+    )
+
+    def __init__(
+        self,
+        owner: _SharedLoop,
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any],
+        context: contextvars.Context,
+    ) -> None:
+        self.owner, self.loop, self.coro, self.context = owner, loop, coro, context
+        self.task: asyncio.Task[None] | None = None
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.was_cancelled = False
+        self.cancel_requested = False
+
+    def start(self) -> None:
+        # Runs on the loop's driving thread. The task runs in `context`, a copy of the caller's,
+        # so the caller's contextvars are visible inside and changes can be copied back.
+        if self.cancel_requested:
+            self.coro.close()
+            self._end(cancelled=True)
+            return
+        self.task = self.loop.create_task(self._run(), context=self.context)
+
+    async def _run(self) -> None:
+        try:
+            self.value = await self.coro
+        except asyncio.CancelledError:
+            self.was_cancelled = True
+            raise
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._end()
+
+    def _end(self, *, cancelled: bool = False) -> None:
+        self.was_cancelled = self.was_cancelled or cancelled
+        self.done = True
+        self.owner.finished(self)
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def outcome(self) -> Any:
+        if self.was_cancelled:
+            raise asyncio.CancelledError
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+_shared = _SharedLoop()
+atexit.register(_shared.shutdown)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_portal.after_fork_in_child)
+    os.register_at_fork(after_in_child=_shared.after_fork_in_child)
 
 
 def unwrap(value: Any) -> Any:
@@ -112,13 +263,13 @@ def unwrap(value: Any) -> Any:
     return getattr(value, "_async", value)
 
 
-def _target_loop() -> tuple[asyncio.AbstractEventLoop, list[asyncio.Task[Any]] | None]:
+def _app_loop() -> tuple[asyncio.AbstractEventLoop | None, list[asyncio.Task[Any]] | None]:
     """The loop to run on, and asgiref's task list to join for cancellation.
 
     Inside asgiref's ``sync_to_async`` (a worker thread under a running application loop) that
     is the application loop, and our task joins asgiref's ``task_context`` so that cancelling
-    the awaiting coroutine cancels it, exactly as with ``async_to_sync``. Otherwise it is the
-    portal's loop.
+    the awaiting coroutine cancels it, exactly as with ``async_to_sync``. Otherwise there is
+    none, and the bridge's shared loop is used.
     """
     asgiref_sync = sys.modules.get("asgiref.sync")
     if asgiref_sync is not None:
@@ -128,7 +279,7 @@ def _target_loop() -> tuple[asyncio.AbstractEventLoop, list[asyncio.Task[Any]] |
             loop: asyncio.AbstractEventLoop | None = getattr(local, "main_event_loop", None)
             if loop is not None and loop.is_running():
                 return loop, getattr(local, "task_context", None)
-    return _portal.loop(), None
+    return None, None
 
 
 def _restore_context(context: contextvars.Context) -> None:
@@ -190,8 +341,14 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
         legacy: Callable[P, T] | None = getattr(target, f"_legacy_{name}", None)
         if legacy is not None:
             return legacy(*args, **kwargs)
-    loop, task_context = _target_loop()
-    return _run(loop, method(*args, **kwargs), task_context)
+    app_loop, task_context = _app_loop()
+    if app_loop is not None:
+        return _run(app_loop, method(*args, **kwargs), task_context)
+    context = contextvars.copy_context()
+    try:
+        return _shared.run(method(*args, **kwargs), context)
+    finally:
+        _restore_context(context)
 
 
 class _Rendezvous:

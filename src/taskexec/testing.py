@@ -71,6 +71,7 @@ class MockStats:
     in_flight: int = 0
     max_in_flight: int = 0
     client_disconnects: int = 0
+    idle_closes: int = 0
     faults_served: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
@@ -106,6 +107,8 @@ class MockServer:
         latency_s: Wait before answering each chat request.
         faults: Initial fault schedule, one entry per chat request.
         record: How many recent chat requests to keep in :attr:`recorded`.
+        idle_timeout_s: Close a keep-alive connection idle this long (None: never), as real
+            servers do.
     """
 
     def __init__(
@@ -116,10 +119,12 @@ class MockServer:
         latency_s: float = 0.0,
         faults: Iterable[str] = (),
         record: int = 1000,
+        idle_timeout_s: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.latency_s = latency_s
+        self.idle_timeout_s = idle_timeout_s
         self.faults: deque[str] = deque(_check_fault(f) for f in faults)
         self.recorded: deque[RecordedRequest] = deque(maxlen=record)
         self._stats = MockStats()
@@ -206,8 +211,11 @@ class MockServer:
         stats.connections_opened += 1
         self._writers.add(writer)
         try:
-            while await self._one_request(reader, writer):
-                pass
+            idle_timeout = None  # the first request may take its time to arrive
+            while await self._one_request(reader, writer, idle_timeout):
+                idle_timeout = self.idle_timeout_s
+        except TimeoutError:
+            self._stats.idle_closes += 1
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -218,9 +226,13 @@ class MockServer:
                 await writer.wait_closed()
 
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        idle_timeout: float | None = None,
     ) -> bool:
-        head = await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout(idle_timeout):  # a keep-alive connection left idle is closed
+            head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
         headers: dict[str, str] = {}
