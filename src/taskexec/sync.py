@@ -8,7 +8,7 @@ Change one import and keep calling without ``await``::
 
 Each class here has the async class's methods, parameters, defaults, annotations and docstrings,
 but blocks; ``aclose()`` is ``close()`` and ``async with`` is ``with``. Calls run on the async core
-through :mod:`taskexec._bridge` (one long-lived loop, pooled connections, Ctrl-C cancels cleanly),
+through :mod:`taskexec._bridge` (one shared loop, pooled connections, Ctrl-C cancels cleanly),
 or on the legacy engine when ``TASKEXEC_ENGINE=legacy``.
 """
 
