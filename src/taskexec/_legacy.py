@@ -39,7 +39,14 @@ from ._models import (
 from ._modes import Call, Outcome, timeout_outcome
 from ._modes.api import api_request, parse_api_response
 from ._modes.llm import run_llm
-from ._modes.script import TERMINATE_GRACE_S, exit_error, parse_script_output, script_stdin
+from ._modes.script import (
+    GROUP_EXIT_WAIT_S,
+    TERMINATE_GRACE_S,
+    exit_error,
+    group_alive,
+    parse_script_output,
+    script_stdin,
+)
 from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
 
 if TYPE_CHECKING:
@@ -199,6 +206,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        end = time.monotonic() + GROUP_EXIT_WAIT_S
+        while group_alive(process.pid) and time.monotonic() < end:
+            time.sleep(0.005)  # SIGKILL lands asynchronously; see _modes.script
         for pipe in (process.stdin, process.stdout, process.stderr):
             if pipe is not None:
                 pipe.close()

@@ -15,7 +15,14 @@ import signal
 from .._models import ExecutionError
 from . import Call, Outcome
 
-__all__ = ("TERMINATE_GRACE_S", "parse_script_output", "run_script", "script_stdin")
+__all__ = (
+    "GROUP_EXIT_WAIT_S",
+    "TERMINATE_GRACE_S",
+    "group_alive",
+    "parse_script_output",
+    "run_script",
+    "script_stdin",
+)
 
 #: Seconds a script gets between SIGTERM and SIGKILL.
 TERMINATE_GRACE_S = 2.0
@@ -59,10 +66,34 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+#: How long to wait, after SIGKILL, for the rest of a script's process group to be gone.
+GROUP_EXIT_WAIT_S = 0.5
+
+
+def group_alive(pgid: int) -> bool:
+    """Return True while any process of the group exists (zombies not yet reaped included)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def _await_group_exit(pgid: int) -> None:
+    # SIGKILL is delivered asynchronously: give grandchildren a moment to actually die, so that
+    # "nothing left running" holds when the task's result is returned. Bounded: a zombie that
+    # the system has not reaped yet still counts as a member of the group.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + GROUP_EXIT_WAIT_S
+    while group_alive(pgid) and loop.time() < end:  # noqa: ASYNC110 (no event for a group exit)
+        await asyncio.sleep(0.005)
+
+
 async def _stop(process: asyncio.subprocess.Process) -> None:
     """Stop the script's whole process group: SIGTERM, wait for the grace period, SIGKILL."""
     if process.returncode is not None:
-        _signal_group(process.pid, signal.SIGKILL)  # reap any grandchildren left behind
+        _signal_group(process.pid, signal.SIGKILL)  # kill any grandchildren left behind
+        await _await_group_exit(process.pid)
         return
     _signal_group(process.pid, signal.SIGTERM)
     try:
@@ -74,6 +105,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         _signal_group(process.pid, signal.SIGKILL)
     if process.returncode is None:
         await process.wait()
+    await _await_group_exit(process.pid)
 
 
 async def run_script(call: Call) -> Outcome:
