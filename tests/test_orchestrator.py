@@ -382,3 +382,57 @@ async def test_run_with_an_executor_joins_agents_and_rejects_clashes() -> None:
     clash = TaskExecutor([Agent(name="reviewer")])
     with pytest.raises(PlanError, match="'reviewer' is both a plan agent and an executor agent"):
         await ProjectOrchestrator(clash).run(plan)
+
+
+async def test_a_bug_in_a_provider_still_gives_exactly_one_result(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from taskexec.providers import ChatReply, Provider
+
+    class BrokenProvider(Provider):
+        name = "broken"
+
+        async def complete(self, agent, prompt, pool, timeout_s):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0)  # fail after a suspension, not at once
+            raise RuntimeError("provider bug")
+
+    class InstantBug(Provider):
+        name = "instant-bug"
+
+        async def complete(self, agent, prompt, pool, timeout_s) -> ChatReply:  # type: ignore[no-untyped-def]
+            raise ValueError("bug before any await")
+
+    registry = {
+        **providers_module._registry,
+        "broken": BrokenProvider(),
+        "instant-bug": InstantBug(),
+    }
+    monkeypatch.setattr(providers_module, "_registry", registry)
+    agents = [
+        Agent(name="b", provider="broken"),
+        Agent(name="i", provider="instant-bug"),
+        Agent(name="ok"),
+    ]
+    async with TaskExecutor(agents) as executor:
+        with pytest.raises(RuntimeError, match="provider bug"):
+            await executor.execute(AgentTask(id="t", prompt="x"), agent="b")
+        with pytest.raises(ValueError, match="bug before any await"):
+            await executor.execute(AgentTask(id="t", prompt="x"), agent="i")
+        results = await ProjectOrchestrator(executor).execute_tasks(
+            [
+                AgentTask(id="a", prompt="x", agent="b"),
+                AgentTask(id="c", prompt="x", agent="i"),
+                AgentTask(id="d", prompt="x", agent="ok", depends_on=["a"]),
+            ]
+        )
+    assert [r.status for r in results] == [
+        ExecutionStatus.FAILED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.SKIPPED,
+    ]
+    assert results[0].error is not None
+    assert (results[0].error.kind, results[0].error.message) == (
+        "internal",
+        "RuntimeError: provider bug",
+    )
+    assert "unexpected error" in caplog.text

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar, cast
 
 import httpx
 
@@ -34,6 +35,7 @@ from .providers import get_provider
 __all__ = ("DEFAULT_TIMEOUT_S", "MIGRATION_GUIDE", "TaskExecutor")
 
 log = logging.getLogger("taskexec")
+T = TypeVar("T")
 
 #: A task's deadline when neither the task nor its agent sets ``timeout_s``.
 DEFAULT_TIMEOUT_S = 600.0
@@ -281,16 +283,21 @@ class TaskExecutor:
         started_at = datetime.now(UTC)
         start = loop.time()
         call, chosen, deadline_s = self._prepare(task, agent, mode, outputs, start)
+        runner = _MODES_RUN[chosen](call)
+        # Run the mode eagerly up to its first suspension. A mode that finishes without ever
+        # suspending (the offline provider, an in-process provider) cannot be interrupted by a
+        # deadline anyway, so it gets no timer: that timer was a tenth of the per-task cost on
+        # 10,000 offline tasks. Anything that suspends runs on under the deadline as before.
         try:
-            async with asyncio.timeout(deadline_s):
-                if chosen == "llm":
-                    outcome = await run_llm(call)
-                elif chosen == "api":
-                    outcome = await run_api(call)
-                else:
-                    outcome = await run_script(call)
-        except TimeoutError:
-            outcome = timeout_outcome(task, deadline_s, chosen)
+            first = runner.send(None)
+        except StopIteration as finished:
+            outcome: Outcome = finished.value
+        else:
+            try:
+                async with asyncio.timeout_at(start + deadline_s):
+                    outcome = await _resume(runner, first)
+            except TimeoutError:
+                outcome = timeout_outcome(task, deadline_s, chosen)
         return make_result(call, chosen, outcome, started_at, loop.time() - start, "async")
 
     def _warn_script(self, agent: Agent, mode: Mode) -> None:
@@ -307,6 +314,35 @@ class TaskExecutor:
             DeprecationWarning,
             stacklevel=4,
         )
+
+
+_MODES_RUN: dict[str, Callable[[Call], Coroutine[Any, Any, Outcome]]] = {
+    "llm": run_llm,
+    "api": run_api,
+    "script": run_script,
+}
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
+    """Go on awaiting a coroutine that was started by hand and is suspended on ``yielded``.
+
+    The same delegation ``await`` does, except that the first value the coroutine yielded
+    (the future it waits on) is handed to the task first, instead of starting it again.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # cancellation (a deadline, the caller) goes on inside
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return cast(T, stop.value)
 
 
 def make_result(

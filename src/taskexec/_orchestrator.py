@@ -274,7 +274,10 @@ class _Run:
         self.tasks = tasks
         self.fail_fast = fail_fast
         self.on_result = on_result
-        self.semaphore = asyncio.Semaphore(limit)
+        # A bound that cannot bind is not enforced at all: one acquire/release less per task.
+        self.slots: asyncio.Semaphore | contextlib.nullcontext[None] = (
+            asyncio.Semaphore(limit) if limit < len(tasks) else contextlib.nullcontext()
+        )
         self.results: dict[str, ExecutionResult] = {}
         self.waiting = {t.id: len(set(t.depends_on)) for t in tasks}
         self.dependents: dict[str, list[AgentTask]] = {t.id: [] for t in tasks}
@@ -314,7 +317,7 @@ class _Run:
 
     async def _run_one(self, task: AgentTask) -> None:
         try:
-            async with self.semaphore:
+            async with self.slots:
                 self.active += 1
                 self.peak_active = max(self.peak_active, self.active)
                 try:

@@ -214,7 +214,11 @@ class MessageBus:
         self._ids = itertools.count(1)
 
     def has_subscribers(self, topic: str) -> bool:
-        return any(_matches(s.pattern, topic) for s in self._subscriptions)
+        # Asked several times per task by the orchestrator: the common no-subscriber case is
+        # answered without building a generator.
+        return bool(self._subscriptions) and any(
+            _matches(s.pattern, topic) for s in self._subscriptions
+        )
 
     async def publish(self, topic: str, message: BaseModel, *, reply_to: str | None = None) -> int:
         if not isinstance(message, BaseModel):
