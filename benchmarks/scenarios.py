@@ -22,7 +22,6 @@ import httpx
 from taskexec import (
     Agent,
     AgentTask,
-    ExecutionResult,
     ProjectOrchestrator,
     TaskExecutor,
     Usage,
@@ -340,7 +339,3 @@ def _handoff_floors(calls: int) -> dict[str, float]:
         "bare portal hand-off us/call": portal,
         "bare re-entry of a thread's own loop us/call": reentry,
     }
-
-
-def result_ok(result: ExecutionResult) -> bool:
-    return result.ok
