@@ -202,17 +202,30 @@ def test_missing_key_is_a_configuration_failure_naming_the_variable(tmp_path: Pa
 
 def test_the_key_appears_nowhere(tmp_path: Path, mock_server: MockServer) -> None:
     secret = "sk-cli-SECRET-9c1e5b"
-    plan = _llm_plan(tmp_path, mock_server, ["a", "b"])
+    tasks = "\n".join(f"  - {{id: {i}, prompt: 'task {i}'}}" for i in "ab")
+    # The operator points the vendor's endpoint at the server: the key may go there.
+    plan = write_plan(
+        tmp_path, f"agents: [{{name: gpt, provider: openai, max_retries: 0}}]\ntasks:\n{tasks}\n"
+    )
     out = tmp_path / "r.jsonl"
     mock_server.set_faults(["401"])  # echoes the key back in its body
-    completed = taskexec(
-        "run", str(plan), "--output", str(out), "--concurrency", "1", env={"OPENAI_API_KEY": secret}
-    )
+    env = {"OPENAI_API_KEY": secret, "OPENAI_BASE_URL": mock_server.openai_base_url}
+    completed = taskexec("run", str(plan), "--output", str(out), "--concurrency", "1", env=env)
     assert completed.returncode == 1
     assert mock_server.recorded[0].headers["authorization"] == f"Bearer {secret}"
     assert "Incorrect API key provided: ***" in out.read_text()
     for text in (completed.stdout, completed.stderr, out.read_text()):
         assert secret not in text
+
+
+def test_a_plan_cannot_send_the_operators_key_to_its_own_host(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    secret = "sk-cli-SECRET-9c1e5b"
+    plan = _llm_plan(tmp_path, mock_server, ["a"])  # base_url: the plan's own choice of host
+    completed = taskexec("run", str(plan), env={"OPENAI_API_KEY": secret})
+    assert completed.returncode == 0, completed.stderr
+    assert "authorization" not in mock_server.recorded[0].headers
 
 
 def test_ctrl_c_cancels_cleanly(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from ._models import AgentTask as AgentTask
 from ._models import ExecutionError as ExecutionError
 from ._models import ExecutionResult as ExecutionResult
 from ._models import ExecutionStatus as ExecutionStatus
+from ._models import ScriptEnv as ScriptEnv
 from ._models import Usage as Usage
 from ._orchestrator import ProjectOrchestrator as ProjectOrchestrator
 from ._plan import Plan as Plan
@@ -36,6 +37,7 @@ __all__ = (
     "ProjectOrchestrator",
     "ProviderNotFoundError",
     "RetryPolicy",
+    "ScriptEnv",
     "SyncInAsyncContextError",
     "TaskExecutor",
     "TaskexecError",

@@ -97,8 +97,13 @@ class AiohttpClient:
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
     ) -> HttpResponse:
         try:
+            # No redirects, as in httpx: a 3xx must not carry a key header to another host.
             async with self._session.post(
-                url, data=body, headers=headers, timeout=self._timeout(timeout_s)
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout(timeout_s),
+                allow_redirects=False,
             ) as response:
                 data = await response.read()
                 return HttpResponse(response.status, response.headers, data)

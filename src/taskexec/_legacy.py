@@ -45,6 +45,7 @@ from ._modes.script import (
     exit_error,
     group_alive,
     parse_script_output,
+    script_env,
     script_stdin,
 )
 from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
@@ -135,6 +136,7 @@ class LegacyEngine:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                env=script_env(call),
             )
         except OSError as exc:
             message = f"could not start script {command[0]!r}: {exc.strerror or exc}"
@@ -151,7 +153,7 @@ class LegacyEngine:
             _stop(process)  # Ctrl-C or any other interruption: leave nothing running
             raise
         if process.returncode != 0:
-            return Outcome(error=exit_error(command, process.returncode, stderr), metadata=metadata)
+            return Outcome(error=exit_error(call, process.returncode, stderr), metadata=metadata)
         return Outcome(output=parse_script_output(stdout), metadata=metadata)
 
     def execute_tasks(

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 __all__ = (
+    "BASE_SCRIPT_ENV",
     "PLACEHOLDER_RE",
     "Agent",
     "AgentTask",
@@ -29,6 +30,7 @@ __all__ = (
     "ExecutionResult",
     "ExecutionStatus",
     "Mode",
+    "ScriptEnv",
     "Usage",
 )
 
@@ -159,12 +161,46 @@ class ExecutionResult(_Model):
         return self.status is ExecutionStatus.SUCCESS
 
 
+#: What a script started with ``ScriptEnv(inherit=False)`` still gets: enough to find programs,
+#: write temporary files and decode text, and no credentials.
+BASE_SCRIPT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+class ScriptEnv(_Model):
+    """What a script agent's process receives from taskexec's environment.
+
+    By default (``inherit=True``) a script gets the whole environment, provider keys included,
+    as the pre-refactor ``execute_*.py`` scripts expect. With ``inherit=False`` it gets only the
+    variables in :data:`BASE_SCRIPT_ENV` and those named in ``keep``, e.g.
+    ``env: {inherit: false, keep: [OPENAI_API_KEY]}`` in a plan.
+    """
+
+    inherit: bool = True
+    keep: list[str] = Field(default_factory=list)
+
+    def build(self, environ: Mapping[str, str]) -> dict[str, str] | None:
+        """Return the script's environment, or None to inherit this process's unchanged."""
+        if self.inherit:
+            return None
+        names = (*BASE_SCRIPT_ENV, *self.keep)
+        return {name: environ[name] for name in names if name in environ}
+
+
 class Agent(_Model):
     """Who runs a task and how it is reached.
 
     ``mode`` picks the default way to reach the agent: ``llm`` (a chat call to ``provider``),
     ``api`` (``POST url``) or ``script`` (run ``command``). An ``llm`` agent that also has a
     ``command`` falls back to that script when its provider cannot run here.
+
+    Keys: ``api_key`` is sent as given. Without it, a key from the environment (``OPENAI_API_KEY``
+    and the like) is sent only to the vendor's own endpoint or to the base URL the environment
+    names (``OPENAI_BASE_URL`` and the like), never to a ``base_url`` set here: a plan file cannot
+    send the operator's key to a host of its choosing. ``api_key_env`` names the variable to read
+    a key from for a custom ``base_url``, when that is what the operator wants.
+
+    ``env`` limits what a script (``command``) inherits; by default it inherits the whole
+    environment, provider keys included.
     """
 
     name: str = Field(min_length=1, pattern=_ID_PATTERN)
@@ -174,8 +210,10 @@ class Agent(_Model):
     system_prompt: str | None = None
     base_url: str | None = None
     api_key: SecretStr | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     url: str | None = None
     command: list[str] | None = None
+    env: ScriptEnv = Field(default_factory=ScriptEnv)
     timeout_s: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=2, ge=0)
     max_tokens: int | None = Field(default=None, gt=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
@@ -24,11 +25,13 @@ from ._models import (
 from ._plan import Plan
 from .bus import Bus, MessageBus, TaskEvent, _current_bus
 from .flags import get_engine
+from .providers import secret_redactor
 
 __all__ = ("ProjectOrchestrator",)
 
 log = logging.getLogger("taskexec")
 _OnResult = Callable[[ExecutionResult], None]
+_INTERNAL_MESSAGE_LIMIT = 2000
 
 
 class ProjectOrchestrator:
@@ -337,8 +340,13 @@ class _Run:
                 raise  # the caller's cancellation: let it propagate
             return  # fail_fast cancelled us; execute() records the result
         except Exception as exc:  # a bug, not a task failure: still exactly one result
-            log.exception("task %s: unexpected error", task.id)
-            error = ExecutionError(kind="internal", message=f"{type(exc).__name__}: {exc}")
+            # The exception may quote a key (a provider that put it in a message): redact the
+            # message and the logged traceback alike.
+            redact = secret_redactor(self.executor.agents.values())
+            trace = "".join(traceback.format_exception(exc))
+            log.error("task %s: unexpected error\n%s", task.id, redact(trace))
+            message = redact.cut(f"{type(exc).__name__}: {exc}", _INTERNAL_MESSAGE_LIMIT)
+            error = ExecutionError(kind="internal", message=message)
             result = self.executor.not_run_result(task, ExecutionStatus.FAILED, error)
         self.running.pop(task.id, None)
         await self._finish(task, result)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ._http import HttpResponse, TransportError
 from ._models import ExecutionError
+from ._secrets import Redactor
 
 if TYPE_CHECKING:
     from ._modes import Call
@@ -25,6 +26,7 @@ __all__ = (
     "AttemptFailed",
     "RetryPolicy",
     "attempt_timeout",
+    "body_snippet",
     "classify_response",
     "next_wait",
     "retry_after_s",
@@ -105,7 +107,7 @@ def _quota_exhausted(body: bytes) -> bool:
 
 
 def classify_response(
-    response: HttpResponse, redact: Callable[[str], str], *, where: str
+    response: HttpResponse, redact: Redactor, *, where: str
 ) -> AttemptFailed | None:
     """Return the failure a non-2xx response stands for, or None for a 2xx.
 
@@ -117,7 +119,7 @@ def classify_response(
     status = response.status
     if 200 <= status < 300:
         return None
-    snippet = redact(response.body[:500].decode("utf-8", "replace")).strip()
+    snippet = body_snippet(redact, response.body).strip()
     retryable = status in _RETRYABLE_STATUSES or status >= 500
     if status == 429 and _quota_exhausted(response.body):
         retryable = False
@@ -130,9 +132,18 @@ def classify_response(
     )
 
 
-def transport_failure(
-    exc: TransportError, redact: Callable[[str], str], *, where: str
-) -> AttemptFailed:
+#: How much of an error body goes into a result's message.
+_ERROR_SNIPPET = 500
+#: How much of a body is decoded and redacted before it is cut to a snippet.
+_DECODE_LIMIT = 64 * 1024
+
+
+def body_snippet(redact: Redactor, body: bytes, limit: int = _ERROR_SNIPPET) -> str:
+    """Return the start of a response body for a message: redacted first, then cut."""
+    return redact.cut(body[:_DECODE_LIMIT].decode("utf-8", "replace"), limit)
+
+
+def transport_failure(exc: TransportError, redact: Redactor, *, where: str) -> AttemptFailed:
     """Turn a transport error into a retryable attempt failure."""
     message = f"{exc.kind} error talking to {where}: {redact(str(exc))}"
     return AttemptFailed(ExecutionError(kind=exc.kind, message=message, retryable=True))

@@ -14,6 +14,7 @@ Faults come from a FIFO schedule (each chat request takes the next one) or from 
 prompt itself, ``[[fault=500]]``, which hits every request carrying it. Known faults: ``429``
 (``Retry-After: 0``), ``429:<seconds>``, ``429ms:<millis>`` (``retry-after-ms``), ``429q``
 (``insufficient_quota``), ``400``, ``401`` (echoes the caller's key back, as some servers do),
+``401:<n>`` (the same after ``n`` characters of padding, to put the key at any offset),
 ``408``, ``409``, ``500``, ``503``, ``reset`` (connection dropped before any reply), ``malformed``
 (200 with a body that is not JSON) and ``stall`` (half a body, then nothing). ``[[latency=0.5]]``
 in a prompt overrides the server's latency for that request.
@@ -390,7 +391,9 @@ class MockServer:
                 or headers.get("x-goog-api-key")
                 or headers.get("authorization", "").removeprefix("Bearer ")
             )
-            return self._send(writer, 401, _error(f"Incorrect API key provided: {key}"), keep_alive)
+            padding = "." * int(arg) if arg else ""
+            message = f"{padding}Incorrect API key provided: {key}"
+            return self._send(writer, 401, _error(message), keep_alive)
         return self._send(writer, int(kind), _error(f"mock fault {kind}"), keep_alive)
 
     def _reply(self, path: str, prompt: str, model: str) -> dict[str, Any]:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._http import HttpResponse, TransportError
 from .._models import ExecutionError
-from .._retry import AttemptFailed, classify_response, run_attempts, transport_failure
-from ..providers.base import redactor
+from .._retry import (
+    AttemptFailed,
+    body_snippet,
+    classify_response,
+    run_attempts,
+    transport_failure,
+)
+from .._secrets import Redactor
 from . import Call, Outcome
 
 __all__ = ("ApiRequest", "api_request", "parse_api_response", "run_api")
@@ -23,7 +28,7 @@ class ApiRequest:
     headers: dict[str, str]
     body: bytes
     where: str
-    redact: Callable[[str], str]
+    redact: Redactor
 
 
 def api_request(call: Call) -> ApiRequest:
@@ -43,7 +48,7 @@ def api_request(call: Call) -> ApiRequest:
         }
     ).encode()
     return ApiRequest(
-        agent.url, headers, body, f"agent {agent.name!r} at {agent.url}", redactor(key)
+        agent.url, headers, body, f"agent {agent.name!r} at {agent.url}", Redactor([key])
     )
 
 
@@ -57,7 +62,7 @@ def parse_api_response(request: ApiRequest, response: HttpResponse) -> str:
         if not isinstance(output, str):
             raise TypeError("output is not a string")
     except (KeyError, TypeError, ValueError) as exc:
-        snippet = request.redact(response.body[:200].decode("utf-8", "replace"))
+        snippet = body_snippet(request.redact, response.body, 200)
         message = (
             f'{request.where} replied {response.status} without {{"output": "..."}} '
             f"({exc!r}): {snippet}"

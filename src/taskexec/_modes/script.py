@@ -13,6 +13,7 @@ import os
 import signal
 
 from .._models import ExecutionError
+from ..providers import secret_redactor
 from . import Call, Outcome
 
 __all__ = (
@@ -21,6 +22,7 @@ __all__ = (
     "group_alive",
     "parse_script_output",
     "run_script",
+    "script_env",
     "script_stdin",
 )
 
@@ -39,6 +41,11 @@ def script_stdin(call: Call) -> bytes:
     return json.dumps(document).encode()
 
 
+def script_env(call: Call) -> dict[str, str] | None:
+    """Return the environment the script starts with (None: this process's, inherited whole)."""
+    return call.agent.env.build(os.environ)
+
+
 def parse_script_output(stdout: bytes) -> str:
     """Return a script's output: ``"output"`` of a JSON object on stdout, else stdout stripped."""
     text = stdout.decode("utf-8", "replace").strip()
@@ -53,9 +60,16 @@ def parse_script_output(stdout: bytes) -> str:
     return text
 
 
-def exit_error(command: list[str], returncode: int, stderr: bytes) -> ExecutionError:
-    """Return the error for a script that exited non-zero, with the tail of its stderr."""
-    tail = stderr.decode("utf-8", "replace")[-_STDERR_TAIL:].strip()
+def exit_error(call: Call, returncode: int, stderr: bytes) -> ExecutionError:
+    """Return the error for a script that exited non-zero, with the tail of its stderr.
+
+    Scripts inherit the provider keys by default, and some print their environment when they
+    fail: the tail is redacted before it is cut.
+    """
+    command = call.agent.command or ["?"]
+    redact = secret_redactor([call.agent])
+    text = stderr[-4 * _STDERR_TAIL :].decode("utf-8", "replace")
+    tail = redact.cut(text, _STDERR_TAIL, keep="tail").strip()
     how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
     message = f"script {command[0]!r} {how}" + (f": {tail}" if tail else "")
     return ExecutionError(kind="script_exit", message=message)
@@ -121,6 +135,7 @@ async def run_script(call: Call) -> Outcome:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            env=script_env(call),
         )
     except OSError as exc:
         message = f"could not start script {command[0]!r}: {exc.strerror or exc}"
@@ -136,5 +151,5 @@ async def run_script(call: Call) -> Outcome:
         raise
     if process.returncode != 0:
         assert process.returncode is not None
-        return Outcome(error=exit_error(command, process.returncode, stderr), metadata=metadata)
+        return Outcome(error=exit_error(call, process.returncode, stderr), metadata=metadata)
     return Outcome(output=parse_script_output(stdout), metadata=metadata)

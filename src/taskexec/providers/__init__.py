@@ -11,10 +11,13 @@ Register your own with :func:`register_provider`, or from a package through the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from threading import Lock
 
 from .._errors import ProviderNotFoundError
+from .._models import Agent
+from .._secrets import Redactor
 from .anthropic import AnthropicProvider
 from .base import ChatReply, HttpProvider, Provider, Unavailable
 from .gemini import GeminiProvider
@@ -36,6 +39,7 @@ __all__ = (
     "list_available_providers",
     "list_providers",
     "register_provider",
+    "secret_redactor",
 )
 
 ENTRY_POINT_GROUP = "taskexec.providers"
@@ -87,6 +91,20 @@ def get_provider(name: str) -> Provider:
             f"taskexec.providers.register_provider() or the {ENTRY_POINT_GROUP!r} entry point group"
         )
     return provider
+
+
+def secret_redactor(agents: Iterable[Agent] = ()) -> Redactor:
+    """Return a redactor for every key taskexec might hold here: each registered provider's key
+    variables, and the keys of ``agents`` (``api_key``, ``api_key_env``)."""
+    with _lock:
+        names = {var for p in _registry.values() for var in p.key_env_vars}
+    extra: list[str | None] = []
+    for agent in agents:
+        if agent.api_key is not None:
+            extra.append(agent.api_key.get_secret_value())
+        if agent.api_key_env is not None:
+            names.add(agent.api_key_env)
+    return Redactor.for_environment(sorted(names), *extra)
 
 
 def list_providers() -> list[str]:

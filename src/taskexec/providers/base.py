@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Literal
 
 from .._http import ClientPool, TransportError
 from .._models import Agent, ExecutionError, Usage
-from .._retry import AttemptFailed, classify_response, transport_failure
+from .._retry import AttemptFailed, body_snippet, classify_response, transport_failure
+from .._secrets import Redactor
 
 __all__ = ("ChatReply", "HttpProvider", "Provider", "Unavailable", "redactor")
 
@@ -40,15 +41,12 @@ class Unavailable:
 
 
 def redactor(*secrets: str | None) -> Callable[[str], str]:
-    """Return a function that replaces every given secret in a text by ``***``."""
-    present = [s for s in secrets if s]
+    """Return a function that replaces every given secret in a text by ``***``.
 
-    def redact(text: str) -> str:
-        for secret in present:
-            text = text.replace(secret, "***")
-        return text
-
-    return redact
+    Pieces of a secret of six characters or more at either end of the text are replaced too
+    (see :class:`taskexec._secrets.Redactor`).
+    """
+    return Redactor(secrets)
 
 
 class Provider(ABC):
@@ -66,18 +64,42 @@ class Provider(ABC):
     extra: ClassVar[str | None] = None
 
     def api_key(self, agent: Agent | None) -> str | None:
-        """Return the key for ``agent``: its own ``api_key``, else the first set variable."""
-        if agent is not None and agent.api_key is not None:
-            return agent.api_key.get_secret_value()
+        """Return the key for ``agent``: its ``api_key``, its ``api_key_env``, else the first set
+        variable of ``key_env_vars`` (when :meth:`takes_environment_key` allows)."""
+        if agent is not None:
+            if agent.api_key is not None:
+                return agent.api_key.get_secret_value()
+            if agent.api_key_env is not None:
+                return os.environ.get(agent.api_key_env) or None
+            if not self.takes_environment_key(agent):
+                return None
+        return self.environment_key()
+
+    def environment_key(self) -> str | None:
+        """Return the value of the first set variable of ``key_env_vars``, or None."""
         for var in self.key_env_vars:
             value = os.environ.get(var)
             if value:
                 return value
         return None
 
+    def takes_environment_key(self, agent: Agent) -> bool:
+        """Return True when a key from ``key_env_vars`` may be sent where ``agent`` points.
+
+        A provider that talks to one fixed service may always take it; HTTP providers take it
+        only for the vendor's endpoint and the base URL the environment names.
+        """
+        return True
+
     def needs_key(self, agent: Agent | None) -> bool:
         """Return True when the endpoint ``agent`` talks to requires an API key."""
-        return bool(self.key_env_vars)
+        return bool(self.key_env_vars) or (agent is not None and agent.api_key_env is not None)
+
+    def key_hint(self, agent: Agent | None) -> str:
+        """Return where a key for ``agent`` is looked for, for error messages."""
+        if agent is not None and agent.api_key_env is not None:
+            return agent.api_key_env
+        return " or ".join([*self.key_env_vars, "the agent's api_key"])
 
     def unavailable(self, agent: Agent | None) -> Unavailable | None:
         """Return why this provider cannot serve ``agent`` here and now, or None if it can."""
@@ -93,10 +115,9 @@ class Provider(ABC):
                     f"provider {self.name!r} needs the package {module!r}: {hint}",
                 )
         if self.needs_key(agent) and not self.api_key(agent):
-            names = " or ".join(self.key_env_vars)
             return Unavailable(
                 "missing_api_key",
-                f"provider {self.name!r} needs an API key: set {names}, or the agent's api_key",
+                f"provider {self.name!r} needs an API key: set {self.key_hint(agent)}",
             )
         return None
 
@@ -123,17 +144,31 @@ class HttpProvider(Provider):
     default_base_url: ClassVar[str]
     base_url_env_var: ClassVar[str | None] = None
 
+    def environment_base_url(self) -> str | None:
+        """Return the base URL the environment names (``base_url_env_var``), or None."""
+        value = os.environ.get(self.base_url_env_var) if self.base_url_env_var else None
+        return value.rstrip("/") if value else None
+
     def base_url(self, agent: Agent) -> str:
         """Return the agent's ``base_url``, else the environment's, else the vendor's."""
-        if agent.base_url:
-            return agent.base_url
-        if self.base_url_env_var and os.environ.get(self.base_url_env_var):
-            return os.environ[self.base_url_env_var].rstrip("/")
-        return self.default_base_url
+        return agent.base_url or self.environment_base_url() or self.default_base_url
+
+    def takes_environment_key(self, agent: Agent) -> bool:
+        # The operator's key goes only where the operator's own settings point: the vendor, or
+        # the base URL the environment names. A base_url from a plan or an Agent gets a key only
+        # when it names one (api_key, api_key_env), so a plan file cannot exfiltrate the key.
+        return agent.base_url is None or agent.base_url in (
+            self.default_base_url,
+            self.environment_base_url(),
+        )
 
     def needs_key(self, agent: Agent | None) -> bool:
         # A custom endpoint (a local Ollama, vLLM or llama.cpp server) usually takes no key.
-        return agent is None or self.base_url(agent) == self.default_base_url
+        return (
+            agent is None
+            or agent.api_key_env is not None
+            or self.base_url(agent) == self.default_base_url
+        )
 
     @abstractmethod
     def endpoint(self, agent: Agent) -> str:
@@ -155,7 +190,7 @@ class HttpProvider(Provider):
         self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
     ) -> ChatReply:
         key = self.api_key(agent)
-        redact = redactor(key)
+        redact = Redactor([key, self.environment_key()])
         url = self.endpoint(agent)
         where = f"{self.name} at {url}"
         body = json.dumps(self.payload(agent, prompt)).encode()
@@ -165,16 +200,27 @@ class HttpProvider(Provider):
             raise transport_failure(exc, redact, where=where) from None
         failure = classify_response(response, redact, where=where)
         if failure is not None:
+            if key is None and response.status in (401, 403) and self.environment_key():
+                failure.error = failure.error.model_copy(
+                    update={"message": failure.error.message + self._withheld_hint()}
+                )
             raise failure
         try:
             return self.parse(json.loads(response.body))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            snippet = redact(response.body[:200].decode("utf-8", "replace"))
+            snippet = body_snippet(redact, response.body, 200)
             message = (
                 f"{where} sent a {response.status} reply that is not a chat response "
                 f"({exc!r}): {snippet}"
             )
             raise AttemptFailed(ExecutionError(kind="bad_response", message=message)) from None
+
+    def _withheld_hint(self) -> str:
+        names = " or ".join(self.key_env_vars)
+        return (
+            f" (the key in {names} is not sent to a base_url set by the plan or the agent; "
+            f"set the agent's api_key_env: {self.key_env_vars[0]} to send it there)"
+        )
 
 
 def tokens(value: Any) -> int:
