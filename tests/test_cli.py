@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from taskexec import ExecutionResult, ExecutionStatus
 from taskexec.testing import MockServer
 
@@ -123,7 +125,8 @@ def test_validate_and_version() -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert taskexec("run", str(EXAMPLE), "--resume").returncode == 2
     assert taskexec("run", str(EXAMPLE), "--concurrency", "0").returncode == 2
-    bad_env = taskexec("run", str(EXAMPLE), env={"TASKEXEC_MAX_CONCURRENCY": "lots"})
+    plan = write_plan(tmp_path, "agents: [{name: a}]\ntasks: [{id: t, prompt: p}]\n")
+    bad_env = taskexec("run", str(plan), env={"TASKEXEC_MAX_CONCURRENCY": "lots"})
     assert bad_env.returncode == 2
     assert "TASKEXEC_MAX_CONCURRENCY" in bad_env.stderr
     assert "Traceback" not in bad_env.stderr
@@ -402,3 +405,95 @@ def test_ctrl_c_on_the_legacy_engine(tmp_path: Path) -> None:
     assert sorted(r.task_id for r in results) == ["a", "b"]
     assert {(r.status, r.engine) for r in results} == {(ExecutionStatus.CANCELLED, "legacy")}
     assert "2 cancelled" in stdout
+
+
+# -- files and settings that are not what they should be ---------------------------------------
+
+
+def test_validate_rejects_what_run_would_reject(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        "agents: [{name: remote, mode: api}, {name: s, mode: script}]\n"
+        "tasks: [{id: t, prompt: x, agent: remote}, {id: u, prompt: x, agent: s}]\n",
+    )
+    for command in ("validate", "run"):
+        completed = taskexec(command, str(plan))
+        assert completed.returncode == 2, completed.stderr
+        assert f"taskexec: invalid plan {plan}: 2 problems found" in completed.stderr
+        assert "agents[0] (name 'remote').url: api mode needs a url" in completed.stderr
+        assert "agents[1] (name 's').command: script mode needs a command" in completed.stderr
+        assert "Traceback" not in completed.stderr
+
+
+def test_an_alias_bomb_exits_2_at_once(tmp_path: Path) -> None:
+    levels = [f"l0: &l0 [{', '.join(['x'] * 10)}]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 12)]
+    body = "\n".join(f"  {line}" for line in levels)
+    plan = write_plan(
+        tmp_path, f"x:\n{body}\nagents: [{{name: a}}]\ntasks: [{{id: t, prompt: p}}]\n"
+    )
+    for command in ("validate", "run"):
+        completed = taskexec(command, str(plan), timeout=30)
+        assert completed.returncode == 2
+        assert "expands to more than 2,000,000 nodes" in completed.stderr
+        assert str(plan) in completed.stderr
+
+
+def test_a_plan_that_is_not_utf8_exits_2_naming_file_and_offset(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_bytes(b"agents: [{name: a}]\ntasks: [{id: t, prompt: caf\xe9}]\n")
+    completed = taskexec("run", str(plan))
+    assert completed.returncode == 2
+    assert f"{plan}: 1 problem found" in completed.stderr
+    assert "byte offset 47: not UTF-8 text (byte 0xe9)" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_resume_skips_damaged_lines_with_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    assert taskexec("run", str(EXAMPLE), "--output", str(out)).returncode == 0
+    good = out.read_bytes().splitlines(keepends=True)
+    # design: a non-UTF-8 line after it; review: its line cut short by a "crash" mid-write.
+    damaged = good[0] + b'{"task_id": "x\xff\xfe"}\n' + b"".join(good[1:-1]) + good[-1][:40]
+    out.write_bytes(damaged)
+    resumed = taskexec("run", str(EXAMPLE), "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{out}:2: skipping a line that is not UTF-8 (byte offset " in resumed.stderr
+    assert f"{out}:{len(good) + 1}: skipping a line that is not a result (cut short)" in (
+        resumed.stderr
+    )
+    assert "resuming, 3 task(s) already succeeded" in resumed.stderr
+    # The new line starts on a line of its own: the file's last result is readable again.
+    last = out.read_bytes().splitlines()[-1]
+    assert ExecutionResult.model_validate_json(last).task_id == "review"
+    again = taskexec("run", str(EXAMPLE), "--output", str(out), "--resume")
+    assert "resuming, 4 task(s) already succeeded" in again.stderr
+    assert "skipping a line that is not a result (cut short)" not in again.stderr
+
+
+@pytest.mark.parametrize("value", ["LEGACY", " legacy ", "Legacy"])
+def test_the_engine_variable_is_read_like_the_library_reads_it(value: str) -> None:
+    completed = taskexec("run", str(EXAMPLE), "--json", env={"TASKEXEC_ENGINE": value})
+    assert completed.returncode == 0, completed.stderr
+    assert {r["engine"] for r in json.loads(completed.stdout)} == {"legacy"}
+
+
+def test_a_blank_engine_variable_means_the_default() -> None:
+    completed = taskexec("run", str(EXAMPLE), "--json", env={"TASKEXEC_ENGINE": " "})
+    assert completed.returncode == 0, completed.stderr
+    assert {r["engine"] for r in json.loads(completed.stdout)} == {"async"}
+
+
+def test_flags_win_over_a_bad_environment() -> None:
+    env = {"TASKEXEC_ENGINE": "turbo", "TASKEXEC_MAX_CONCURRENCY": "lots"}
+    bad = taskexec("run", str(EXAMPLE), "--json", env=env)
+    assert bad.returncode == 2
+    assert "TASKEXEC_ENGINE='turbo' is not an engine" in bad.stderr
+    fixed = taskexec(
+        "run", str(EXAMPLE), "--json", "--engine", "ASYNC", "--concurrency", "2", env=env
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    assert {r["engine"] for r in json.loads(fixed.stdout)} == {"async"}
+    wrong_flag = taskexec("run", str(EXAMPLE), "--engine", "turbo")
+    assert wrong_flag.returncode == 2
+    assert "--engine='turbo' is not an engine" in wrong_flag.stderr

@@ -433,9 +433,9 @@ def test_programmer_errors_raise_with_the_fix() -> None:
         executor.resolve(task)
     with pytest.raises(UnknownAgentError, match=r"unknown agent 'zed'.*registered agents: a, b"):
         executor.resolve(task, agent="zed")
-    with pytest.raises(UnsupportedModeError, match="has no url"):
+    with pytest.raises(UnsupportedModeError, match="api mode needs a url"):
         executor.resolve(task, agent="a", mode="api")
-    with pytest.raises(UnsupportedModeError, match="has no command"):
+    with pytest.raises(UnsupportedModeError, match="script mode needs a command"):
         executor.resolve(task, agent="a", mode="script")
     with pytest.raises(
         ProviderNotFoundError, match="known providers: anthropic, gemini, offline, openai"

@@ -144,3 +144,108 @@ def test_cycles_and_order() -> None:
     chain = [AgentTask(id=f"n{i}", prompt="p", depends_on=[f"n{i + 1}"]) for i in range(5000)]
     chain.append(AgentTask(id="n5000", prompt="p"))
     assert topological_order(chain)[0].id == "n5000"
+
+
+# -- every check run makes, validate makes ------------------------------------------------------
+
+
+def test_agents_that_cannot_serve_their_mode_are_plan_problems(tmp_path: Path) -> None:
+    text = """
+agents:
+  - {name: remote, mode: api}
+  - {name: scripted, mode: script}
+  - {name: chat, provider: no-such-provider}
+  - {name: fine}
+settings: {default_agent: fine}
+tasks:
+  - {id: a, prompt: p, agent: fine, mode: api}
+  - {id: b, prompt: p, mode: script}
+  - {id: c, prompt: p, agent: fine, mode: llm}
+"""
+    problems = problems_of(write(tmp_path, text))
+    assert problems[:3] == [
+        "agents[0] (name 'remote').url: api mode needs a url; set url: 'http://...' or use "
+        "another mode",
+        "agents[1] (name 'scripted').command: script mode needs a command; set command: "
+        "['python', 'agent.py'] or use another mode",
+        "agents[2] (name 'chat').provider: unknown provider 'no-such-provider'; known providers: "
+        "anthropic, gemini, offline, openai. Register others with "
+        "taskexec.providers.register_provider() or the 'taskexec.providers' entry point group",
+    ]
+    assert problems[3:] == [
+        "tasks[0] (id 'a').mode: agent 'fine' cannot serve: api mode needs a url; set url: "
+        "'http://...' or use another mode",
+        "tasks[1] (id 'b').mode: agent 'fine' cannot serve: script mode needs a command; set "
+        "command: ['python', 'agent.py'] or use another mode",
+    ]
+
+
+# -- hostile and damaged files ------------------------------------------------------------------
+
+BOMB = """
+a: &a [x, x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "agents: [{name: a}]\ntasks: [{id: t, prompt: p, metadata: {bomb: *i}}]\n",
+        "agents: [{name: a, system_prompt: *i}]\ntasks: [{id: t, prompt: p}]\n",
+        "agents: [{name: a}]\ntasks: *i\n",
+    ],
+)
+def test_an_alias_bomb_is_refused_before_it_is_built(tmp_path: Path, where: str) -> None:
+    (problem,) = problems_of(write(tmp_path, "bombs:" + BOMB.replace("\n", "\n  ") + "\n" + where))
+    assert "expands to more than 2,000,000 nodes through anchors and aliases" in problem
+    assert problem.startswith("line ")
+
+
+def test_an_alias_that_refers_to_itself_is_refused(tmp_path: Path) -> None:
+    text = "loop: &l [1, *l]\nagents: [{name: a}]\ntasks: [{id: t, prompt: p}]\n"
+    assert problems_of(write(tmp_path, text)) == ["line 1: invalid YAML: an alias refers to itself"]
+
+
+def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
+    text = (
+        "agents: [{<<: &d {provider: offline, max_retries: 1}, name: a}, {<<: *d, name: b}]\n"
+        "settings: {default_agent: a}\n"
+        "tasks: [{id: t, prompt: p}]\n"
+    )
+    plan = load_plan(write(tmp_path, text))
+    assert [(a.name, a.max_retries) for a in plan.agents] == [("a", 1), ("b", 1)]
+
+
+@pytest.mark.parametrize(
+    ("data", "byte"),
+    [
+        (b"agents: []\ntasks: [{id: t, prompt: \xff}]\n", 0xFF),
+        ("tasks: [{id: t, prompt: é}]\n".encode("latin-1"), 0xE9),
+        ("tasks: []\n".encode("utf-16"), 0xFF),
+        (b"tasks: [{id: t, prompt: \xe2\x82}]\n", 0xE2),  # a cut multi-byte character
+    ],
+)
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_plan_that_is_not_utf8_names_the_byte_offset(
+    tmp_path: Path, data: bytes, byte: int, suffix: str
+) -> None:
+    path = tmp_path / f"plan{suffix}"
+    path.write_bytes(data)
+    offset = data.index(bytes([byte]))
+    assert problems_of(path) == [
+        f"byte offset {offset}: not UTF-8 text (byte 0x{byte:02x}); save the plan as UTF-8"
+    ]
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_bytes(b"\xef\xbb\xbfagents: [{name: a}]\ntasks: [{id: t, prompt: caf\xc3\xa9}]\n")
+    assert load_plan(path).tasks[0].prompt == "café"

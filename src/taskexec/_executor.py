@@ -13,7 +13,12 @@ from typing import Any, Self, TypeVar, cast
 
 import httpx
 
-from ._errors import ConfigurationError, UnknownAgentError, UnsupportedModeError
+from ._errors import (
+    ConfigurationError,
+    ProviderNotFoundError,
+    UnknownAgentError,
+    UnsupportedModeError,
+)
 from ._http import ClientPool
 from ._models import (
     Agent,
@@ -28,6 +33,7 @@ from ._modes import Call, Outcome, timeout_outcome
 from ._modes.api import run_api
 from ._modes.llm import run_llm
 from ._modes.script import run_script
+from ._plan import mode_problem
 from ._retry import RetryPolicy
 from .flags import get_engine
 from .providers import get_provider
@@ -195,18 +201,14 @@ class TaskExecutor:
         chosen: Mode = mode or task.mode or resolved.mode
         if chosen not in _MODES:
             raise UnsupportedModeError(f"unknown mode {chosen!r}; use one of {', '.join(_MODES)}")
-        if chosen == "api" and not resolved.url:
+        problem_at = mode_problem(resolved, chosen)
+        if problem_at is not None:
+            field, problem = problem_at
+            if field == "provider":
+                raise ProviderNotFoundError(problem)
             raise UnsupportedModeError(
-                f"agent {resolved.name!r} cannot run task {task.id!r} in api mode: it has no url; "
-                "set Agent(url='http://...') or use another mode"
+                f"agent {resolved.name!r} cannot run task {task.id!r}: {problem}"
             )
-        if chosen == "script" and not resolved.command:
-            raise UnsupportedModeError(
-                f"agent {resolved.name!r} cannot run task {task.id!r} in script mode: it has no "
-                "command; set Agent(command=['python', 'agent.py']) or use another mode"
-            )
-        if chosen == "llm":
-            get_provider(resolved.provider)  # raises ProviderNotFoundError naming the known ones
         return resolved, chosen
 
     def resolve_names(

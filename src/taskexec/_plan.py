@@ -9,11 +9,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._errors import PlanError
+from ._errors import PlanError, ProviderNotFoundError
 from ._graph import graph_problems
 from ._models import Agent, AgentTask
+from .providers import get_provider
 
-__all__ = ("Plan", "PlanSettings", "load_plan", "plan_problems")
+__all__ = ("MAX_YAML_NODES", "Plan", "PlanSettings", "load_plan", "mode_problem", "plan_problems")
+
+#: The most nodes a YAML plan may expand to, aliases followed. A plan of 20,000 tasks is about
+#: 200,000 nodes; a "billion laughs" document of a few lines is billions, refused before it is
+#: built.
+MAX_YAML_NODES = 2_000_000
 
 
 class PlanSettings(BaseModel):
@@ -39,27 +45,64 @@ class Plan(BaseModel):
     settings: PlanSettings = Field(default_factory=PlanSettings)
 
 
+def mode_problem(agent: Agent, mode: str) -> tuple[str, str] | None:
+    """Return why ``agent`` cannot serve ``mode``, as ``(field, problem)``, or None if it can.
+
+    The one check behind both ``load_plan``/``taskexec validate`` and
+    :meth:`TaskExecutor.execute`, so that a plan that validates does not fail when it runs.
+    """
+    if mode == "api" and not agent.url:
+        return "url", "api mode needs a url; set url: 'http://...' or use another mode"
+    if mode == "script" and not agent.command:
+        return "command", (
+            "script mode needs a command; set command: ['python', 'agent.py'] or use another mode"
+        )
+    if mode == "llm":
+        try:
+            get_provider(agent.provider)
+        except ProviderNotFoundError as exc:
+            return "provider", str(exc)
+    return None
+
+
 def plan_problems(plan: Plan) -> list[str]:
-    """Return every problem with a structurally valid plan: graph errors and unknown agents."""
+    """Return every problem with a structurally valid plan.
+
+    Graph errors, unknown or duplicate agents, and agents that cannot serve the mode they or
+    their tasks ask for (an ``api`` agent without a ``url``, a ``script`` agent without a
+    ``command``, an unknown provider).
+    """
     problems = graph_problems(plan.tasks)
     names = [a.name for a in plan.agents]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"agents: duplicate agent name {name!r}; agent names must be unique")
-    known = set(names)
+    by_name = {a.name: a for a in plan.agents}
+    for index, agent in enumerate(plan.agents):
+        found = mode_problem(agent, agent.mode)
+        if found is not None:
+            problems.append(f"agents[{index}] (name {agent.name!r}).{found[0]}: {found[1]}")
     default = plan.settings.default_agent
-    if default is not None and default not in known:
+    if default is not None and default not in by_name:
         problems.append(f"settings.default_agent: unknown agent {default!r}")
+    fallback = default or (names[0] if len(by_name) == 1 else None)
     for index, task in enumerate(plan.tasks):
-        if task.agent is not None and task.agent not in known:
+        where = f"tasks[{index}] (id {task.id!r})"
+        if task.agent is not None and task.agent not in by_name:
             problems.append(
-                f"tasks[{index}] (id {task.id!r}).agent: unknown agent {task.agent!r}; "
-                f"agents in this plan: {', '.join(sorted(known)) or '(none)'}"
+                f"{where}.agent: unknown agent {task.agent!r}; "
+                f"agents in this plan: {', '.join(sorted(by_name)) or '(none)'}"
             )
-        elif task.agent is None and default is None and len(known) != 1:
+            continue
+        if task.agent is None and default is None and len(by_name) != 1:
             problems.append(
-                f"tasks[{index}] (id {task.id!r}).agent: no agent named and no "
-                "settings.default_agent to fall back on"
+                f"{where}.agent: no agent named and no settings.default_agent to fall back on"
             )
+            continue
+        runs_on = by_name.get(task.agent or fallback or "")
+        if runs_on is not None and task.mode is not None and task.mode != runs_on.mode:
+            found = mode_problem(runs_on, task.mode)
+            if found is not None:
+                problems.append(f"{where}.mode: agent {runs_on.name!r} cannot serve: {found[1]}")
     return problems
 
 
@@ -80,6 +123,62 @@ def _loc(loc: tuple[int | str, ...], data: Any) -> str:
     return out or "(top level)"
 
 
+def _load_yaml(text: str) -> Any:
+    """Parse one YAML document safely, refusing one that aliases expand beyond a bound."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise PlanError if ``root`` expands to more than MAX_YAML_NODES nodes, or into itself.
+
+    Sizes are counted over the composed graph, one visit per node (aliases share nodes), so a
+    document built to expand exponentially is measured in time linear in its length.
+    """
+    size: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[yaml.Node] = [root]
+    while stack:
+        node = stack[-1]
+        key = id(node)
+        children = _children(node)
+        if key not in entered:
+            entered.add(key)
+            for child in children:
+                if id(child) in entered and id(child) not in size:
+                    line = child.start_mark.line + 1
+                    raise PlanError([f"line {line}: invalid YAML: an alias refers to itself"])
+                if id(child) not in size:
+                    stack.append(child)
+            continue
+        stack.pop()
+        if key not in size:
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > MAX_YAML_NODES:
+                line = node.start_mark.line + 1
+                raise PlanError(
+                    [
+                        f"line {line}: the YAML expands to more than {MAX_YAML_NODES:,} nodes "
+                        "through anchors and aliases (&name / *name); refusing to load it"
+                    ]
+                )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def load_plan(path: str | Path) -> Plan:
     """Read a plan from a YAML or JSON file and check it completely.
 
@@ -95,11 +194,21 @@ def load_plan(path: str | Path) -> Plan:
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise PlanError([f"cannot read the file: {exc.strerror or exc}"], source=source) from None
     try:
-        data = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problem = (
+            f"byte offset {exc.start}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+            "save the plan as UTF-8"
+        )
+        raise PlanError([problem], source=source) from None
+    try:
+        data = json.loads(text) if source.endswith(".json") else _load_yaml(text)
+    except PlanError as exc:
+        raise PlanError(exc.problems, source=source) from None
     except json.JSONDecodeError as exc:
         raise PlanError([f"line {exc.lineno}: invalid JSON: {exc.msg}"], source=source) from None
     except yaml.YAMLError as exc:

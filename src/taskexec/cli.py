@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import signal
@@ -14,10 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -32,28 +32,19 @@ from rich.progress import (
 from rich.table import Table
 
 from . import flags
-from ._errors import PlanError, ProviderNotFoundError, TaskexecError
+from ._errors import PlanError, TaskexecError
 from ._executor import TaskExecutor
 from ._legacy import LegacyEngine
 from ._models import PLACEHOLDER_RE, AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from ._orchestrator import ProjectOrchestrator
-from ._plan import Plan, load_plan
+from ._plan import load_plan
 from ._version import __version__
 from .bus import MessageBus
-from .providers import get_provider
 
 __all__ = ("main",)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class EnvSettings(BaseSettings):
-    """Settings read from the environment; a plan's settings override them, flags override both."""
-
-    model_config = SettingsConfigDict(env_prefix="TASKEXEC_", extra="ignore")
-
-    engine: Literal["async", "legacy"] | None = None
-    max_concurrency: int | None = Field(default=None, ge=1)
+CONCURRENCY_ENV_VAR = "TASKEXEC_MAX_CONCURRENCY"
 
 
 class UsageError(Exception):
@@ -176,23 +167,58 @@ def _print_summary(results: Sequence[ExecutionResult], elapsed: float, as_json: 
 
 
 def _read_previous(path: Path) -> dict[str, ExecutionResult]:
-    """Return the latest result per task id in a JSONL file (later lines win)."""
+    """Return the latest result per task id in a JSONL file (later lines win).
+
+    A line that is not a result (cut short by a crash mid-write, not UTF-8, edited by hand) is
+    skipped with a warning: that task simply runs again.
+    """
     latest: dict[str, ExecutionResult] = {}
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return latest
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the results file: {exc.strerror or exc}") from None
+    offset = 0
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            where = f"byte offset {start + exc.start}"
+            _warn(f"{path}:{number}: skipping a line that is not UTF-8 ({where})")
             continue
         try:
             result = ExecutionResult.model_validate_json(line)
         except ValidationError:
-            # A line cut short by a crash mid-write: that task simply runs again.
-            print(
-                f"taskexec: {path}:{number}: ignoring a line that is not a result", file=sys.stderr
-            )
+            cut = " (cut short)" if offset > len(data) else ""
+            _warn(f"{path}:{number}: skipping a line that is not a result{cut}")
             continue
         latest[result.task_id] = result
     return latest
+
+
+def _open_for_append(path: Path) -> IO[str]:
+    """Open a results file for appending, on a line of its own.
+
+    After a crash mid-write the file can end in a partial line; a new line starts first, so the
+    next result is not glued onto it and stays readable.
+    """
+    try:
+        output = path.open("a+b")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot open the results file: {exc.strerror or exc}") from None
+    if output.seek(0, os.SEEK_END) > 0:
+        output.seek(-1, os.SEEK_END)
+        if output.read(1) != b"\n":
+            output.write(b"\n")
+    return io.TextIOWrapper(output, encoding="utf-8", newline="\n", write_through=True)
+
+
+def _warn(message: str) -> None:
+    print(f"taskexec: {message}", file=sys.stderr)
 
 
 def _without_done_dependencies(task: AgentTask, done: dict[str, ExecutionResult]) -> AgentTask:
@@ -277,10 +303,14 @@ def _run_legacy(
 
 def _cmd_run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
-    _check_providers(plan, args.plan)
-    env = _env_settings()
-    engine: flags.Engine = args.engine or plan.settings.engine or env.engine or "async"
-    concurrency = args.concurrency or plan.settings.max_concurrency or env.max_concurrency or 64
+    # Flags win over the plan, the plan over the environment; a setting that is overridden is
+    # not read at all, so a bad environment value cannot stop a run whose flag replaces it.
+    engine: flags.Engine = (
+        args.engine or plan.settings.engine or flags.environment_engine() or "async"
+    )
+    concurrency = (
+        args.concurrency or plan.settings.max_concurrency or _environment_concurrency() or 64
+    )
     fail_fast = args.fail_fast or plan.settings.fail_fast
     executor = TaskExecutor(
         plan.agents, default_agent=plan.settings.default_agent, max_connections=concurrency
@@ -295,7 +325,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     todo = [_without_done_dependencies(t, previous) for t in plan.tasks if t.id not in previous]
     if kept:
         print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
-    output = output_path.open("a", encoding="utf-8") if output_path else None
+    output = _open_for_append(output_path) if output_path else None
     started = time.monotonic()
     try:
         with flags.use_engine(engine), Reporter(todo, output, sys.stderr) as report:
@@ -318,31 +348,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
-def _check_providers(plan: Plan, source: str) -> None:
-    problems = []
-    for index, agent in enumerate(plan.agents):
-        if agent.mode == "llm":
-            try:
-                get_provider(agent.provider)
-            except ProviderNotFoundError as exc:
-                problems.append(f"agents[{index}] (name {agent.name!r}).provider: {exc}")
-    if problems:
-        raise PlanError(problems, source=source)
-
-
-def _env_settings() -> EnvSettings:
+def _environment_concurrency() -> int | None:
+    """Return ``TASKEXEC_MAX_CONCURRENCY``, or None when unset or blank."""
+    raw = os.environ.get(CONCURRENCY_ENV_VAR, "").strip()
+    if not raw:
+        return None
     try:
-        return EnvSettings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"TASKEXEC_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors()
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(
+            f"invalid environment: {CONCURRENCY_ENV_VAR}={raw!r} is not an integer >= 1"
         )
-        raise UsageError(f"invalid environment: {problems}") from None
+    return value
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
-    _check_providers(plan, args.plan)
     print(f"{args.plan}: ok ({len(plan.tasks)} tasks, {len(plan.agents)} agents)")
     return EXIT_OK
 
@@ -376,6 +399,13 @@ def _faults(value: str) -> list[str]:
     return [f.strip() for f in value.split(",") if f.strip()]
 
 
+def _engine(value: str) -> flags.Engine | None:
+    try:
+        return flags.parse_engine(value, "--engine")
+    except TaskexecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -393,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a plan's tasks")
     run.add_argument("plan", help="plan file (YAML or JSON)")
     run.add_argument("--concurrency", type=_positive_int, help="most tasks running at once")
-    run.add_argument("--engine", choices=flags.ENGINES, help="async (default) or legacy")
+    run.add_argument(
+        "--engine", type=_engine, metavar="{async,legacy}", help="async (default) or legacy"
+    )
     run.add_argument("--output", metavar="FILE.jsonl", help="append one JSON result per task")
     run.add_argument(
         "--resume", action="store_true", help="skip tasks already successful in --output"

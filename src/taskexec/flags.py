@@ -19,7 +19,16 @@ from typing import Literal
 
 from ._errors import ConfigurationError
 
-__all__ = ("ENGINES", "ENV_VAR", "Engine", "get_engine", "set_engine", "use_engine")
+__all__ = (
+    "ENGINES",
+    "ENV_VAR",
+    "Engine",
+    "environment_engine",
+    "get_engine",
+    "parse_engine",
+    "set_engine",
+    "use_engine",
+)
 
 Engine = Literal["async", "legacy"]
 ENGINES: tuple[Engine, ...] = ("async", "legacy")
@@ -40,15 +49,33 @@ def _check(name: str, where: str) -> Engine:
     return name
 
 
+def parse_engine(value: str | None, where: str = ENV_VAR) -> Engine | None:
+    """Return the engine a setting names, or None when it names none (unset or blank).
+
+    The one parser of engine names, for the environment and the command line alike: case and
+    surrounding blanks do not matter (``LEGACY``, `` legacy ``).
+
+    Raises:
+        ConfigurationError: ``value`` names no engine; the message names ``where``.
+    """
+    raw = (value or "").strip().lower()
+    return _check(raw, where) if raw else None
+
+
+def environment_engine() -> Engine | None:
+    """Return the engine ``TASKEXEC_ENGINE`` names, or None when it is unset or blank."""
+    return parse_engine(os.environ.get(ENV_VAR))
+
+
 def get_engine() -> Engine:
     """Return the engine the next call will use, logging once at WARNING when it changes."""
     global _last_seen
     engine = _context_engine.get() or _process_engine
     source = "use_engine()" if _context_engine.get() else "set_engine()"
     if engine is None:
-        raw = os.environ.get(ENV_VAR, "").strip().lower()
-        engine = _check(raw, ENV_VAR) if raw else "async"
-        source = ENV_VAR if raw else "default"
+        engine = environment_engine()
+        source = ENV_VAR if engine else "default"
+        engine = engine or "async"
     if engine != _last_seen:
         with _lock:
             if engine != _last_seen:
@@ -66,7 +93,7 @@ def set_engine(name: str | None) -> None:
         ConfigurationError: ``name`` is not ``"async"`` or ``"legacy"``.
     """
     global _process_engine
-    _process_engine = None if name is None else _check(name, "set_engine")
+    _process_engine = None if name is None else _check(name.strip().lower(), "set_engine")
 
 
 @contextmanager
@@ -76,7 +103,7 @@ def use_engine(name: str) -> Iterator[None]:
     Raises:
         ConfigurationError: ``name`` is not ``"async"`` or ``"legacy"``.
     """
-    token = _context_engine.set(_check(name, "use_engine"))
+    token = _context_engine.set(_check(name.strip().lower(), "use_engine"))
     try:
         yield
     finally:
