@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from taskexec import MessageBus
@@ -104,3 +106,51 @@ async def test_closed_subscription_ends_iteration_and_stops_delivery() -> None:
     waiting.close()
     with pytest.raises(StopAsyncIteration):
         await reader
+
+
+async def test_block_never_overfills_with_several_blocked_publishers() -> None:
+    bus = MessageBus(block_timeout_s=60)
+    sub = bus.subscribe("t", maxsize=1, overflow="block")
+    await bus.publish("t", Note(n=0))
+    publishers = [asyncio.create_task(bus.publish("t", Note(n=n))) for n in (1, 2, 3)]
+    await asyncio.sleep(0)  # every publisher is now blocked on the full queue
+    assert (await sub.get()).message == Note(n=0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(sub) == 1  # one of the three got the room; two wait again
+    received = [(await sub.get()).message.n for _ in range(3)]  # type: ignore[attr-defined]
+    assert sorted(received) == [1, 2, 3]
+    assert await asyncio.gather(*publishers) == [1, 1, 1]
+    assert sub.dropped == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    maxsize=st.integers(1, 4),
+    publishers=st.integers(1, 6),
+    steps=st.lists(st.sampled_from(["get", "yield", "yield", "close"]), max_size=60),
+)
+def test_block_bound_holds_under_any_interleaving(
+    maxsize: int, publishers: int, steps: list[str]
+) -> None:
+    async def scenario() -> None:
+        bus = MessageBus(block_timeout_s=60)
+        sub = bus.subscribe("t", maxsize=maxsize, overflow="block")
+        sent = [asyncio.create_task(bus.publish("t", Note(n=n))) for n in range(publishers)]
+        received = 0
+        for step in steps:
+            if step == "get" and len(sub):
+                await sub.get()
+                received += 1
+            elif step == "close":
+                sub.close()
+            else:
+                await asyncio.sleep(0)
+            assert len(sub) <= maxsize
+        sub.close()
+        delivered = await asyncio.gather(*sent)
+        assert len(sub) <= maxsize
+        # Every message was delivered (and is read or still queued) or not, never lost twice.
+        assert sum(delivered) == received + len(sub)
+
+    asyncio.run(scenario())

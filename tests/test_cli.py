@@ -497,3 +497,69 @@ def test_flags_win_over_a_bad_environment() -> None:
     wrong_flag = taskexec("run", str(EXAMPLE), "--engine", "turbo")
     assert wrong_flag.returncode == 2
     assert "--engine='turbo' is not an engine" in wrong_flag.stderr
+
+
+def test_mock_server_on_a_taken_port_exits_2(mock_server: MockServer) -> None:
+    completed = taskexec("mock-server", "--port", str(mock_server.port))
+    assert completed.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{mock_server.port}: the port is taken" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_mock_server_in_thread_exits_quietly_with_connections_open() -> None:
+    program = """
+import socket
+import httpx
+from taskexec.testing import mock_server_in_thread
+
+with mock_server_in_thread() as server:
+    client = httpx.Client()  # a keep-alive connection, left open
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post(server.openai_base_url + "/chat/completions", json=body).is_success
+    half = socket.create_connection(("127.0.0.1", server.port))  # a request cut in the middle
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nContent-Length: 10\\r\\n\\r\\nab")
+    slow = socket.create_connection(("127.0.0.1", server.port))  # a reply not sent yet
+    request = b'{"model": "m", "messages": [{"role": "user", "content": "[[latency=60]]"}]}'
+    slow.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+        % (len(request), request)
+    )
+    while server.stats.in_flight < 1:
+        pass
+for sock in (client, half, slow):  # the client side of the test, closed after the server
+    sock.close()
+print("done")
+"""
+    completed = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "done\n"
+    assert completed.stderr == ""
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path: Path) -> None:
+    nasty = "A\x1b[2J\x07B\x00C\u202eD\x9bE\r\nF"
+    code = (
+        "import json, sys; sys.stdin.read(); "
+        f"print(json.dumps({{'output': {nasty!r}}})); "
+        f"sys.stderr.write({nasty!r})"
+    )
+    plan = write_plan(
+        tmp_path,
+        "agents:\n"
+        f"  - {{name: ok, mode: script, command: {json.dumps([sys.executable, '-c', code])}}}\n"
+        "  - name: bad\n"
+        "    mode: script\n"
+        f"    command: {json.dumps([sys.executable, '-c', code + '; sys.exit(1)'])}\n"
+        "tasks: [{id: good, prompt: x, agent: ok}, {id: broken, prompt: x, agent: bad}]\n",
+    )
+    out = tmp_path / "r.jsonl"
+    completed = taskexec("run", str(plan), "--output", str(out))
+    assert completed.returncode == 1
+    for stream in (completed.stdout, completed.stderr):
+        assert not {"\x1b", "\x07", "\x00", "\u202e", "\x9b", "\r"} & set(stream)
+    assert "A\\x1b[2J\\x07B\\x00C\\u202eD\\x9bE F" in completed.stdout
+    assert "\\x1b[2J" in completed.stderr  # the failed task's message, in its progress line
+    by_id = {r.task_id: r for r in lines(out)}
+    assert by_id["good"].output == nasty.strip()  # the JSONL keeps the exact text

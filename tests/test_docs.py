@@ -1,10 +1,11 @@
 """Every code block in the README and the guides runs, so the docs stay true.
 
 Python blocks run as scripts, bash blocks through bash, each file's blocks in order in one
-scratch directory that has the project's ``examples/``. Two things are adapted, no more:
+scratch directory that has the project's ``examples/``. Three things are adapted, no more:
 ``python -m pip install ... &&`` prefixes are dropped (the package is already installed here),
-and ``taskexec mock-server`` lines are not started, because this module serves a mock server on
-the port the docs use (8765) for the whole module.
+``taskexec mock-server`` lines are not started, because this module serves a mock server for the
+whole module, and the port the docs use (8765) is replaced by that server's free port, so the
+suite never binds a port a user may be using.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ def blocks(name: str) -> list[tuple[str, str]]:
     return [(lang, body) for lang, body in FENCE.findall((ROOT / name).read_text())]
 
 
+#: The port the docs tell users to serve the mock server on. The tests never bind it (a user
+#: following the README may be using it right now): each block gets a free port instead.
+DOCS_PORT = "8765"
+
+
 @pytest.fixture(scope="module")
-def docs_server() -> Iterator[None]:
-    with mock_server_in_thread(port=8765, latency_s=0.01):
-        yield
+def docs_server() -> Iterator[str]:
+    with mock_server_in_thread(port=0, latency_s=0.01) as server:
+        yield str(server.port)
 
 
 def adapt_bash(body: str) -> str:
@@ -45,9 +51,8 @@ def adapt_bash(body: str) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.usefixtures("docs_server")
 @pytest.mark.parametrize("name", DOCS)
-def test_every_block_runs(name: str, tmp_path: Path) -> None:
+def test_every_block_runs(name: str, tmp_path: Path, docs_server: str) -> None:
     found = blocks(name)
     assert found, f"{name} has no code blocks"
     (tmp_path / "examples").symlink_to(ROOT / "examples")
@@ -57,6 +62,7 @@ def test_every_block_runs(name: str, tmp_path: Path) -> None:
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
     for index, (lang, body) in enumerate(found):
+        body = body.replace(f":{DOCS_PORT}", f":{docs_server}")
         if lang == "python":
             command = [sys.executable, "-c", body]
         elif lang == "bash":

@@ -8,6 +8,7 @@ for mistakes a caller can fix in their code or configuration, and each message n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = (
     "ConfigurationError",
@@ -40,8 +41,12 @@ class ProviderNotFoundError(ConfigurationError):
     """An agent names an LLM provider that is not registered."""
 
 
-class SyncInAsyncContextError(TaskexecError):
-    """A blocking ``taskexec.sync`` call was made from a thread whose event loop is running."""
+class SyncInAsyncContextError(TaskexecError, RuntimeError):
+    """A blocking ``taskexec.sync`` call was made from a thread whose event loop is running.
+
+    Also a ``RuntimeError``, as asgiref's ``SynchronousOnlyOperation`` family is for the same
+    misuse, so code that catches either keeps working.
+    """
 
 
 class PlanError(TaskexecError):
@@ -59,3 +64,12 @@ class PlanError(TaskexecError):
         count = len(self.problems)
         header = f"{where}{count} problem{'s' if count != 1 else ''} found"
         super().__init__("\n".join([header, *(f"  - {p}" for p in self.problems)]))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default would call PlanError(message): rebuild from the parts instead, so the
+        # error survives pickling (multiprocessing, concurrent.futures, a task queue).
+        return (_rebuild_plan_error, (self.problems, self.source))
+
+
+def _rebuild_plan_error(problems: list[str], source: str | None) -> PlanError:
+    return PlanError(problems, source=source)

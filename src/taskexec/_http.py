@@ -46,8 +46,12 @@ class TransportError(Exception):
     """No complete response arrived: the connection failed or the attempt timed out."""
 
     def __init__(self, kind: Literal["connection", "timeout"], message: str) -> None:
-        super().__init__(message)
+        super().__init__(kind, message)
         self.kind: Literal["connection", "timeout"] = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class HttpClient(Protocol):

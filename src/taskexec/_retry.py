@@ -13,7 +13,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._http import HttpResponse, TransportError
 from ._models import ExecutionError
@@ -69,6 +69,13 @@ class AttemptFailed(Exception):
         super().__init__(error.message)
         self.error = error
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_attempt_failed, (self.error, self.retry_after_s))
+
+
+def _rebuild_attempt_failed(error: ExecutionError, retry_after_s: float | None) -> AttemptFailed:
+    return AttemptFailed(error, retry_after_s=retry_after_s)
 
 
 def retry_after_s(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:

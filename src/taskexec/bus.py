@@ -141,18 +141,28 @@ class Subscription:
             if self.overflow == "drop_oldest":
                 self._items.popleft()
                 self.dropped += 1
-            else:
-                self._writable.clear()
-                try:
-                    await asyncio.wait_for(self._writable.wait(), self._block_timeout_s)
-                except TimeoutError:
-                    self.dropped += 1
-                    return False
-                if self.closed:
-                    return False
+            elif not await self._wait_for_room():
+                return False
         self._items.append(envelope)
         self._readable.set()
         return True
+
+    async def _wait_for_room(self) -> bool:
+        """Wait until the queue has room (True), or the timeout passes or it closes (False).
+
+        Every blocked publisher is woken when one item is taken, so each one checks the room
+        again before it appends: the queue never holds more than ``maxsize``.
+        """
+        deadline = asyncio.get_running_loop().time() + self._block_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                while len(self._items) >= self.maxsize and not self.closed:
+                    self._writable.clear()
+                    await self._writable.wait()
+        except TimeoutError:
+            self.dropped += 1
+            return False
+        return not self.closed
 
     async def get(self) -> Envelope:
         """Return the next envelope, waiting for one.

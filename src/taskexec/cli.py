@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import io
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -52,6 +54,31 @@ class UsageError(Exception):
 
 
 # -- output -------------------------------------------------------------------------------------
+
+#: Characters that would act on a terminal instead of showing: C0 and C1 controls (ESC starts
+#: escape sequences; NUL, BEL, CR rewrite or ring), and the bidirectional overrides and isolates
+#: that reorder what is shown. Line breaks and tabs become spaces; the rest is shown escaped.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group(0)
+    if char in "\n\t":
+        return " "
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _lines(text: str) -> str:
+    return "\n".join(printable(line) for line in text.splitlines())
+
+
+def printable(text: str) -> str:
+    """Return ``text`` safe to print on a terminal: control characters shown, not obeyed.
+
+    Only what is printed is escaped; the JSONL results keep the exact text.
+    """
+    return _TERMINAL_UNSAFE.sub(_escape_char, text.replace("\r\n", "\n"))
 
 
 class Reporter:
@@ -111,7 +138,7 @@ class Reporter:
             os.fsync(self.output.fileno())
         if self._plain:
             done = len(self.results)
-            detail = result.error.message if result.error else ""
+            detail = printable(result.error.message) if result.error else ""
             print(
                 f"[{done:>{len(str(self.total))}}/{self.total}] {result.status.value:<9} "
                 f"{result.task_id} ({result.duration_s:.2f}s){'  ' + detail if detail else ''}",
@@ -144,7 +171,7 @@ def _print_summary(results: Sequence[ExecutionResult], elapsed: float, as_json: 
         table.add_column(column, overflow="fold" if column == "output / error" else "ellipsis")
     for r in results:
         text = r.output if r.ok else (r.error.message if r.error else "")
-        text = (text or "").replace("\n", " ")
+        text = printable(text or "")
         style = "green" if r.ok else ("yellow" if r.status is ExecutionStatus.SKIPPED else "red")
         table.add_row(
             escape(r.task_id),
@@ -218,7 +245,7 @@ def _open_for_append(path: Path) -> IO[str]:
 
 
 def _warn(message: str) -> None:
-    print(f"taskexec: {message}", file=sys.stderr)
+    print(f"taskexec: {printable(message)}", file=sys.stderr)
 
 
 def _without_done_dependencies(task: AgentTask, done: dict[str, ExecutionResult]) -> AgentTask:
@@ -392,6 +419,11 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
         asyncio.run(serve())
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:
+        where = f"{args.host}:{args.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"cannot listen on {where}: the port is taken; use --port") from None
+        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     return EXIT_OK
 
 
@@ -458,10 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except PlanError as exc:
-        print(f"taskexec: invalid plan {exc}", file=sys.stderr)
+        print(f"taskexec: invalid plan {_lines(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except (UsageError, TaskexecError) as exc:
-        print(f"taskexec: {exc}", file=sys.stderr)
+        print(f"taskexec: {_lines(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -219,6 +219,11 @@ class MockServer:
             self._stats.idle_closes += 1
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:
+            # The server is shutting down. Ending normally instead of as cancelled keeps
+            # Python 3.11's streams callback (which calls task.exception() on the handler) from
+            # printing a CancelledError traceback for every connection still open.
+            pass
         finally:
             self._stats.connections_closed += 1
             self._writers.discard(writer)
