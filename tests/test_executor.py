@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -555,3 +558,48 @@ async def test_gemini_retries_429_and_503_but_not_400(
         1,
         400,
     )
+
+
+# -- what a finished script leaves behind -----------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["async", "legacy"])
+@pytest.mark.parametrize("how", ["holds-stdout", "detached"])
+async def test_a_finished_script_leaves_no_grandchild_and_is_not_a_timeout(
+    tmp_path: Path, make_executor: Make, engine: str, how: str
+) -> None:
+    from taskexec import flags
+
+    pidfile = tmp_path / "grandchild"
+    # The deadline is far above what the script needs: it is only reached if the result waits
+    # for the grandchild's pipes instead of the script's exit.
+    agent = script_agent("f", "forker.py", str(pidfile), how, timeout_s=20)
+    async with make_executor(agent) as executor:
+        with flags.use_engine(engine):
+            result = await executor.execute(AgentTask(id="t", prompt="x"))
+    grandchild = int(pidfile.read_text())
+    try:
+        assert (result.status, result.output) == (ExecutionStatus.SUCCESS, f"done ({how})")
+        assert not pid_alive(grandchild)  # ended with the script's group, before the result
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("engine", ["async", "legacy"])
+async def test_a_grandchild_that_left_the_group_cannot_hold_the_result(
+    tmp_path: Path, make_executor: Make, engine: str
+) -> None:
+    from taskexec import flags
+
+    pidfile = tmp_path / "grandchild"
+    agent = script_agent("f", "forker.py", str(pidfile), "setsid", timeout_s=20)
+    try:
+        async with make_executor(agent) as executor:
+            with flags.use_engine(engine):
+                result = await executor.execute(AgentTask(id="t", prompt="x"))
+        # It escaped the group (setsid), so it lives on, but the result did not wait for it.
+        assert (result.status, result.output) == (ExecutionStatus.SUCCESS, "done (setsid)")
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

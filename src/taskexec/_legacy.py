@@ -21,10 +21,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from ._graph import topological_order
 from ._http import BlockingClient, ClientPool, TransportError
@@ -41,12 +42,15 @@ from ._modes.api import api_request, parse_api_response
 from ._modes.llm import run_llm
 from ._modes.script import (
     GROUP_EXIT_WAIT_S,
+    PIPE_DRAIN_S,
     TERMINATE_GRACE_S,
     exit_error,
+    forget_group,
     group_alive,
     parse_script_output,
     script_env,
     script_stdin,
+    track_group,
 )
 from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
 
@@ -142,19 +146,36 @@ class LegacyEngine:
             message = f"could not start script {command[0]!r}: {exc.strerror or exc}"
             error = ExecutionError(kind="configuration", message=message)
             return Outcome(error=error, metadata=metadata)
+        track_group(process.pid)
+        stdout, stderr = bytearray(), bytearray()
+        # Pipes are served by threads and the result is taken when the script exits (as in
+        # the async engine): a grandchild holding stdout open cannot make it a timeout.
+        pumps = [
+            threading.Thread(target=_pump, args=(process.stdout, stdout), daemon=True),
+            threading.Thread(target=_pump, args=(process.stderr, stderr), daemon=True),
+            threading.Thread(target=_feed, args=(process.stdin, script_stdin(call)), daemon=True),
+        ]
+        for pump in pumps:
+            pump.start()
         try:
-            stdout, stderr = process.communicate(
-                script_stdin(call), timeout=max(call.deadline - time.monotonic(), 0.001)
-            )
+            process.wait(timeout=max(call.deadline - time.monotonic(), 0.001))
+            _kill_group(process.pid)  # what the finished script left running in its group
+            drained = time.monotonic() + PIPE_DRAIN_S
+            for pump in pumps:
+                pump.join(max(drained - time.monotonic(), 0))
+            _wait_group_gone(process.pid)
         except subprocess.TimeoutExpired:
             _stop(process)
             return timeout_outcome(call.task, deadline_s, "script")
         except BaseException:
             _stop(process)  # Ctrl-C or any other interruption: leave nothing running
             raise
+        finally:
+            forget_group(process.pid)
         if process.returncode != 0:
-            return Outcome(error=exit_error(call, process.returncode, stderr), metadata=metadata)
-        return Outcome(output=parse_script_output(stdout), metadata=metadata)
+            error = exit_error(call, process.returncode, bytes(stderr))
+            return Outcome(error=error, metadata=metadata)
+        return Outcome(output=parse_script_output(bytes(stdout)), metadata=metadata)
 
     def execute_tasks(
         self,
@@ -196,21 +217,44 @@ class LegacyEngine:
         return [results[t.id] for t in tasks]
 
 
+def _pump(pipe: IO[bytes] | None, into: bytearray) -> None:
+    if pipe is None:
+        return
+    with pipe:
+        while chunk := os.read(pipe.fileno(), 1 << 16):
+            into += chunk
+
+
+def _feed(pipe: IO[bytes] | None, data: bytes) -> None:
+    if pipe is None:
+        return
+    # A script may exit without reading its stdin: that is its business, not an error.
+    with contextlib.suppress(BrokenPipeError, ConnectionError, ValueError), pipe:
+        pipe.write(data)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """Stop a script's whole process group: SIGTERM, the grace period, then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(TERMINATE_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        end = time.monotonic() + GROUP_EXIT_WAIT_S
-        while group_alive(process.pid) and time.monotonic() < end:
-            time.sleep(0.005)  # SIGKILL lands asynchronously; see _modes.script
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            _kill_group(process.pid)
+            process.wait()
+    _kill_group(process.pid)
+    _wait_group_gone(process.pid)
+
+
+def _wait_group_gone(pgid: int) -> None:
+    end = time.monotonic() + GROUP_EXIT_WAIT_S
+    while group_alive(pgid) and time.monotonic() < end:
+        time.sleep(0.005)  # SIGKILL lands asynchronously; see _modes.script

@@ -2,6 +2,8 @@
 
 The agent's ``command`` starts with no shell, in a new session (its own process group), so that on
 timeout or cancellation the whole group can be stopped: SIGTERM, a grace period, then SIGKILL.
+The result is taken when the script exits, not when its pipes close, and whatever the script
+left running in its group is ended then: a finished script leaves no process behind.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from . import Call, Outcome
 
 __all__ = (
     "GROUP_EXIT_WAIT_S",
+    "PIPE_DRAIN_S",
     "TERMINATE_GRACE_S",
+    "forget_group",
     "group_alive",
+    "kill_live_groups",
     "parse_script_output",
     "run_script",
     "script_env",
     "script_stdin",
+    "track_group",
 )
 
 #: Seconds a script gets between SIGTERM and SIGKILL.
@@ -76,12 +82,39 @@ def exit_error(call: Call, returncode: int, stderr: bytes) -> ExecutionError:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
 
 #: How long to wait, after SIGKILL, for the rest of a script's process group to be gone.
 GROUP_EXIT_WAIT_S = 0.5
+#: How long a script's pipes may stay open after it exited and its group was ended. Only a
+#: grandchild that left the group (``setsid``) and kept the pipe can hold them longer; what was
+#: read by then is the output.
+PIPE_DRAIN_S = 0.5
+_READ_CHUNK = 1 << 16
+
+#: Process groups of the scripts started and not yet stopped, in either engine. The command line
+#: ends them all before it exits at once on a second Ctrl-C or SIGTERM.
+_live_groups: set[int] = set()
+
+
+def kill_live_groups() -> int:
+    """SIGKILL the process group of every script still running; return how many there were."""
+    groups = list(_live_groups)
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
+    return len(groups)
+
+
+def track_group(pgid: int) -> None:
+    """Record a script's process group as live (until :func:`forget_group`)."""
+    _live_groups.add(pgid)
+
+
+def forget_group(pgid: int) -> None:
+    """Record that a script's process group has been ended."""
+    _live_groups.discard(pgid)
 
 
 def group_alive(pgid: int) -> bool:
@@ -103,23 +136,55 @@ async def _await_group_exit(pgid: int) -> None:
         await asyncio.sleep(0.005)
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """Stop the script's whole process group: SIGTERM, wait for the grace period, SIGKILL."""
-    if process.returncode is not None:
-        _signal_group(process.pid, signal.SIGKILL)  # kill any grandchildren left behind
-        await _await_group_exit(process.pid)
+class _ScriptProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Stream protocol that also reports the moment the script itself exits.
+
+    ``Process.wait()`` returns only once every pipe is closed too, and a grandchild can hold
+    stdout open for ever: the result is taken when the script exits, not when its pipes close.
+    """
+
+    def __init__(self, exited: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_READ_CHUNK, loop=loop)
+        self.exited = exited
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _read_into(stream: asyncio.StreamReader | None, into: bytearray) -> None:
+    # Chunk by chunk into a buffer the caller owns, so what was read survives a cancelled read.
+    while stream is not None and (chunk := await stream.read(_READ_CHUNK)):
+        into += chunk
+
+
+async def _feed(stream: asyncio.StreamWriter | None, data: bytes) -> None:
+    if stream is None:
         return
-    _signal_group(process.pid, signal.SIGTERM)
+    # A script may exit without reading its stdin: that is its business, not an error.
+    with contextlib.suppress(ConnectionError):
+        stream.write(data)
+        await stream.drain()
+        stream.close()
+
+
+async def _stop(pid: int, exited: asyncio.Future[None]) -> None:
+    """Stop the script's whole process group: SIGTERM, wait for the grace period, SIGKILL."""
+    if exited.done():
+        _signal_group(pid, signal.SIGKILL)  # kill any grandchildren left behind
+        await _await_group_exit(pid)
+        return
+    _signal_group(pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(process.wait(), TERMINATE_GRACE_S)
+        await asyncio.wait_for(asyncio.shield(exited), TERMINATE_GRACE_S)
     except (TimeoutError, asyncio.CancelledError):
         pass
     finally:
         # Always reached, even if we are cancelled again while waiting: nothing survives.
-        _signal_group(process.pid, signal.SIGKILL)
-    if process.returncode is None:
-        await process.wait()
-    await _await_group_exit(process.pid)
+        _signal_group(pid, signal.SIGKILL)
+    await asyncio.shield(exited)  # SIGKILL cannot be refused: the exit is reported promptly
+    await _await_group_exit(pid)
 
 
 async def run_script(call: Call) -> Outcome:
@@ -128,8 +193,11 @@ async def run_script(call: Call) -> Outcome:
     assert command  # the executor checks this before choosing the mode
     call.attempts += 1
     metadata: dict[str, object] = {"execution_mode": "script"}
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
     try:
-        process = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ScriptProtocol(exited, loop),
             *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -142,14 +210,37 @@ async def run_script(call: Call) -> Outcome:
         return Outcome(
             error=ExecutionError(kind="configuration", message=message), metadata=metadata
         )
+    process = asyncio.subprocess.Process(transport, protocol, loop)
+    pid = process.pid
+    track_group(pid)
+    stdout, stderr = bytearray(), bytearray()
+    io = [
+        asyncio.ensure_future(_read_into(process.stdout, stdout)),
+        asyncio.ensure_future(_read_into(process.stderr, stderr)),
+        asyncio.ensure_future(_feed(process.stdin, script_stdin(call))),
+    ]
     try:
-        stdout, stderr = await process.communicate(script_stdin(call))
+        # Shielded: a cancellation must not cancel the future that reports the exit, which
+        # _stop still waits on.
+        await asyncio.shield(exited)
+        # The script is done; whatever it left in its group is not: end it, so that nothing
+        # outlives the task and the pipes the group held close.
+        _signal_group(pid, signal.SIGKILL)
+        await asyncio.wait(io, timeout=PIPE_DRAIN_S)
+        await _await_group_exit(pid)
     except BaseException:
         # Timeout (the task deadline cancels us) or the caller's cancellation: leave nothing
         # running, then let the cancellation go on.
-        await _stop(process)
+        await _stop(pid, exited)
         raise
-    if process.returncode != 0:
-        assert process.returncode is not None
-        return Outcome(error=exit_error(call, process.returncode, stderr), metadata=metadata)
-    return Outcome(output=parse_script_output(stdout), metadata=metadata)
+    finally:
+        for part in io:
+            part.cancel()
+        await asyncio.gather(*io, return_exceptions=True)
+        transport.close()
+        forget_group(pid)
+    returncode = transport.get_returncode()
+    assert returncode is not None
+    if returncode != 0:
+        return Outcome(error=exit_error(call, returncode, bytes(stderr)), metadata=metadata)
+    return Outcome(output=parse_script_output(bytes(stdout)), metadata=metadata)
