@@ -231,7 +231,8 @@ def test_a_plan_cannot_send_the_operators_key_to_its_own_host(
     assert "authorization" not in mock_server.recorded[0].headers
 
 
-def test_ctrl_c_cancels_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_cancel_cleanly(tmp_path: Path, signum: int, code: int) -> None:
     pidfiles = [tmp_path / f"pids{i}" for i in range(3)]
     agents = "\n".join(
         f"  - {{name: s{i}, mode: script, "
@@ -264,15 +265,25 @@ def test_ctrl_c_cancels_cleanly(tmp_path: Path) -> None:
             "the scripts started",
         )
         pids = [int(pid) for p in pidfiles for pid in p.read_text().split()]
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert not any(pid_alive(pid) for pid in pids)
-    results = lines(out)
-    assert sorted(r.task_id for r in results) == ["after", "t0", "t1", "t2"]
-    assert {r.status for r in results} == {ExecutionStatus.CANCELLED}
+    results = {r.task_id: r for r in lines(out)}
+    assert sorted(results) == ["after", "t0", "t1", "t2"]
+    assert {r.status for r in results.values()} == {ExecutionStatus.CANCELLED}
+    # The three that were running report what ran; the one that never started, nothing.
+    for ran in ("t0", "t1", "t2"):
+        assert results[ran].attempts == 1
+        assert results[ran].duration_s > 0
+        assert results[ran].error is not None
+        assert results[ran].error.message == "cancelled while running"
+    assert (results["after"].attempts, results["after"].duration_s) == (0, 0)
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert results["after"].error is not None
+    assert results["after"].error.message == f"cancelled: the run was interrupted ({name})"
     assert "4 cancelled" in stdout
 
 
@@ -342,9 +353,20 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert len(lines(out)) == 4
 
 
-def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["async", "legacy"])
+@pytest.mark.parametrize(
+    ("first", "second", "code"),
+    [
+        (signal.SIGINT, signal.SIGINT, 130),
+        (signal.SIGTERM, signal.SIGTERM, 143),
+        (signal.SIGINT, signal.SIGTERM, 130),
+    ],
+)
+def test_a_second_signal_exits_at_once_and_leaves_no_child(
+    tmp_path: Path, engine: str, first: int, second: int, code: int
+) -> None:
     pidfile = tmp_path / "pid"
-    agent = AGENTS_DIR / "stubborn.py"  # ignores SIGTERM: the first Ctrl-C's cleanup must wait
+    agent = AGENTS_DIR / "stubborn.py"  # ignores SIGTERM: the first signal's cleanup must wait
     plan = write_plan(
         tmp_path,
         f"agents: [{{name: s, mode: script, "
@@ -352,29 +374,37 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
         "tasks: [{id: t, prompt: x}]\n",
     )
     process = subprocess.Popen(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-m", "taskexec", "run", str(plan)],
+        [
+            *(sys.executable, "-W", "ignore::DeprecationWarning", "-m", "taskexec", "run"),
+            *(str(plan), "--engine", engine),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), "the script started")
-        process.send_signal(signal.SIGINT)
-        # Two SIGINTs sent back to back can merge into one pending signal in the kernel; a
+        script = int(pidfile.read_text())
+        process.send_signal(first)
+        wait_until(lambda: pid_alive(script), "the script survived SIGTERM")  # it ignores it
+        # Two signals sent back to back can merge into one pending signal in the kernel; a
         # pause keeps them two. Nothing here measures time.
         time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(second)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         process.kill()
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
-    assert process.returncode == 130
-    assert "interrupted, cancelling" in stderr
-    assert "1 tasks:" not in stdout  # left at once: no summary, unlike a clean first Ctrl-C
+    assert process.returncode == code
+    assert "cancelling" in stderr
+    assert "1 tasks:" not in stdout  # left at once: no summary, unlike a clean first signal
+    # Killed before the command exited: SIGKILL lands at once, reaping may take a moment.
+    wait_until(lambda: not pid_alive(script), "the script is gone", timeout_s=5)
 
 
-def test_ctrl_c_on_the_legacy_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_on_the_legacy_engine(tmp_path: Path, signum: int, code: int) -> None:
     pidfile = tmp_path / "pids"
     plan = write_plan(
         tmp_path,
@@ -395,15 +425,19 @@ def test_ctrl_c_on_the_legacy_engine(tmp_path: Path) -> None:
     try:
         wait_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, "a started")
         pids = [int(p) for p in pidfile.read_text().split()]
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, _ = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 130
+    assert process.returncode == code
     assert not any(pid_alive(p) for p in pids)
-    results = lines(out)
-    assert sorted(r.task_id for r in results) == ["a", "b"]
-    assert {(r.status, r.engine) for r in results} == {(ExecutionStatus.CANCELLED, "legacy")}
+    results = {r.task_id: r for r in lines(out)}
+    assert sorted(results) == ["a", "b"]
+    assert {(r.status, r.engine) for r in results.values()} == {
+        (ExecutionStatus.CANCELLED, "legacy")
+    }
+    assert (results["a"].attempts, results["b"].attempts) == (1, 0)
+    assert results["a"].duration_s > 0
     assert "2 cancelled" in stdout
 
 

@@ -187,6 +187,13 @@ async def test_fail_fast_cancels_the_rest(
     assert results[0].error.kind == "cancelled"
     assert "'boom'" in results[0].error.message
     assert scripted.active == 0
+    # hang1 and hang2 were running when boom failed: they report the attempt they made and the
+    # time they ran; later never started, so it reports none.
+    assert [r.attempts for r in results] == [1, 1, 0, 1]
+    assert results[0].duration_s > 0
+    assert results[3].duration_s > 0
+    assert results[2].duration_s == 0
+    assert results[0].metadata == {"execution_mode": "llm"}
 
 
 async def test_fail_fast_kills_running_scripts(
@@ -201,6 +208,7 @@ async def test_fail_fast_kills_running_scripts(
     async with make_orchestrator(agents, executor_options={"default_agent": "s"}) as orchestrator:
         sleeper, boom = await orchestrator.execute_tasks(tasks, fail_fast=True)
     assert (sleeper.status, boom.status) == (ExecutionStatus.CANCELLED, ExecutionStatus.FAILED)
+    assert (sleeper.attempts, sleeper.mode, sleeper.agent) == (1, "script", "sleepy")
     pids = [int(p) for p in pidfile.read_text().split()]
     assert len(pids) == 2
     assert not any(pid_alive(p) for p in pids)

@@ -280,11 +280,14 @@ class TaskExecutor:
         agent: str | Agent | None,
         mode: Mode | None,
         outputs: Mapping[str, str | None] | None,
+        progress: Progress | None = None,
     ) -> ExecutionResult:
         loop = asyncio.get_running_loop()
         started_at = datetime.now(UTC)
         start = loop.time()
         call, chosen, deadline_s = self._prepare(task, agent, mode, outputs, start)
+        if progress is not None:
+            progress.begin(call, chosen, started_at, start)
         runner = _MODES_RUN[chosen](call)
         # Run the mode eagerly up to its first suspension. A mode that finishes without ever
         # suspending (the offline provider, an in-process provider) cannot be interrupted by a
@@ -347,6 +350,37 @@ def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T
                 return cast(T, stop.value)
 
 
+class Progress:
+    """How far a task got: filled in when it starts, read if it is cancelled while running.
+
+    A task cancelled in flight (fail-fast, Ctrl-C) still gets its one result, and that result
+    reports the attempts made and the time spent, not zeros.
+    """
+
+    __slots__ = ("call", "mode", "start", "started_at")
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+        self.mode: Mode = "llm"
+        self.started_at = datetime.now(UTC)
+        self.start = 0.0
+
+    def begin(self, call: Call, mode: Mode, started_at: datetime, start: float) -> None:
+        """Record that the task started (``start`` on the clock of :meth:`cancelled_result`)."""
+        self.call, self.mode, self.started_at, self.start = call, mode, started_at, start
+
+    def cancelled_result(
+        self, message: str, now: float, engine: Engine = "async"
+    ) -> ExecutionResult | None:
+        """Return the ``cancelled`` result of the started task, or None if it never started."""
+        if self.call is None:
+            return None
+        error = ExecutionError(kind="cancelled", message=message)
+        outcome = Outcome(error=error, metadata={"execution_mode": self.mode})
+        duration = max(0.0, now - self.start)
+        return make_result(self.call, self.mode, outcome, self.started_at, duration, engine)
+
+
 def make_result(
     call: Call,
     mode: Mode,
@@ -360,6 +394,8 @@ def make_result(
         status = ExecutionStatus.SUCCESS
     elif outcome.error.kind == "timeout":
         status = ExecutionStatus.TIMEOUT
+    elif outcome.error.kind == "cancelled":
+        status = ExecutionStatus.CANCELLED
     else:
         status = ExecutionStatus.FAILED
         log.info("task %s failed: %s", call.task.id, outcome.error.message)

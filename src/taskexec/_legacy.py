@@ -72,19 +72,36 @@ class LegacyEngine:
         agent: str | Agent | None = None,
         mode: Mode | None = None,
         outputs: dict[str, str | None] | None = None,
+        on_interrupt: Callable[[ExecutionResult], None] | None = None,
     ) -> ExecutionResult:
-        """Run one task, blocking the calling thread until it is done."""
-        from ._executor import make_result
+        """Run one task, blocking the calling thread until it is done.
+
+        On Ctrl-C (``KeyboardInterrupt``) the script or request in flight is stopped,
+        ``on_interrupt`` gets the task's ``cancelled`` result (with the attempts it made and
+        the time it ran), and the interrupt goes on.
+        """
+        from ._executor import Progress, make_result
 
         started_at = datetime.now(UTC)
         start = time.monotonic()
         call, chosen, deadline_s = self._executor._prepare(task, agent, mode, outputs, start)
-        if chosen == "llm":
-            outcome = asyncio.run(self._execute_via_llm(call, deadline_s))
-        elif chosen == "api":
-            outcome = self._execute_api(call, deadline_s)
-        else:
-            outcome = self._execute_script(call, deadline_s)
+        try:
+            if chosen == "llm":
+                outcome = asyncio.run(self._execute_via_llm(call, deadline_s))
+            elif chosen == "api":
+                outcome = self._execute_api(call, deadline_s)
+            else:
+                outcome = self._execute_script(call, deadline_s)
+        except KeyboardInterrupt:
+            if on_interrupt is not None:
+                progress = Progress()
+                progress.begin(call, chosen, started_at, start)
+                cancelled = progress.cancelled_result(
+                    "cancelled while running", time.monotonic(), "legacy"
+                )
+                assert cancelled is not None
+                on_interrupt(cancelled)
+            raise
         return make_result(call, chosen, outcome, started_at, time.monotonic() - start, "legacy")
 
     async def _execute_via_llm(self, call: Call, deadline_s: float) -> Outcome:
@@ -208,7 +225,7 @@ class LegacyEngine:
                     )
                 else:
                     outputs = {d: results[d].output for d in task.depends_on}
-                    result = self.execute(task, outputs=outputs or None)
+                    result = self.execute(task, outputs=outputs or None, on_interrupt=on_result)
                     if not result.ok and fail_fast:
                         stopped_by = task.id
             results[task.id] = result

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Self
 
 from ._errors import ConfigurationError, PlanError
-from ._executor import TaskExecutor
+from ._executor import Progress, TaskExecutor
 from ._graph import graph_problems
 from ._legacy import LegacyEngine
 from ._models import (
@@ -288,8 +288,6 @@ class _Run:
             for dep in set(task.depends_on):
                 self.dependents[dep].append(task)
         self.running: dict[str, asyncio.Task[None]] = {}
-        self.active = 0
-        self.peak_active = 0
         self.stopped_by: str | None = None
         self._group: asyncio.TaskGroup | None = None
 
@@ -319,26 +317,32 @@ class _Run:
         self.running[task.id] = self._group.create_task(self._run_one(task))
 
     async def _run_one(self, task: AgentTask) -> None:
+        progress = Progress()
         try:
             async with self.slots:
-                self.active += 1
-                self.peak_active = max(self.peak_active, self.active)
-                try:
-                    if self.bus.has_subscribers("task.started"):
-                        await self.bus.publish("task.started", TaskEvent(task_id=task.id))
-                    outputs = (
-                        {d: self.results[d].output for d in task.depends_on}
-                        if task.depends_on
-                        else None
-                    )
-                    result = await self.executor._execute(task, None, None, outputs)
-                finally:
-                    self.active -= 1
+                if self.bus.has_subscribers("task.started"):
+                    await self.bus.publish("task.started", TaskEvent(task_id=task.id))
+                outputs = (
+                    {d: self.results[d].output for d in task.depends_on}
+                    if task.depends_on
+                    else None
+                )
+                result = await self.executor._execute(task, None, None, outputs, progress)
         except asyncio.CancelledError:
             self.running.pop(task.id, None)
+            now = asyncio.get_running_loop().time()
             if self.stopped_by is None:
-                raise  # the caller's cancellation: let it propagate
-            return  # fail_fast cancelled us; execute() records the result
+                # The caller's cancellation: a task that was running still gets its result
+                # (what it tried, for how long), delivered at once; then cancellation goes on.
+                cancelled = progress.cancelled_result("cancelled while running", now)
+                if cancelled is not None:
+                    self._deliver(cancelled)
+                raise
+            message = f"cancelled by fail_fast after task {self.stopped_by!r} did not succeed"
+            cancelled = progress.cancelled_result(message, now)
+            if cancelled is not None:
+                await self._record(cancelled)
+            return  # execute() records the result of a task that never started
         except Exception as exc:  # a bug, not a task failure: still exactly one result
             # The exception may quote a key (a provider that put it in a message): redact the
             # message and the logged traceback alike.
@@ -351,10 +355,13 @@ class _Run:
         self.running.pop(task.id, None)
         await self._finish(task, result)
 
-    async def _record(self, result: ExecutionResult) -> None:
+    def _deliver(self, result: ExecutionResult) -> None:
         self.results[result.task_id] = result
         if self.on_result is not None:
             self.on_result(result)
+
+    async def _record(self, result: ExecutionResult) -> None:
+        self._deliver(result)
         if self.bus.has_subscribers("task.finished"):
             await self.bus.publish(
                 "task.finished", TaskEvent(task_id=result.task_id, result=result)

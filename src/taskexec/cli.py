@@ -1,6 +1,7 @@
 """The ``taskexec`` command: run a plan, validate it, or serve the mock LLM server.
 
-Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error, 130 Ctrl-C.
+Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error, 130 Ctrl-C,
+143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -38,6 +39,7 @@ from ._errors import PlanError, TaskexecError
 from ._executor import TaskExecutor
 from ._legacy import LegacyEngine
 from ._models import PLACEHOLDER_RE, AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
+from ._modes.script import kill_live_groups
 from ._orchestrator import ProjectOrchestrator
 from ._plan import load_plan
 from ._version import __version__
@@ -266,8 +268,48 @@ def _without_done_dependencies(task: AgentTask, done: dict[str, ExecutionResult]
     )
 
 
-def _cancelled(executor: TaskExecutor, task: AgentTask, engine: flags.Engine) -> ExecutionResult:
-    error = ExecutionError(kind="cancelled", message="cancelled: the run was interrupted (Ctrl-C)")
+class _Interrupts:
+    """Ctrl-C and SIGTERM during a run.
+
+    The first one cancels cleanly: requests closed, scripts' process groups stopped, a
+    ``cancelled`` result for every unfinished task, then exit 130 (SIGINT) or 143 (SIGTERM). A
+    second one exits at once, after it has SIGKILLed every script process group still running:
+    no child outlives the command either way.
+    """
+
+    NAMES: ClassVar[dict[int, str]] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.on_first: Callable[[], object] = lambda: None
+
+    @property
+    def exit_code(self) -> int:
+        """128 plus the number of the first signal, as shells report it."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        """The first signal, as the user knows it."""
+        return self.NAMES.get(self.signum or signal.SIGINT, "a signal")
+
+    def __call__(self, signum: int) -> None:
+        if self.signum is not None:
+            kill_live_groups()
+            os._exit(self.exit_code)  # the second signal: leave at once, children ended
+        self.signum = signum
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(
+            f"\ntaskexec: {what}, cancelling ({self.NAMES[signum]} again to quit at once)",
+            file=sys.stderr,
+        )
+        self.on_first()
+
+
+def _cancelled(
+    executor: TaskExecutor, task: AgentTask, engine: flags.Engine, why: str
+) -> ExecutionResult:
+    error = ExecutionError(kind="cancelled", message=f"cancelled: the run was interrupted ({why})")
     return executor.not_run_result(task, ExecutionStatus.CANCELLED, error, engine=engine)
 
 
@@ -277,8 +319,9 @@ async def _run_async(
     concurrency: int,
     fail_fast: bool,
     report: Reporter,
+    interrupts: _Interrupts,
 ) -> bool:
-    """Run on the async engine; return False if interrupted by Ctrl-C."""
+    """Run on the async engine; return False if interrupted."""
     bus = MessageBus(maxsize=max(1000, 2 * len(tasks)))
     orchestrator = ProjectOrchestrator(executor, max_concurrency=concurrency, bus=bus)
 
@@ -286,45 +329,55 @@ async def _run_async(
         async for _ in bus.subscribe("task.started"):
             report.started()
 
-    async def consume() -> None:
-        async for result in orchestrator.stream(tasks, fail_fast=fail_fast):
-            report.finished(result)
-
     loop = asyncio.get_running_loop()
-    runner = asyncio.create_task(consume())
+    # Results go to the report the moment each task ends, also the "cancelled while running"
+    # results of tasks cut off by an interruption.
+    runner = asyncio.create_task(
+        orchestrator._run(executor, tasks, fail_fast, concurrency, report.finished)
+    )
     watcher = asyncio.create_task(watch_starts())
-    interrupts = 0
-
-    def on_sigint() -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts > 1:
-            os._exit(EXIT_INTERRUPTED)  # a second Ctrl-C: leave at once
-        print("\ntaskexec: interrupted, cancelling (Ctrl-C again to quit at once)", file=sys.stderr)
-        runner.cancel()
-
-    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    interrupts.on_first = runner.cancel
+    for signum in _Interrupts.NAMES:
+        loop.add_signal_handler(signum, interrupts, signum)
     try:
         await runner
         return True
     except asyncio.CancelledError:
         return False
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        for signum in _Interrupts.NAMES:
+            loop.remove_signal_handler(signum)
         watcher.cancel()
         await bus.aclose()
         await executor.aclose()
 
 
 def _run_legacy(
-    executor: TaskExecutor, tasks: list[AgentTask], fail_fast: bool, report: Reporter
+    executor: TaskExecutor,
+    tasks: list[AgentTask],
+    fail_fast: bool,
+    report: Reporter,
+    interrupts: _Interrupts,
 ) -> bool:
-    """Run on the legacy engine in this thread; return False if interrupted by Ctrl-C."""
+    """Run on the legacy engine in this thread; return False if interrupted."""
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # stops the blocking call in flight, in this (the main) thread
+
+    def on_signal(signum: int, frame: object) -> None:
+        interrupts(signum)
+
+    interrupts.on_first = interrupt
+    previous = {signum: signal.signal(signum, on_signal) for signum in _Interrupts.NAMES}
     try:
         LegacyEngine(executor).execute_tasks(tasks, fail_fast, report.finished)
     except KeyboardInterrupt:
-        # The legacy engine stopped the script or request in flight before this got here.
+        # The legacy engine stopped the script or request in flight, and reported the task
+        # it cut off, before this got here.
         return False
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return True
 
 
@@ -354,16 +407,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
     output = _open_for_append(output_path) if output_path else None
     started = time.monotonic()
+    interrupts = _Interrupts()
     try:
         with flags.use_engine(engine), Reporter(todo, output, sys.stderr) as report:
             if engine == "legacy":
-                completed = _run_legacy(executor, todo, fail_fast, report)
+                completed = _run_legacy(executor, todo, fail_fast, report, interrupts)
             else:
                 # The command line's own entry point: it owns the process's event loop.
-                completed = asyncio.run(_run_async(executor, todo, concurrency, fail_fast, report))
+                completed = asyncio.run(
+                    _run_async(executor, todo, concurrency, fail_fast, report, interrupts)
+                )
             for task in todo:
                 if task.id not in report.results:
-                    report.finished(_cancelled(executor, task, engine), ran=False)
+                    cancelled = _cancelled(executor, task, engine, interrupts.name)
+                    report.finished(cancelled, ran=False)
     finally:
         if output is not None:
             output.close()
@@ -371,7 +428,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     results = [by_id[t.id] for t in plan.tasks]
     _print_summary(results, time.monotonic() - started, args.json)
     if not completed:
-        return EXIT_INTERRUPTED
+        return interrupts.exit_code
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 

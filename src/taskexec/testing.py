@@ -52,6 +52,8 @@ _REASONS = {
 }
 _CHAT_PATHS = ("/v1/chat/completions", "/v1/messages", "/agent")
 _GEMINI_RE = re.compile(r"^/v1(?:beta)?/models/([^/:]+):generateContent$")
+#: How long stop() lets connection handlers end by themselves before they are cancelled.
+_SHUTDOWN_GRACE_S = 1.0
 
 
 def _check_fault(spec: str) -> str:
@@ -132,6 +134,7 @@ class MockServer:
         self._server: asyncio.Server | None = None
         self._counter = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -180,13 +183,20 @@ class MockServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Stop listening and drop every open connection."""
+        """Stop listening, drop every open connection, and wait for their handlers to end."""
         if self._server is not None:
             self._server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
             await self._server.wait_closed()
             self._server = None
+        # A handler cancelled before it first ran cannot catch the cancellation, and Python
+        # 3.11's streams callback then prints a traceback for it: let every handler start and
+        # see its connection dropped, and end by itself, before anything is cancelled.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=_SHUTDOWN_GRACE_S)
 
     async def serve_forever(self) -> None:
         """Serve until cancelled."""
@@ -211,6 +221,9 @@ class MockServer:
         stats = self._stats
         stats.connections_opened += 1
         self._writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             idle_timeout = None  # the first request may take its time to arrive
             while await self._one_request(reader, writer, idle_timeout):
@@ -227,6 +240,8 @@ class MockServer:
         finally:
             self._stats.connections_closed += 1
             self._writers.discard(writer)
+            if handler is not None:
+                self._handlers.discard(handler)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
