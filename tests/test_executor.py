@@ -27,7 +27,7 @@ from taskexec import (
 from taskexec.providers.offline import offline_reply
 from taskexec.testing import MockServer
 
-from .conftest import FAST_RETRY, eventually, openai_agent, pid_alive, script_agent
+from .conftest import AGENTS_DIR, FAST_RETRY, eventually, openai_agent, pid_alive, script_agent
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*script execution is deprecated:DeprecationWarning"
@@ -603,3 +603,64 @@ async def test_a_grandchild_that_left_the_group_cannot_hold_the_result(
     finally:
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def test_the_script_deprecation_warning_is_shown_by_default_at_the_callers_line(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    program = tmp_path / "legacy_caller.py"
+    echo = AGENTS_DIR / "echo.py"
+    program.write_text(
+        f"""
+import asyncio
+import sys
+
+from asgiref.sync import async_to_sync, sync_to_async
+
+import taskexec
+import taskexec.sync
+
+agents = [
+    taskexec.Agent(name=name, mode="script", command=[sys.executable, {str(echo)!r}])
+    for name in ("a1", "a2", "a3")
+]
+task = taskexec.AgentTask(id="t", prompt="x")
+
+
+async def main():
+    async with taskexec.TaskExecutor(agents) as executor:
+        await executor.execute(task, agent="a1")  # ASYNC
+
+
+asyncio.run(main())
+with taskexec.sync.TaskExecutor(agents) as executor:
+    executor.execute(task, agent="a2")  # SYNC
+
+    def view():
+        return executor.execute(task, agent="a3")  # ASGIREF
+
+    async def handler():
+        return await sync_to_async(view)()
+
+    async_to_sync(handler)()
+"""
+    )
+    lines_of = {
+        marker: number
+        for number, text in enumerate(program.read_text().splitlines(), 1)
+        for marker in ("ASYNC", "SYNC", "ASGIREF")
+        if text.endswith(f"# {marker}")
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    completed = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert completed.returncode == 0, completed.stderr
+    for marker, agent in (("ASYNC", "a1"), ("SYNC", "a2"), ("ASGIREF", "a3")):
+        assert (
+            f"{program}:{lines_of[marker]}: DeprecationWarning: agent '{agent}': script "
+            "execution is deprecated"
+        ) in completed.stderr, completed.stderr

@@ -284,3 +284,63 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused(
         executor.close()
     assert (second.status, second.attempts) == (ExecutionStatus.SUCCESS, 1)
     assert server.stats.connections_opened == 2
+
+
+def _open_connections(server: MockServer) -> int:
+    stats = server.stats
+    return stats.connections_opened - stats.connections_closed
+
+
+def test_a_loop_per_request_releases_its_connections_when_it_ends(mock_server: MockServer) -> None:
+    # A Django-style app under asgiref: each request runs on a loop of its own, and the view
+    # calls the sync shims. Nobody calls close() between requests.
+    from asgiref.sync import async_to_sync, sync_to_async
+
+    executor = taskexec.sync.TaskExecutor([openai_agent(mock_server)])
+    task = AgentTask(id="t", prompt="x")
+
+    def view() -> bool:
+        return executor.execute(task).ok
+
+    async def handler() -> bool:
+        return await sync_to_async(view)()
+
+    try:
+        assert all(async_to_sync(handler)() for _ in range(50))
+        assert mock_server.stats.chat_requests == 50
+        wait_until(lambda: _open_connections(mock_server) == 0, "every request's connection closed")
+    finally:
+        executor.close()
+
+
+def test_asyncio_run_per_call_releases_its_connections(mock_server: MockServer) -> None:
+    executor = taskexec.TaskExecutor([openai_agent(mock_server)])
+    task = AgentTask(id="t", prompt="x")
+
+    async def app() -> bool:
+        return (await executor.execute(task)).ok
+
+    # This test is such a caller: one new loop per call, on purpose.
+    assert all(asyncio.run(app()) for _ in range(20))
+    wait_until(lambda: _open_connections(mock_server) == 0, "every call's connection closed")
+    assert executor._pool.clients_created == 20
+    assert len(executor._pool._clients) == 0
+
+
+def test_a_loop_closed_without_shutdown_is_released_at_the_next_use(
+    mock_server: MockServer,
+) -> None:
+    executor = taskexec.TaskExecutor([openai_agent(mock_server)])
+    task = AgentTask(id="t", prompt="x")
+    for _ in range(5):
+        # The old way: a loop made, used once and closed, with no shutdown_asyncgens().
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(executor.execute(task)).ok
+        finally:
+            loop.close()
+    # Each new loop drops the previous, closed one: only the last is left.
+    # The next use of the pool, on any loop, drops the closed loops' sockets.
+    assert asyncio.run(executor.execute(task)).ok
+    wait_until(lambda: _open_connections(mock_server) == 0, "the closed loops' connections")
+    assert len(executor._pool._clients) == 0

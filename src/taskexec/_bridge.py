@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
+from ._callsite import caller_site, site_of
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
 from .flags import get_engine
@@ -328,6 +329,24 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
     cls = type(target).__name__
     if os.environ.get(WARN_SYNC_ENV, "") not in ("", "0"):
         _warn_sync_call(cls, name)
+    # The caller's line, for warnings raised while the call runs on a loop (perhaps in another
+    # thread) where that line is not on the stack: call() <- the shim method <- the caller.
+    site = caller_site.set(caller_site.get() or site_of(sys._getframe(2)))
+    try:
+        return _call(target, method, name, cls, *args, **kwargs)
+    finally:
+        caller_site.reset(site)
+
+
+def _call(
+    target: Any,
+    method: Callable[P, Coroutine[Any, Any, T]],
+    name: str,
+    cls: str,
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:

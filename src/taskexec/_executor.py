@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-import warnings
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
@@ -13,6 +12,7 @@ from typing import Any, Self, TypeVar, cast
 
 import httpx
 
+from ._callsite import warn_at_caller
 from ._errors import (
     ConfigurationError,
     ProviderNotFoundError,
@@ -313,11 +313,10 @@ class TaskExecutor:
         if agent.name in self._warned_script_agents:
             return
         self._warned_script_agents.add(agent.name)
-        warnings.warn(
+        warn_at_caller(
             f"agent {agent.name!r}: script execution is deprecated in favour of a direct "
             f"provider (Agent(mode='llm', provider=...)); see {MIGRATION_GUIDE}",
             DeprecationWarning,
-            stacklevel=4,
         )
 
 

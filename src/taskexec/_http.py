@@ -14,8 +14,9 @@ seam); that client is used as given and is never closed by taskexec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
@@ -86,6 +87,7 @@ class AiohttpClient:
     """
 
     def __init__(self, *, max_connections: int, connect_timeout_s: float) -> None:
+        self.closer: AsyncGenerator[None, None] | None = None
         # The session binds to the running loop here; ClientPool guarantees it is only ever
         # used from that loop.
         connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0)
@@ -120,6 +122,9 @@ class AiohttpClient:
 
     async def aclose(self) -> None:
         await self._session.close()
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            await closer.aclose()  # its finally finds the client gone from the pool: a no-op
 
     def detach(self) -> None:
         """Forget the session's connector without closing anything (it is not ours to close).
@@ -133,11 +138,27 @@ class AiohttpClient:
         self._session._connector = None
 
     def close_abandoned(self) -> None:
-        """Drop the sockets of a session whose loop is gone, without awaiting anything."""
+        """Drop the sockets of a session whose loop is gone or closed, awaiting nothing."""
         connector = self._session.connector
-        if connector is not None and not connector.closed:
-            connector._close()  # sync part of close(); the loop that could await it is gone
         self._session._connector = None
+        self.closer = None
+        if connector is None or connector.closed:
+            return
+        protocols = [proto for conns in connector._conns.values() for proto, _ in conns]
+        protocols += list(connector._acquired)
+        loop_closed = connector._loop.is_closed()
+        connector._close()  # sync part of close(); it leaves transports alone on a closed loop
+        if not loop_closed:
+            return
+        for proto in protocols:
+            transport = proto.transport
+            if transport is None:
+                continue
+            # A closed loop cannot run the transport's close; do its last, synchronous step
+            # here (it closes the socket object, so the file descriptor is released now, not
+            # at garbage collection with a ResourceWarning). CPython's selector transports.
+            with contextlib.suppress(Exception):
+                transport._call_connection_lost(None)  # type: ignore[attr-defined]
 
 
 class HttpxClient:
@@ -239,9 +260,47 @@ class ClientPool:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
+            self._drop_closed_loops()
             client = self._clients[loop] = self._factory()
             self.clients_created += 1
+            if isinstance(client, AiohttpClient):
+                self._close_with_loop(loop, client)
         return client
+
+    def _close_with_loop(self, loop: asyncio.AbstractEventLoop, client: AiohttpClient) -> None:
+        """Close ``client`` when its loop shuts down, without the user calling ``aclose()``.
+
+        ``asyncio.run()`` (and so asgiref's ``async_to_sync``) ends by closing every async
+        generator the loop has started, while the loop still runs: a generator suspended here
+        closes the client in its ``finally``. A loop per request or per ``asyncio.run()`` call
+        thus releases its connections when it ends, instead of leaving them open for the life
+        of the pool.
+        """
+
+        async def closer() -> AsyncGenerator[None, None]:
+            try:
+                yield
+            finally:
+                client.closer = None  # this generator is the one closing: not again
+                if self._clients.get(loop) is client:
+                    del self._clients[loop]
+                    await client.aclose()
+
+        generator = closer()
+        # Start it up to its yield, on this (the running) loop: its first step registers it
+        # with the loop's async-generator hooks, which is what shutdown_asyncgens() closes.
+        with contextlib.suppress(StopIteration):
+            generator.asend(None).send(None)
+        # The loop holds its generators weakly: the client keeps this one alive.
+        client.closer = generator
+
+    def _drop_closed_loops(self) -> None:
+        # A loop closed without shutdown_asyncgens() (new_event_loop() ... close()) never ran
+        # the closer: release its client's sockets now, without awaiting on a dead loop.
+        for loop in [loop for loop in self._clients if loop.is_closed()]:
+            client = self._clients.pop(loop)
+            if isinstance(client, AiohttpClient):
+                client.close_abandoned()
 
     def forget(self, loop: asyncio.AbstractEventLoop) -> None:
         """Drop the client of ``loop`` without touching its sockets (a forked child's copy)."""

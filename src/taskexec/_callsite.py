@@ -1,0 +1,83 @@
+"""Which line of the user's code a warning belongs to.
+
+Python shows a ``DeprecationWarning`` by default only when it is attributed to ``__main__``, so
+a warning attributed to a line inside taskexec (or asyncio, or a bridge thread) is never seen.
+A call through ``taskexec.sync`` records the caller's line before it crosses into the event loop
+(possibly another thread's); an ``await`` finds it by walking out of the library's frames.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+import warnings
+from types import FrameType
+from typing import Any, NamedTuple
+
+__all__ = ("CallSite", "caller_site", "current_site", "warn_at_caller")
+
+
+class CallSite(NamedTuple):
+    """A line of user code: file, line number and the module's globals."""
+
+    filename: str
+    lineno: int
+    module_globals: dict[str, Any]
+
+
+#: Set by the sync bridge for the length of one blocking call.
+caller_site: contextvars.ContextVar[CallSite | None] = contextvars.ContextVar(
+    "taskexec_caller_site", default=None
+)
+
+#: Frames of these packages are the machinery between the user's line and the warning.
+_MACHINERY = ("taskexec", "asyncio", "concurrent", "threading", "asgiref", "contextlib")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _is_machinery(frame: FrameType) -> bool:
+    name = str(frame.f_globals.get("__name__", ""))
+    # By file as well as by name: ``python -m taskexec`` runs taskexec's own code as __main__.
+    return name.split(".", 1)[0] in _MACHINERY or frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+def site_of(frame: FrameType) -> CallSite:
+    """Return the call site of ``frame``."""
+    return CallSite(frame.f_code.co_filename, frame.f_lineno, frame.f_globals)
+
+
+def current_site() -> CallSite | None:
+    """Return the user's line that led here: the recorded one, else the first frame outside
+    the library and the event-loop machinery on this thread's stack (None if there is none)."""
+    recorded = caller_site.get()
+    if recorded is not None:
+        return recorded
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and _is_machinery(frame):
+        frame = frame.f_back
+    return site_of(frame) if frame is not None else None
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """Issue a warning attributed to the user's line, so the default filters apply to it there.
+
+    A ``DeprecationWarning`` is then shown by default when that line is in ``__main__``.
+    """
+    site = current_site()
+    if site is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    module_globals = site.module_globals
+    # No module_globals argument: that would make linecache ask the module's loader for the
+    # source, which fails for some (runpy's __main__); the line is read by file name instead.
+    warnings.warn_explicit(
+        message,
+        category,
+        site.filename,
+        site.lineno,
+        module=str(module_globals.get("__name__", "<unknown>")),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+    )
