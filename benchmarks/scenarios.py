@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -50,7 +51,7 @@ def _tasks(n: int, latency: float) -> list[AgentTask]:
 
 async def scale_taskexec(base_url: str, n: int, latency: float) -> float:
     agent = Agent(name="bench", provider="openai", base_url=base_url, max_retries=0)
-    async with TaskExecutor([agent], max_connections=n) as executor:
+    async with TaskExecutor([agent]) as executor:  # the defaults a user would have
         orchestrator = ProjectOrchestrator(executor, max_concurrency=n)
         start = time.perf_counter()
         results = await orchestrator.execute_tasks(_tasks(n, latency))
@@ -339,3 +340,58 @@ def _handoff_floors(calls: int) -> dict[str, float]:
         "bare portal hand-off us/call": portal,
         "bare re-entry of a thread's own loop us/call": reentry,
     }
+
+
+# -- 6. the command line at scale ---------------------------------------------------------------
+
+#: Runs a command and prints its wall time and peak resident memory (KB), each measured for that
+#: one child (a fresh wrapper per command, since RUSAGE_CHILDREN keeps the maximum of all).
+_MEASURE = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+elapsed = time.perf_counter() - start
+print(code, elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def _measure(command: list[str]) -> tuple[float, float]:
+    """Return (wall seconds, peak RSS in KB) of one run of ``command``, which must succeed."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "0", f"{command} exited {out[0]}"
+    return float(out[1]), float(out[2])
+
+
+def cli_scale(n: int, folder: Path) -> dict[str, float]:
+    """``taskexec run`` on an n-task offline plan, against the library call doing the same."""
+    plan = folder / f"plan-{n}.json"
+    tasks = [{"id": f"t{i}", "prompt": f"task {i}"} for i in range(n)]
+    plan.write_text(json.dumps({"agents": [{"name": "a"}], "tasks": tasks}))
+    tiny = folder / "plan-1.json"
+    tiny.write_text(json.dumps({"agents": [{"name": "a"}], "tasks": tasks[:1]}))
+
+    library = (
+        "import asyncio, sys\n"
+        "from taskexec import ProjectOrchestrator, load_plan\n"
+        "results = asyncio.run(ProjectOrchestrator().run(load_plan(sys.argv[1])))\n"
+        "assert all(r.ok for r in results)\n"
+    )
+    cli = [sys.executable, "-m", "taskexec", "run"]
+    out = folder / "results.jsonl"
+    figures: dict[str, float] = {}
+    for name, command in {
+        "library": [sys.executable, "-c", library, str(plan)],
+        "cli table": [*cli, str(plan)],
+        "cli table + --output": [*cli, str(plan), "--output", str(out)],
+        "cli --json": [*cli, str(plan), "--json"],
+        "cli, 1 task": [*cli, str(tiny)],
+    }.items():
+        out.unlink(missing_ok=True)
+        seconds, rss_kb = _measure(command)
+        figures[f"{name} s"] = seconds
+        figures[f"{name} peak KB"] = rss_kb
+    base = figures["cli, 1 task peak KB"]
+    figures["cli KB per task"] = (figures["cli table + --output peak KB"] - base) / n
+    return figures

@@ -18,6 +18,7 @@ from taskexec import (
     PlanError,
     ProjectOrchestrator,
     TaskExecutor,
+    Usage,
     load_plan,
 )
 from taskexec import providers as providers_module
@@ -444,3 +445,56 @@ async def test_a_bug_in_a_provider_still_gives_exactly_one_result(
         "RuntimeError: provider bug",
     )
     assert "unexpected error" in caplog.text
+
+
+async def test_the_pool_follows_the_concurrency_the_orchestrator_allows(
+    mock_server: MockServer, make_orchestrator: Any
+) -> None:
+    # 300 requests must be in flight at once for any reply to come back: above the default
+    # of 256 connections, so this passes only if the pool grew to the orchestrator's bound.
+    n = 300
+    tasks = [AgentTask(id=f"t{i}", prompt=f"[[barrier={n}:20]] {i}") for i in range(n)]
+    agent = openai_agent(mock_server, max_retries=0)
+    async with make_orchestrator([agent], max_concurrency=n) as orchestrator:
+        results = await orchestrator.execute_tasks(tasks)
+    assert [r.status for r in results] == [ExecutionStatus.SUCCESS] * n
+    assert mock_server.stats.max_in_flight == n
+
+
+async def test_an_explicit_connection_limit_is_kept(
+    mock_server: MockServer, make_orchestrator: Any
+) -> None:
+    tasks = [AgentTask(id=f"t{i}", prompt=f"[[latency=0.01]] {i}") for i in range(40)]
+    agent = openai_agent(mock_server, max_retries=0)
+    options = {"max_connections": 4}
+    async with make_orchestrator(
+        [agent], executor_options=options, max_concurrency=40
+    ) as orchestrator:
+        results = await orchestrator.execute_tasks(tasks)
+    assert all(r.ok for r in results)
+    assert mock_server.stats.max_in_flight <= 4
+    assert mock_server.stats.connections_opened <= 4
+
+
+async def test_tasks_waiting_for_a_slot_hold_no_coroutine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskexec.providers import ChatReply, Provider
+
+    seen: list[int] = []
+
+    class Counting(Provider):
+        name = "counting"
+
+        async def complete(self, agent, prompt, pool, timeout_s):  # type: ignore[no-untyped-def]
+            seen.append(len(asyncio.all_tasks()))
+            await asyncio.sleep(0)
+            return ChatReply(prompt, Usage())
+
+    monkeypatch.setattr(providers_module, "_registry", {**providers_module._registry})
+    providers_module.register_provider(Counting)
+    async with TaskExecutor([Agent(name="c", provider="counting")]) as executor:
+        tasks = [AgentTask(id=f"t{i}", prompt="x") for i in range(200)]
+        results = await ProjectOrchestrator(executor, max_concurrency=3).execute_tasks(tasks)
+    assert all(r.ok for r in results)
+    assert len(seen) == 200
+    # The test's own task plus at most three running: the other 197 are not asyncio tasks yet.
+    assert max(seen) <= 1 + 3

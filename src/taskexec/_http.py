@@ -34,6 +34,10 @@ __all__ = (
 )
 
 
+#: Connections per event loop when nothing asks for more (an orchestrator's concurrency does).
+DEFAULT_MAX_CONNECTIONS = 256
+
+
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
     """A complete response: status, headers (case-insensitive mapping) and the whole body."""
@@ -95,6 +99,13 @@ class AiohttpClient:
         self._session = aiohttp.ClientSession(
             connector=connector, skip_auto_headers=("User-Agent",)
         )
+
+    def raise_limit(self, limit: int) -> None:
+        """Allow ``limit`` connections at once from now on (only ever raised)."""
+        connector = self._session.connector
+        # aiohttp has no public setter; its connector reads _limit on every acquire.
+        if connector is not None and 0 < connector.limit < limit:
+            connector._limit = limit
 
     def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
@@ -225,7 +236,8 @@ class ClientPool:
     connections it opened at interpreter exit and forget its loop's in a forked child.
 
     Args:
-        max_connections: Connection limit of each client (0 for no limit).
+        max_connections: Connection limit of each client (0 for no limit). Default: 256, raised
+            to the concurrency an orchestrator allows (:meth:`reserve`).
         connect_timeout_s: Time allowed to open a connection.
         httpx_client: Use this client for every request instead of creating aiohttp sessions.
     """
@@ -235,11 +247,15 @@ class ClientPool:
     def __init__(
         self,
         *,
-        max_connections: int = 256,
+        max_connections: int | None = None,
         connect_timeout_s: float = 10.0,
         httpx_client: httpx.AsyncClient | None = None,
     ) -> None:
-        self.max_connections = max_connections
+        #: Set by the caller: never changed by :meth:`reserve`.
+        self.fixed_limit = max_connections is not None
+        self.max_connections = (
+            DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
+        )
         self.connect_timeout_s = connect_timeout_s
         self._factory: Callable[[], HttpClient]
         if httpx_client is not None:
@@ -247,13 +263,27 @@ class ClientPool:
             self._factory = lambda: shared
         else:
             self._factory = lambda: AiohttpClient(
-                max_connections=max_connections, connect_timeout_s=connect_timeout_s
+                max_connections=self.max_connections, connect_timeout_s=connect_timeout_s
             )
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HttpClient] = (
             weakref.WeakKeyDictionary()
         )
         self.clients_created = 0
         ClientPool.instances.add(self)
+
+    def reserve(self, concurrency: int) -> None:
+        """Make room for ``concurrency`` requests at once, unless the limit was set explicitly.
+
+        The orchestrator calls this with its ``max_concurrency`` before a run, so that the pool
+        follows the concurrency a user allows instead of capping it at the default: a run of
+        1,000 tasks at once gets 1,000 connections, not 256.
+        """
+        if self.fixed_limit or self.max_connections == 0 or concurrency <= self.max_connections:
+            return
+        self.max_connections = concurrency
+        for client in list(self._clients.values()):
+            if isinstance(client, AiohttpClient):
+                client.raise_limit(concurrency)
 
     def get(self) -> HttpClient:
         """Return the client of the running loop, creating it on first use."""

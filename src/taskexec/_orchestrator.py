@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
@@ -249,6 +250,7 @@ class ProjectOrchestrator:
         on_result: _OnResult | None = None,
     ) -> list[ExecutionResult]:
         self._check(executor, tasks)
+        executor._pool.reserve(min(limit, len(tasks)))
         token = _current_bus.set(self.bus)
         try:
             return await _Run(executor, self.bus, tasks, fail_fast, limit, on_result).execute()
@@ -277,10 +279,11 @@ class _Run:
         self.tasks = tasks
         self.fail_fast = fail_fast
         self.on_result = on_result
-        # A bound that cannot bind is not enforced at all: one acquire/release less per task.
-        self.slots: asyncio.Semaphore | contextlib.nullcontext[None] = (
-            asyncio.Semaphore(limit) if limit < len(tasks) else contextlib.nullcontext()
-        )
+        self.limit = limit
+        # Tasks whose dependencies are met, waiting for one of the `limit` slots. An asyncio task
+        # is created only when a slot is free, so a run of 20,000 tasks holds `limit` coroutines
+        # at a time, not 20,000 parked on a semaphore (a few KB each).
+        self.ready: deque[AgentTask] = deque()
         self.results: dict[str, ExecutionResult] = {}
         self.waiting = {t.id: len(set(t.depends_on)) for t in tasks}
         self.dependents: dict[str, list[AgentTask]] = {t.id: [] for t in tasks}
@@ -313,21 +316,25 @@ class _Run:
         return [self.results[t.id] for t in self.tasks]
 
     def _start(self, task: AgentTask) -> None:
+        self.ready.append(task)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start ready tasks while slots are free (and nothing stopped the run)."""
         assert self._group is not None
-        self.running[task.id] = self._group.create_task(self._run_one(task))
+        while self.ready and len(self.running) < self.limit and self.stopped_by is None:
+            task = self.ready.popleft()
+            self.running[task.id] = self._group.create_task(self._run_one(task))
 
     async def _run_one(self, task: AgentTask) -> None:
         progress = Progress()
         try:
-            async with self.slots:
-                if self.bus.has_subscribers("task.started"):
-                    await self.bus.publish("task.started", TaskEvent(task_id=task.id))
-                outputs = (
-                    {d: self.results[d].output for d in task.depends_on}
-                    if task.depends_on
-                    else None
-                )
-                result = await self.executor._execute(task, None, None, outputs, progress)
+            if self.bus.has_subscribers("task.started"):
+                await self.bus.publish("task.started", TaskEvent(task_id=task.id))
+            outputs = (
+                {d: self.results[d].output for d in task.depends_on} if task.depends_on else None
+            )
+            result = await self.executor._execute(task, None, None, outputs, progress)
         except asyncio.CancelledError:
             self.running.pop(task.id, None)
             now = asyncio.get_running_loop().time()
@@ -354,6 +361,7 @@ class _Run:
             result = self.executor.not_run_result(task, ExecutionStatus.FAILED, error)
         self.running.pop(task.id, None)
         await self._finish(task, result)
+        self._fill()
 
     def _deliver(self, result: ExecutionResult) -> None:
         self.results[result.task_id] = result

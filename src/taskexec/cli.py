@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import errno
 import io
-import json
 import os
 import re
 import signal
@@ -86,9 +85,17 @@ def printable(text: str) -> str:
 class Reporter:
     """Progress on stderr, the JSONL file, and the final summary."""
 
-    def __init__(self, tasks: Sequence[AgentTask], output: IO[str] | None, stderr: IO[str]) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[AgentTask],
+        output: IO[str] | None,
+        stderr: IO[str],
+        *,
+        fsync: bool = False,
+    ) -> None:
         self.total = len(tasks)
         self.output = output
+        self.fsync = fsync
         self.results: dict[str, ExecutionResult] = {}
         self.running = 0
         self.failed = 0
@@ -134,10 +141,12 @@ class Reporter:
         if not result.ok:
             self.failed += 1
         if self.output is not None:
-            # One line per finished task, on disk before we go on: a crash loses nothing.
+            # One line per finished task, handed to the OS before we go on: a crash of this
+            # process loses nothing. --fsync also waits for the disk, for a crash of the machine.
             self.output.write(result.model_dump_json() + "\n")
             self.output.flush()
-            os.fsync(self.output.fileno())
+            if self.fsync:
+                os.fsync(self.output.fileno())
         if self._plain:
             done = len(self.results)
             detail = printable(result.error.message) if result.error else ""
@@ -162,13 +171,48 @@ class Reporter:
         )
 
 
-def _print_summary(results: Sequence[ExecutionResult], elapsed: float, as_json: bool) -> None:
+#: Up to this many tasks, the summary table lists every task; beyond it (unless --full-table),
+#: it lists the slowest and the ones that did not succeed, so that a 20,000-task run does not
+#: spend longer drawing its table than running.
+FULL_TABLE_MAX = 50
+SLOWEST_SHOWN = 10
+FAILED_SHOWN = 40
+
+
+def _print_summary(
+    results: Sequence[ExecutionResult], elapsed: float, as_json: bool, full_table: bool = False
+) -> None:
     if as_json:
-        json.dump([json.loads(r.model_dump_json()) for r in results], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        # Each result serialised by pydantic directly: no round trip through json.loads.
+        out = sys.stdout
+        out.write("[\n" if results else "[")
+        out.write(",\n".join(r.model_dump_json(indent=2) for r in results))
+        out.write("\n]\n" if results else "]\n")
         return
     console = Console(file=sys.stdout, width=max(100, Console().width))
-    table = Table(title="taskexec run", title_justify="left")
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    if full_table or len(results) <= FULL_TABLE_MAX:
+        console.print(_table("taskexec run", results))
+    else:
+        slowest = sorted(results, key=lambda r: r.duration_s, reverse=True)[:SLOWEST_SHOWN]
+        console.print(_table(f"the {len(slowest)} slowest tasks", slowest))
+        failed = [r for r in results if not r.ok]
+        if failed:
+            title = f"tasks that did not succeed ({len(failed)})"
+            console.print(_table(title, failed[:FAILED_SHOWN]))
+            if len(failed) > FAILED_SHOWN:
+                console.print(
+                    f"... and {len(failed) - FAILED_SHOWN} more (--full-table, --json or "
+                    "--output FILE.jsonl list them all)"
+                )
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    console.print(f"{len(results)} tasks: {parts} in {elapsed:.2f} s")
+
+
+def _table(title: str, results: Sequence[ExecutionResult]) -> Table:
+    table = Table(title=title, title_justify="left")
     for column in ("task", "status", "agent", "mode", "attempts", "time", "output / error"):
         table.add_column(column, overflow="fold" if column == "output / error" else "ellipsis")
     for r in results:
@@ -184,12 +228,7 @@ def _print_summary(results: Sequence[ExecutionResult], elapsed: float, as_json: 
             f"{r.duration_s:.2f}s",
             escape(text[:80] + ("..." if len(text) > 80 else "")),
         )
-    console.print(table)
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status.value] = counts.get(r.status.value, 0) + 1
-    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    console.print(f"{len(results)} tasks: {parts} in {elapsed:.2f} s")
+    return table
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -392,9 +431,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.concurrency or plan.settings.max_concurrency or _environment_concurrency() or 64
     )
     fail_fast = args.fail_fast or plan.settings.fail_fast
-    executor = TaskExecutor(
-        plan.agents, default_agent=plan.settings.default_agent, max_connections=concurrency
-    )
+    executor = TaskExecutor(plan.agents, default_agent=plan.settings.default_agent)
     previous: dict[str, ExecutionResult] = {}
     output_path = Path(args.output) if args.output else None
     if args.resume:
@@ -409,7 +446,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     interrupts = _Interrupts()
     try:
-        with flags.use_engine(engine), Reporter(todo, output, sys.stderr) as report:
+        with (
+            flags.use_engine(engine),
+            Reporter(todo, output, sys.stderr, fsync=args.fsync) as report,
+        ):
             if engine == "legacy":
                 completed = _run_legacy(executor, todo, fail_fast, report, interrupts)
             else:
@@ -426,7 +466,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             output.close()
     by_id = {**previous, **report.results}
     results = [by_id[t.id] for t in plan.tasks]
-    _print_summary(results, time.monotonic() - started, args.json)
+    _print_summary(results, time.monotonic() - started, args.json, args.full_table)
     if not completed:
         return interrupts.exit_code
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
@@ -523,6 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-fast", action="store_true", help="cancel the rest at the first failure"
     )
     run.add_argument("--json", action="store_true", help="print the results as JSON, not a table")
+    run.add_argument(
+        "--full-table",
+        action="store_true",
+        help=f"list every task in the summary (by default only up to {FULL_TABLE_MAX} tasks; "
+        "larger runs show the slowest and the failed ones)",
+    )
+    run.add_argument(
+        "--fsync",
+        action="store_true",
+        help="fsync --output after every line (survives a machine crash; slower)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     validate = commands.add_parser("validate", help="check a plan and list every problem")

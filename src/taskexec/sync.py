@@ -53,7 +53,9 @@ class TaskExecutor:
         default_agent: The agent for tasks that name none (default: the only agent, if one).
         http_client: An ``httpx.AsyncClient`` to send every request through instead of the
             built-in pool; it is not closed by :meth:`aclose`.
-        max_connections: Most HTTP connections open at once per event loop (0: no limit).
+        max_connections: Most HTTP connections open at once per event loop (0: no limit). By
+            default 256, raised to the ``max_concurrency`` of an orchestrator that runs tasks on
+            this executor; a value given here is kept as given.
         connect_timeout_s: Time allowed to open one connection.
         attempt_timeout_s: Cap on one HTTP attempt, so a stalled reply is retried
             (default: an attempt may use all the time left before the task's deadline).
@@ -69,7 +71,7 @@ class TaskExecutor:
         *,
         default_agent: str | None = None,
         http_client: httpx.AsyncClient | None = None,
-        max_connections: int = 256,
+        max_connections: int | None = None,
         connect_timeout_s: float = 10.0,
         attempt_timeout_s: float | None = None,
         retry_policy: RetryPolicy | None = None,

@@ -17,7 +17,10 @@ prompt itself, ``[[fault=500]]``, which hits every request carrying it. Known fa
 ``401:<n>`` (the same after ``n`` characters of padding, to put the key at any offset),
 ``408``, ``409``, ``500``, ``503``, ``reset`` (connection dropped before any reply), ``malformed``
 (200 with a body that is not JSON) and ``stall`` (half a body, then nothing). ``[[latency=0.5]]``
-in a prompt overrides the server's latency for that request.
+in a prompt overrides the server's latency for that request. ``[[barrier=N]]`` (or
+``[[barrier=N:timeout_s]]``) holds each reply until N requests carrying the same directive are
+in flight, then releases them all; if they do not arrive within the timeout (30 s by default)
+the held requests get a 503. Tests use it to prove requests overlap without timing anything.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ __all__ = ("FAULTS", "MockServer", "MockStats", "RecordedRequest", "mock_server_
 FAULTS = frozenset(
     {"429", "429q", "400", "401", "408", "409", "500", "503", "reset", "malformed", "stall"}
 )
-_DIRECTIVE_RE = re.compile(r"\[\[(fault|latency)=([^\]]+)\]\]")
+_DIRECTIVE_RE = re.compile(r"\[\[(fault|latency|barrier)=([^\]]+)\]\]")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -135,6 +138,8 @@ class MockServer:
         self._counter = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._barriers: dict[str, asyncio.Event] = {}
+        self._barrier_counts: dict[str, int] = {}
 
     @property
     def url(self) -> str:
@@ -335,6 +340,9 @@ class MockServer:
             if fault is None and self.faults:
                 fault = self.faults.popleft()
             latency = float(directives.get("latency", self.latency_s))
+            if "barrier" in directives and not await self._barrier(directives["barrier"]):
+                message = f"barrier {directives['barrier']} not reached"
+                return self._send(writer, 503, _error(message), keep_alive)
             if latency > 0 and not await self._wait_unless_disconnected(reader, latency):
                 return False
             if fault is not None:
@@ -346,6 +354,26 @@ class MockServer:
             return self._send(writer, 200, self._reply(path, prompt, model), keep_alive)
         finally:
             stats.in_flight -= 1
+
+    async def _barrier(self, spec: str) -> bool:
+        """Hold this reply until ``n`` requests with the same barrier are held (then release
+        them all); False if that many never arrive within the timeout (``n:timeout``, 30 s)."""
+        count, _, timeout = spec.partition(":")
+        barrier = self._barriers.get(spec)
+        if barrier is None or barrier.is_set():
+            barrier = self._barriers[spec] = asyncio.Event()
+            self._barrier_counts[spec] = 0
+        self._barrier_counts[spec] += 1
+        if self._barrier_counts[spec] >= int(count):
+            barrier.set()
+            del self._barriers[spec]
+            return True
+        try:
+            async with asyncio.timeout(float(timeout or 30)):
+                await barrier.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _wait_unless_disconnected(self, reader: asyncio.StreamReader, delay: float) -> bool:
         """Sleep ``delay``; return False early if the client closes the connection meanwhile."""
