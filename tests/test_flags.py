@@ -57,6 +57,23 @@ def test_engine_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
         flags.set_engine("fast")
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("legacy", "legacy"), (" LEGACY ", "legacy"), ("Async", "async"), ("", None), ("  ", None)],
+)
+def test_one_parser_for_every_engine_setting(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: str | None
+) -> None:
+    assert flags.parse_engine(raw) == expected
+    monkeypatch.setenv("TASKEXEC_ENGINE", raw)
+    assert flags.environment_engine() == expected
+    assert flags.get_engine() == (expected or "async")
+    with flags.use_engine(raw.strip() or "async"):
+        assert flags.get_engine() == (expected or "async")
+    with pytest.raises(ConfigurationError, match="--engine='turbo' is not an engine"):
+        flags.parse_engine("turbo", "--engine")
+
+
 def test_each_switch_is_logged_once(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
