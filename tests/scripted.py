@@ -11,11 +11,8 @@ import asyncio
 from pathlib import Path
 from typing import ClassVar
 
-from taskexec import ExecutionError, Usage
-from taskexec._http import ClientPool
-from taskexec._models import Agent
-from taskexec._retry import AttemptFailed
-from taskexec.providers import ChatReply, Provider
+from taskexec import Agent, ExecutionError, Usage
+from taskexec.providers import AttemptFailed, ChatReply, ClientPool, Provider
 
 
 class ScriptedProvider(Provider):

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from taskexec import MessageBus
+from taskexec import (
+    BusTimeoutError,
+    InvalidValueError,
+    MessageBus,
+    NoSubscriberError,
+    NotAModelError,
+    NotARequestError,
+)
 from taskexec.bus import Envelope
 
 
@@ -77,21 +84,27 @@ async def test_request_reply_and_timeout() -> None:
     bus.on("double", doubler)
     assert await bus.request("double", Note(n=21), timeout_s=5) == Note(n=42)
     bus.subscribe("silent")
-    with pytest.raises(TimeoutError):
+    # Each misuse has a taskexec error of its own that is also the built-in error it used to be.
+    with pytest.raises(BusTimeoutError, match="no reply to the request on 'silent'") as late:
         await bus.request("silent", Note(n=1), timeout_s=0.05)
-    with pytest.raises(LookupError, match="no subscriber"):
+    assert isinstance(late.value, TimeoutError)
+    with pytest.raises(NoSubscriberError, match="no subscriber") as nobody:
         await bus.request("nobody", Note(n=1), timeout_s=1)
-    with pytest.raises(ValueError, match="not a request"):
+    assert isinstance(nobody.value, LookupError)
+    with pytest.raises(NotARequestError, match="not a request") as not_request:
         await bus.reply(Envelope("x", Note(n=1)), Note(n=2))
+    assert isinstance(not_request.value, ValueError)
     await bus.aclose()
 
 
 async def test_messages_must_be_models() -> None:
     bus = MessageBus()
-    with pytest.raises(TypeError, match="pydantic models"):
+    with pytest.raises(NotAModelError, match="pydantic models") as not_model:
         await bus.publish("t", {"n": 1})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="maxsize"):
+    assert isinstance(not_model.value, TypeError)
+    with pytest.raises(InvalidValueError, match="maxsize must be at least 1, not -1") as bad:
         bus.subscribe("t", maxsize=-1)
+    assert isinstance(bad.value, ValueError)
 
 
 async def test_closed_subscription_ends_iteration_and_stops_delivery() -> None:

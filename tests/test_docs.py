@@ -23,7 +23,7 @@ from taskexec.testing import mock_server_in_thread
 
 from .conftest import ROOT
 
-DOCS = ["README.md", "docs/MIGRATION.md", "docs/ROLLBACK.md"]
+DOCS = ["README.md", "docs/MIGRATION.md", "docs/ROLLBACK.md", "docs/PROVIDERS.md"]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 

@@ -14,6 +14,7 @@ from taskexec import (
     Agent,
     AgentTask,
     ExecutionStatus,
+    InvalidValueError,
     MessageBus,
     PlanError,
     ProjectOrchestrator,
@@ -314,7 +315,7 @@ async def test_execute_task_delegates(make_orchestrator: Any) -> None:
     async with make_orchestrator([Agent(name="w")]) as orchestrator:
         result = await orchestrator.execute_task(AgentTask(id="t", prompt="p"))
     assert (result.status, result.agent) == (ExecutionStatus.SUCCESS, "w")
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(InvalidValueError, match="at least 1"):
         ProjectOrchestrator(max_concurrency=0)
 
 

@@ -15,9 +15,9 @@ from taskexec import (
     Usage,
     providers,
 )
-from taskexec._http import ClientPool
 from taskexec.providers import (
     ChatReply,
+    ClientPool,
     Provider,
     get_provider,
     is_provider_available,

@@ -1,6 +1,12 @@
 """taskexec: run LLM agent tasks concurrently, async-first, with sync shims and a rollback flag."""
 
+from ._errors import BusError as BusError
+from ._errors import BusTimeoutError as BusTimeoutError
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import InvalidValueError as InvalidValueError
+from ._errors import NoSubscriberError as NoSubscriberError
+from ._errors import NotAModelError as NotAModelError
+from ._errors import NotARequestError as NotARequestError
 from ._errors import PlanError as PlanError
 from ._errors import ProviderNotFoundError as ProviderNotFoundError
 from ._errors import SyncInAsyncContextError as SyncInAsyncContextError
@@ -10,6 +16,7 @@ from ._errors import UnsupportedModeError as UnsupportedModeError
 from ._executor import TaskExecutor as TaskExecutor
 from ._models import Agent as Agent
 from ._models import AgentTask as AgentTask
+from ._models import ErrorKind as ErrorKind
 from ._models import ExecutionError as ExecutionError
 from ._models import ExecutionResult as ExecutionResult
 from ._models import ExecutionStatus as ExecutionStatus
@@ -26,11 +33,18 @@ from .bus import MessageBus as MessageBus
 __all__ = (
     "Agent",
     "AgentTask",
+    "BusError",
+    "BusTimeoutError",
     "ConfigurationError",
+    "ErrorKind",
     "ExecutionError",
     "ExecutionResult",
     "ExecutionStatus",
+    "InvalidValueError",
     "MessageBus",
+    "NoSubscriberError",
+    "NotAModelError",
+    "NotARequestError",
     "Plan",
     "PlanError",
     "PlanSettings",

@@ -11,7 +11,13 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = (
+    "BusError",
+    "BusTimeoutError",
     "ConfigurationError",
+    "InvalidValueError",
+    "NoSubscriberError",
+    "NotAModelError",
+    "NotARequestError",
     "PlanError",
     "ProviderNotFoundError",
     "SyncInAsyncContextError",
@@ -27,6 +33,13 @@ class TaskexecError(Exception):
 
 class ConfigurationError(TaskexecError):
     """The executor was asked to do something its configuration cannot serve."""
+
+
+class InvalidValueError(ConfigurationError, ValueError):
+    """An argument has a value the API does not accept (``max_concurrency=0``, an unknown fault).
+
+    Also a ``ValueError``, which is what such a mistake raised before it had a class of its own.
+    """
 
 
 class UnknownAgentError(ConfigurationError):
@@ -47,6 +60,26 @@ class SyncInAsyncContextError(TaskexecError, RuntimeError):
     Also a ``RuntimeError``, as asgiref's ``SynchronousOnlyOperation`` family is for the same
     misuse, so code that catches either keeps working.
     """
+
+
+class BusError(TaskexecError):
+    """A misuse of the message bus; each subclass is also the built-in error it used to be."""
+
+
+class NotAModelError(BusError, TypeError):
+    """A message published on the bus is not a pydantic model."""
+
+
+class NoSubscriberError(BusError, LookupError):
+    """A request was published on a topic nobody subscribes to."""
+
+
+class NotARequestError(BusError, ValueError):
+    """A reply was sent to a message that was not a request."""
+
+
+class BusTimeoutError(BusError, TimeoutError):
+    """No reply to a request came in time."""
 
 
 class PlanError(TaskexecError):

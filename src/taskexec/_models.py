@@ -26,6 +26,7 @@ __all__ = (
     "PLACEHOLDER_RE",
     "Agent",
     "AgentTask",
+    "ErrorKind",
     "ExecutionError",
     "ExecutionResult",
     "ExecutionStatus",
@@ -125,11 +126,34 @@ class Usage(_Model):
     output_tokens: int = Field(default=0, ge=0)
 
 
+class ErrorKind(enum.StrEnum):
+    """Why a task did not succeed: the values of :attr:`ExecutionError.kind`."""
+
+    #: The server answered with a non-2xx status (``status_code`` says which).
+    HTTP_STATUS = "http_status"
+    #: No complete response: the connection was refused, reset or dropped.
+    CONNECTION = "connection"
+    #: The task's deadline (or one attempt's timeout) passed.
+    TIMEOUT = "timeout"
+    #: A 2xx reply whose body is not what the protocol says.
+    BAD_RESPONSE = "bad_response"
+    #: A script exited non-zero (or was killed by a signal).
+    SCRIPT_EXIT = "script_exit"
+    #: A dependency did not succeed, so the task never ran.
+    DEPENDENCY_FAILED = "dependency_failed"
+    #: The run was cancelled (fail-fast, Ctrl-C, SIGTERM, the caller).
+    CANCELLED = "cancelled"
+    #: The agent cannot run here (no key, a missing package, a script that cannot start).
+    CONFIGURATION = "configuration"
+    #: A bug inside taskexec or a provider; the message names the exception.
+    INTERNAL = "internal"
+
+
 class ExecutionError(_Model):
     """Why a task did not succeed.
 
-    ``kind`` is one of ``http_status``, ``connection``, ``timeout``, ``bad_response``,
-    ``script_exit``, ``dependency_failed``, ``cancelled`` or ``configuration``.
+    ``kind`` is an :class:`ErrorKind` value. The field is a plain ``str``, so that results
+    written by another version (a JSONL file, a worker) still load when a kind is added.
     """
 
     kind: str

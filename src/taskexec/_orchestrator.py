@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
-from ._errors import ConfigurationError, PlanError
+from ._errors import ConfigurationError, InvalidValueError, PlanError
 from ._executor import Progress, TaskExecutor
 from ._graph import graph_problems
 from ._legacy import LegacyEngine
@@ -48,7 +48,7 @@ class ProjectOrchestrator:
         bus: Where lifecycle events go and agents coordinate (default: a new :class:`MessageBus`).
 
     Raises:
-        ValueError: ``max_concurrency`` is below 1.
+        InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
     """
 
     def __init__(
@@ -59,7 +59,7 @@ class ProjectOrchestrator:
         bus: Bus | None = None,
     ) -> None:
         if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+            raise InvalidValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
         self._executor = executor
         self._owns_executor = executor is None
         self.max_concurrency = max_concurrency

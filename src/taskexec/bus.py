@@ -28,6 +28,13 @@ from typing import Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict
 
+from ._errors import (
+    BusTimeoutError,
+    InvalidValueError,
+    NoSubscriberError,
+    NotAModelError,
+    NotARequestError,
+)
 from ._models import ExecutionResult
 
 __all__ = (
@@ -117,7 +124,7 @@ class Subscription:
         block_timeout_s: float,
     ) -> None:
         if maxsize < 1:
-            raise ValueError("maxsize must be at least 1")
+            raise InvalidValueError(f"maxsize must be at least 1, not {maxsize}")
         self.pattern = pattern
         self.maxsize = maxsize
         self.overflow: Overflow = overflow
@@ -232,7 +239,7 @@ class MessageBus:
 
     async def publish(self, topic: str, message: BaseModel, *, reply_to: str | None = None) -> int:
         if not isinstance(message, BaseModel):
-            raise TypeError(f"bus messages are pydantic models, not {type(message).__name__}")
+            raise NotAModelError(f"bus messages are pydantic models, not {type(message).__name__}")
         envelope = Envelope(topic, message, reply_to)
         delivered = 0
         for subscription in [s for s in self._subscriptions if _matches(s.pattern, topic)]:
@@ -282,19 +289,24 @@ class MessageBus:
         """Publish ``message`` on ``topic`` and return the first reply.
 
         Raises:
-            TimeoutError: No reply came within ``timeout_s``.
-            LookupError: Nobody subscribes to ``topic``.
+            BusTimeoutError: No reply came within ``timeout_s`` (a ``TimeoutError``).
+            NoSubscriberError: Nobody subscribes to ``topic`` (a ``LookupError``).
         """
         reply_topic = f"_reply.{next(self._ids)}"
         with self.subscribe(reply_topic, maxsize=1, overflow="drop_newest") as inbox:
             if not await self.publish(topic, message, reply_to=reply_topic):
-                raise LookupError(f"no subscriber for request topic {topic!r}")
-            async with asyncio.timeout(timeout_s):
-                return (await inbox.get()).message
+                raise NoSubscriberError(f"no subscriber for request topic {topic!r}")
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return (await inbox.get()).message
+            except TimeoutError:
+                raise BusTimeoutError(
+                    f"no reply to the request on {topic!r} within {timeout_s:g} s"
+                ) from None
 
     async def reply(self, envelope: Envelope, message: BaseModel) -> None:
         if envelope.reply_to is None:
-            raise ValueError(f"the message on {envelope.topic!r} is not a request")
+            raise NotARequestError(f"the message on {envelope.topic!r} is not a request")
         await self.publish(envelope.reply_to, message)
 
     def _remove(self, subscription: Subscription) -> None:

@@ -180,7 +180,7 @@ class ProjectOrchestrator:
         bus: Where lifecycle events go and agents coordinate (default: a new :class:`MessageBus`).
 
     Raises:
-        ValueError: ``max_concurrency`` is below 1.
+        InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
     """
 
     def __init__(

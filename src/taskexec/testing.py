@@ -36,6 +36,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._errors import InvalidValueError
+
 __all__ = ("FAULTS", "MockServer", "MockStats", "RecordedRequest", "mock_server_in_thread")
 
 FAULTS = frozenset(
@@ -62,7 +64,7 @@ _SHUTDOWN_GRACE_S = 1.0
 def _check_fault(spec: str) -> str:
     base = spec.split(":", 1)[0]
     if base not in FAULTS and base != "429ms":
-        raise ValueError(f"unknown fault {spec!r}; known: {', '.join(sorted(FAULTS))}")
+        raise InvalidValueError(f"unknown fault {spec!r}; known: {', '.join(sorted(FAULTS))}")
     return spec
 
 

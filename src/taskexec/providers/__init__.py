@@ -1,6 +1,15 @@
-"""LLM providers, looked up by name.
+"""LLM providers, looked up by name, and everything needed to write one.
 
 Built in: ``offline``, ``openai`` (any OpenAI-compatible server), ``anthropic`` and ``gemini``.
+
+A provider subclasses :class:`Provider` (or :class:`HttpProvider` for one JSON POST per attempt)
+and implements ``complete(agent, prompt, pool, timeout_s) -> ChatReply``. It receives a
+:class:`ClientPool`, whose ``get()`` is the running loop's :class:`HttpClient` (``post`` returns an
+:class:`HttpResponse` or raises :class:`TransportError`), and reports a failed attempt by raising
+:class:`AttemptFailed` with an ``ExecutionError``; :func:`classify_response`,
+:func:`transport_failure` and :func:`redactor` build those the way the built-in providers do, so
+retries, ``Retry-After`` and key redaction behave the same. Every name here is public and
+documented; nothing a provider needs lives in a private module.
 Register your own with :func:`register_provider`, or from a package through the
 ``taskexec.providers`` entry point group (the entry point names the provider and points at a
 :class:`~taskexec.providers.base.Provider` subclass or instance)::
@@ -16,10 +25,12 @@ from importlib.metadata import entry_points
 from threading import Lock
 
 from .._errors import ProviderNotFoundError
+from .._http import ClientPool, HttpClient, HttpResponse, TransportError
 from .._models import Agent
+from .._retry import AttemptFailed, classify_response, transport_failure
 from .._secrets import Redactor
 from .anthropic import AnthropicProvider
-from .base import ChatReply, HttpProvider, Provider, Unavailable
+from .base import ChatReply, HttpProvider, Provider, Unavailable, redactor
 from .gemini import GeminiProvider
 from .offline import OfflineProvider
 from .openai import OpenAIProvider
@@ -27,19 +38,27 @@ from .openai import OpenAIProvider
 __all__ = (
     "ENTRY_POINT_GROUP",
     "AnthropicProvider",
+    "AttemptFailed",
     "ChatReply",
+    "ClientPool",
     "GeminiProvider",
+    "HttpClient",
     "HttpProvider",
+    "HttpResponse",
     "OfflineProvider",
     "OpenAIProvider",
     "Provider",
+    "TransportError",
     "Unavailable",
+    "classify_response",
     "get_provider",
     "is_provider_available",
     "list_available_providers",
     "list_providers",
+    "redactor",
     "register_provider",
     "secret_redactor",
+    "transport_failure",
 )
 
 ENTRY_POINT_GROUP = "taskexec.providers"
