@@ -132,13 +132,8 @@ class Generator:
         cls = getattr(module, shim.name)
         alias = f"_Async{shim.name}"
         self.imports.setdefault(shim.module, set()).add(f"{shim.name} as {alias}")
-        doc = inspect.getdoc(cls) or ""
-        doc = (
-            (f"Blocking shim of :class:`taskexec.{shim.name}` (generated).\n\n" + doc)
-            .replace("await ", "")
-            .replace("async with", "with")
-            .replace("aclose()", "close()")
-        )
+        doc = shim.docs.get("") or inspect.getdoc(cls) or ""
+        check_docstring(shim, shim.name, doc)
         out = [f"class {shim.name}:", _docstring(doc, 4)]
         params, forward = self.signature(cls.__init__, module)
         out += [
@@ -174,7 +169,9 @@ class Generator:
     def render_member(
         self, shim: Shim, cls: type, name: str, member: Any, module: ModuleType
     ) -> list[str]:
-        doc = _docstring(inspect.getdoc(member) or "", 8)
+        text = shim.docs.get(name) or inspect.getdoc(member) or ""
+        check_docstring(shim, f"{shim.name}.{RENAMES.get(name, name)}", text)
+        doc = _docstring(text, 8)
         if isinstance(member, property):
             assert member.fget is not None
             return [
@@ -213,6 +210,26 @@ class Generator:
         lines += ["", f"__all__ = ({', '.join(repr(s.name) for s in SHIMS)},)", "", ""]
         lines.append("\n\n\n".join(classes))
         return _format("\n".join(lines) + "\n")
+
+
+#: Words that make a docstring false on the blocking side.
+_ASYNC_WORDS = re.compile(r"\b(await|async|asyncio|gather|TaskGroup|aclose|coroutine)\b")
+
+
+def check_docstring(shim: Shim, where: str, text: str) -> None:
+    """Fail generation if a shim's docstring says what is only true of the async class."""
+    found = _ASYNC_WORDS.search(text)
+    if found is None:
+        for member in shim.exclude:
+            found = re.search(rf"(:(?:attr|meth):`~?{member}`|\.{member}\b)", text)
+            if found is not None:
+                break
+    if found is not None:
+        raise SystemExit(
+            f"the docstring of taskexec.sync.{where} says {found.group(0)!r}, which is not true "
+            "of the blocking shim: write the async docstring so it holds for both, or give the "
+            "shim its own in compat/shims.py (Shim(docs=...))"
+        )
 
 
 def _docstring(text: str, indent: int) -> str:

@@ -4,6 +4,11 @@ Every public member of a declared class is mirrored: coroutine methods become bl
 with the same name, parameters, defaults, annotations and docstring; plain methods and properties
 delegate. A public async member the generator cannot mirror must be listed in ``exclude`` with the
 reason, or generation fails: adding an async method without deciding its sync story breaks CI.
+
+Docstrings are copied as written, never rewritten. Where an async docstring is not true of the
+blocking shim (it says ``await``, ``async with``, ``gather``, or names an excluded member), the
+shim's own docstring goes in ``docs`` (``""`` for the class); the generator fails on any shim
+docstring that still mentions one of those.
 """
 
 from __future__ import annotations
@@ -18,13 +23,57 @@ class Shim:
     module: str
     name: str
     exclude: dict[str, str] = field(default_factory=dict)
+    #: Sync docstrings for members ("" is the class) whose async docstring does not hold.
+    docs: dict[str, str] = field(default_factory=dict)
 
 
 #: Async name -> sync name.
 RENAMES = {"aclose": "close"}
 
+_EXECUTOR_DOC = """Runs agent tasks, blocking: ``executor.execute(task)`` returns one result.
+
+Calls run on one event loop shared by the process, driven by the calling threads, so sequential
+calls and calls from many threads share one pool of HTTP connections. Close the executor with
+``executor.close()`` or use it as ``with TaskExecutor(...) as executor``. From code that runs
+on an event loop, use :class:`taskexec.TaskExecutor` instead: this shim refuses to block a
+running loop.
+
+Args:
+    agents: The agents tasks may name.
+    default_agent: The agent for tasks that name none (default: the only agent, if one).
+    http_client: An ``httpx.AsyncClient`` to send every request through instead of the
+        built-in pool; it is not closed by :meth:`close`.
+    max_connections: Most HTTP connections open at once per event loop (0: no limit). By
+        default 256, raised to the ``max_concurrency`` of an orchestrator that runs tasks on
+        this executor; a value given here is kept as given.
+    connect_timeout_s: Time allowed to open one connection.
+    attempt_timeout_s: Cap on one HTTP attempt, so a stalled reply is retried
+        (default: an attempt may use all the time left before the task's deadline).
+    retry_policy: Backoff between attempts.
+
+Raises:
+    ConfigurationError: Two agents share a name, or ``default_agent`` is not among them.
+"""
+
+_ORCHESTRATOR_DOC = """Runs many tasks concurrently, blocking until all are done.
+
+Dependencies run first, at most ``max_concurrency`` tasks at once. Every task handed in gets
+exactly one result. A task whose dependency did not succeed is ``skipped``; with ``fail_fast``
+the first failure cancels the rest. The message bus of lifecycle events is not mirrored here
+(read it through :class:`taskexec.ProjectOrchestrator`); a bus passed here still receives them.
+
+Args:
+    executor: Runs each task (a ``taskexec.sync.TaskExecutor``); without one, the orchestrator
+        makes (and owns) its own.
+    max_concurrency: Most tasks running at once.
+    bus: Where lifecycle events go (default: a new ``MessageBus``).
+
+Raises:
+    InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
+"""
+
 SHIMS = (
-    Shim("taskexec._executor", "TaskExecutor"),
+    Shim("taskexec._executor", "TaskExecutor", docs={"": _EXECUTOR_DOC}),
     Shim(
         "taskexec._orchestrator",
         "ProjectOrchestrator",
@@ -33,5 +82,6 @@ SHIMS = (
             "executor": "returns the async executor; keep the sync one you passed in",
             "bus": "the message bus is async-only for now (see the contract)",
         },
+        docs={"": _ORCHESTRATOR_DOC},
     ),
 )

@@ -448,8 +448,8 @@ def test_programmer_errors_raise_with_the_fix() -> None:
         TaskExecutor([Agent(name="a"), Agent(name="a")])
     with pytest.raises(UnknownAgentError, match="default_agent 'x'"):
         TaskExecutor([Agent(name="a")], default_agent="x")
-    assert executor.resolve_names(task, agent="zed") == ("zed", "")
-    assert executor.resolve_names(task, agent="a", mode="script") == ("a", "script")
+    assert executor._resolve_names(task, agent="zed") == ("zed", "")
+    assert executor._resolve_names(task, agent="a", mode="script") == ("a", "script")
     assert "agents=[a, b]" in repr(executor)
 
 

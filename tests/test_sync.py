@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import re
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_every_public_member_is_mirrored_with_the_same_signature(shim: shims.Shi
             assert inspect.signature(sync_member.fget) == inspect.signature(member.fget)
             continue
         assert inspect.signature(sync_member) == inspect.signature(member), name
-        assert inspect.getdoc(sync_member) == inspect.getdoc(member), name
+        assert inspect.getdoc(sync_member) == (shim.docs.get(name) or inspect.getdoc(member))
         assert not inspect.iscoroutinefunction(sync_member)
         mirrored += 1
     assert mirrored >= 3
@@ -75,6 +76,38 @@ def test_a_new_async_method_changes_the_shims(monkeypatch: pytest.MonkeyPatch) -
     assert rendered != generate.TARGET.read_text()
     assert 'def summarize(self, task: AgentTask, *, style: str = "short") -> str:' in rendered
     assert generate.main(["--check"]) == 1
+
+
+@pytest.mark.parametrize("shim", shims.SHIMS, ids=lambda s: s.name)
+def test_no_shim_docstring_speaks_of_what_only_the_async_class_does(shim: shims.Shim) -> None:
+    sync_cls = getattr(taskexec.sync, shim.name)
+    texts = [inspect.getdoc(sync_cls) or ""]
+    texts += [inspect.getdoc(m) or "" for n, m in vars(sync_cls).items() if not n.startswith("_")]
+    for text in texts:
+        assert not re.search(r"\b(await|async|gather|aclose)\b", text), text
+        for member in shim.exclude:
+            assert f":attr:`{member}`" not in text
+            assert f":meth:`{member}`" not in text
+
+
+@pytest.mark.parametrize(
+    ("doc", "word"),
+    [
+        ("Close it with ``await executor.aclose()``.", "await"),
+        ("Run many with asyncio.gather.", "asyncio"),
+        ("Events go to :attr:`bus`.", ":attr:`bus`"),
+    ],
+)
+def test_the_generator_refuses_an_async_only_docstring(
+    monkeypatch: pytest.MonkeyPatch, doc: str, word: str
+) -> None:
+    async def run(self: object, plan: object) -> None:
+        pass
+
+    run.__doc__ = doc
+    monkeypatch.setattr(taskexec.ProjectOrchestrator, "run", run)
+    with pytest.raises(SystemExit, match=re.escape(f"ProjectOrchestrator.run says {word!r}")):
+        generate.Generator().render()
 
 
 def test_an_async_generator_must_be_declared(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,9 +115,6 @@ class TaskExecutor:
     ) -> ExecutionResult:
         """Execute a single task using the specified agent.
 
-        This method is async so that many tasks can run concurrently on one event loop; it never
-        starts a loop of its own.
-
         Args:
             task: The task to run.
             agent: An agent name or an :class:`Agent`; wins over ``task.agent``.
@@ -213,7 +210,7 @@ class TaskExecutor:
             )
         return resolved, chosen
 
-    def resolve_names(
+    def _resolve_names(
         self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
     ) -> tuple[str, str]:
         """Return the agent name and mode a task would use (``""`` where unresolvable)."""
@@ -224,7 +221,7 @@ class TaskExecutor:
             return name, mode or task.mode or ""
         return resolved.name, chosen
 
-    def not_run_result(
+    def _not_run_result(
         self,
         task: AgentTask,
         status: ExecutionStatus,
@@ -236,7 +233,7 @@ class TaskExecutor:
 
         Its ``agent`` and ``mode`` are what the task would have used, ``""`` where unresolved.
         """
-        agent, mode = self.resolve_names(task)
+        agent, mode = self._resolve_names(task)
         now = datetime.now(UTC)
         return ExecutionResult(
             task_id=task.id,

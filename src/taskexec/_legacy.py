@@ -209,7 +209,7 @@ class LegacyEngine:
                     kind="cancelled",
                     message=f"cancelled by fail_fast after task {stopped_by!r} did not succeed",
                 )
-                result = self._executor.not_run_result(
+                result = self._executor._not_run_result(
                     task, ExecutionStatus.CANCELLED, error, engine="legacy"
                 )
             else:
@@ -220,7 +220,7 @@ class LegacyEngine:
                         message=f"dependency {failed!r} did not succeed "
                         f"({results[failed].status.value})",
                     )
-                    result = self._executor.not_run_result(
+                    result = self._executor._not_run_result(
                         task, ExecutionStatus.SKIPPED, error, engine="legacy"
                     )
                 else:

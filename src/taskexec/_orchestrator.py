@@ -311,7 +311,7 @@ class _Run:
             for task in self.tasks:
                 if task.id not in self.results:
                     await self._record(
-                        self.executor.not_run_result(task, ExecutionStatus.CANCELLED, error)
+                        self.executor._not_run_result(task, ExecutionStatus.CANCELLED, error)
                     )
         return [self.results[t.id] for t in self.tasks]
 
@@ -358,7 +358,7 @@ class _Run:
             log.error("task %s: unexpected error\n%s", task.id, redact(trace))
             message = redact.cut(f"{type(exc).__name__}: {exc}", _INTERNAL_MESSAGE_LIMIT)
             error = ExecutionError(kind="internal", message=message)
-            result = self.executor.not_run_result(task, ExecutionStatus.FAILED, error)
+            result = self.executor._not_run_result(task, ExecutionStatus.FAILED, error)
         self.running.pop(task.id, None)
         await self._finish(task, result)
         self._fill()
@@ -407,6 +407,6 @@ class _Run:
                     message=f"dependency {dep_id!r} did not succeed ({dep_status.value})",
                 )
                 await self._record(
-                    self.executor.not_run_result(dependent, ExecutionStatus.SKIPPED, error)
+                    self.executor._not_run_result(dependent, ExecutionStatus.SKIPPED, error)
                 )
                 frontier.append((dependent.id, ExecutionStatus.SKIPPED))

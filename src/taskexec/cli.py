@@ -349,7 +349,7 @@ def _cancelled(
     executor: TaskExecutor, task: AgentTask, engine: flags.Engine, why: str
 ) -> ExecutionResult:
     error = ExecutionError(kind="cancelled", message=f"cancelled: the run was interrupted ({why})")
-    return executor.not_run_result(task, ExecutionStatus.CANCELLED, error, engine=engine)
+    return executor._not_run_result(task, ExecutionStatus.CANCELLED, error, engine=engine)
 
 
 async def _run_async(

@@ -22,37 +22,29 @@ import httpx
 
 from taskexec import _bridge
 from taskexec._executor import TaskExecutor as _AsyncTaskExecutor
-from taskexec._models import (
-    Agent,
-    AgentTask,
-    ExecutionError,
-    ExecutionResult,
-    ExecutionStatus,
-    Mode,
-)
+from taskexec._models import Agent, AgentTask, ExecutionResult, Mode
 from taskexec._orchestrator import ProjectOrchestrator as _AsyncProjectOrchestrator
 from taskexec._plan import Plan
 from taskexec._retry import RetryPolicy
 from taskexec.bus import Bus
-from taskexec.flags import Engine
 
 __all__ = ("ProjectOrchestrator", "TaskExecutor")
 
 
 class TaskExecutor:
-    """Blocking shim of :class:`taskexec.TaskExecutor` (generated).
+    """Runs agent tasks, blocking: ``executor.execute(task)`` returns one result.
 
-    Runs agent tasks: ``executor.execute(task)`` returns one :class:`ExecutionResult`.
-
-    Calls may run concurrently from one event loop (``asyncio.gather`` or a ``TaskGroup``); HTTP
-    connections are pooled per event loop and shared by every call. Close the executor with
-    ``executor.close()`` or use it as ``with TaskExecutor(...) as executor``.
+    Calls run on one event loop shared by the process, driven by the calling threads, so sequential
+    calls and calls from many threads share one pool of HTTP connections. Close the executor with
+    ``executor.close()`` or use it as ``with TaskExecutor(...) as executor``. From code that runs
+    on an event loop, use :class:`taskexec.TaskExecutor` instead: this shim refuses to block a
+    running loop.
 
     Args:
         agents: The agents tasks may name.
         default_agent: The agent for tasks that name none (default: the only agent, if one).
         http_client: An ``httpx.AsyncClient`` to send every request through instead of the
-            built-in pool; it is not closed by :meth:`aclose`.
+            built-in pool; it is not closed by :meth:`close`.
         max_connections: Most HTTP connections open at once per event loop (0: no limit). By
             default 256, raised to the ``max_concurrency`` of an orchestrator that runs tasks on
             this executor; a value given here is kept as given.
@@ -99,9 +91,6 @@ class TaskExecutor:
     ) -> ExecutionResult:
         """Execute a single task using the specified agent.
 
-        This method is async so that many tasks can run concurrently on one event loop; it never
-        starts a loop of its own.
-
         Args:
             task: The task to run.
             agent: An agent name or an :class:`Agent`; wins over ``task.agent``.
@@ -133,26 +122,6 @@ class TaskExecutor:
         """
         return self._async.resolve(task, agent, mode)
 
-    def resolve_names(
-        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
-    ) -> tuple[str, str]:
-        """Return the agent name and mode a task would use (``""`` where unresolvable)."""
-        return self._async.resolve_names(task, agent, mode)
-
-    def not_run_result(
-        self,
-        task: AgentTask,
-        status: ExecutionStatus,
-        error: ExecutionError,
-        *,
-        engine: Engine = "async",
-    ) -> ExecutionResult:
-        """Return the result of a task that never ran (``skipped`` or ``cancelled``).
-
-        Its ``agent`` and ``mode`` are what the task would have used, ``""`` where unresolved.
-        """
-        return self._async.not_run_result(task, status, error, engine=engine)
-
     def __enter__(self) -> Self:
         return self
 
@@ -166,18 +135,18 @@ class TaskExecutor:
 
 
 class ProjectOrchestrator:
-    """Blocking shim of :class:`taskexec.ProjectOrchestrator` (generated).
+    """Runs many tasks concurrently, blocking until all are done.
 
-    Runs many tasks concurrently: dependencies first, at most ``max_concurrency`` at once.
-
-    Every task handed in gets exactly one result. A task whose dependency did not succeed is
-    ``skipped``; with ``fail_fast`` the first failure cancels the rest. Lifecycle events
-    (``task.queued``, ``task.started``, ``task.finished``) go to :attr:`bus`.
+    Dependencies run first, at most ``max_concurrency`` tasks at once. Every task handed in gets
+    exactly one result. A task whose dependency did not succeed is ``skipped``; with ``fail_fast``
+    the first failure cancels the rest. The message bus of lifecycle events is not mirrored here
+    (read it through :class:`taskexec.ProjectOrchestrator`); a bus passed here still receives them.
 
     Args:
-        executor: Runs each task; without one, the orchestrator makes (and owns) its own.
+        executor: Runs each task (a ``taskexec.sync.TaskExecutor``); without one, the orchestrator
+            makes (and owns) its own.
         max_concurrency: Most tasks running at once.
-        bus: Where lifecycle events go and agents coordinate (default: a new :class:`MessageBus`).
+        bus: Where lifecycle events go (default: a new ``MessageBus``).
 
     Raises:
         InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
