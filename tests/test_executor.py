@@ -24,6 +24,7 @@ from taskexec import (
     UnknownAgentError,
     UnsupportedModeError,
 )
+from taskexec._async_engine import execute_task
 from taskexec.providers.offline import offline_reply
 from taskexec.testing import MockServer
 
@@ -294,7 +295,9 @@ async def test_script_mode_json_output() -> None:
     agent = script_agent("bot", "echo.py")
     task = AgentTask(id="t", prompt="Do {{d}}", depends_on=["d"])
     async with executor_for(agent) as executor:
-        result = await executor._execute(task, None, None, {"d": "the thing"})
+        result = await execute_task(
+            executor._roster, executor._settings, task, None, None, {"d": "the thing"}
+        )
     assert result.status is ExecutionStatus.SUCCESS
     assert result.output == "echo bot: Do the thing"
     assert (result.mode, result.attempts, result.metadata) == (
@@ -448,8 +451,8 @@ def test_programmer_errors_raise_with_the_fix() -> None:
         TaskExecutor([Agent(name="a"), Agent(name="a")])
     with pytest.raises(UnknownAgentError, match="default_agent 'x'"):
         TaskExecutor([Agent(name="a")], default_agent="x")
-    assert executor._resolve_names(task, agent="zed") == ("zed", "")
-    assert executor._resolve_names(task, agent="a", mode="script") == ("a", "script")
+    assert executor._roster.resolve_names(task, agent="zed") == ("zed", "")
+    assert executor._roster.resolve_names(task, agent="a", mode="script") == ("a", "script")
     assert "agents=[a, b]" in repr(executor)
 
 

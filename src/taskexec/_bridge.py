@@ -43,9 +43,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
 from ._callsite import caller_site, site_of
+from ._engines import current_engine, work_of
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
-from .flags import get_engine
 
 __all__ = ("call", "unwrap")
 
@@ -318,8 +318,8 @@ def _warn_sync_call(cls: str, name: str) -> None:
 def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``await method(*args, **kwargs)`` (a bound async method) and return its result, blocking.
 
-    Under the legacy engine, the object's ``_legacy_<name>`` runs instead, in this thread, with
-    no event loop of the bridge involved: the rollback path does not depend on the bridge.
+    When the current engine runs in the caller's thread (the legacy engine), the work the
+    method stands for goes to it directly, with no event loop of the bridge involved.
 
     Raises:
         SyncInAsyncContextError: This thread is running an event loop.
@@ -356,10 +356,13 @@ def _call(
             f"taskexec.sync.{cls}.{name}() blocks, and this thread is running an event loop; "
             f"use `await taskexec.{cls}.{name}(...)` here instead"
         )
-    if get_engine() == "legacy":
-        legacy: Callable[P, T] | None = getattr(target, f"_legacy_{name}", None)
-        if legacy is not None:
-            return legacy(*args, **kwargs)
+    engine = current_engine()
+    if engine.runs_in_caller_thread:
+        # The legacy engine runs in this thread, with no loop of the bridge involved: the
+        # rollback path must not depend on the bridge.
+        work = work_of(method, args, kwargs)
+        if work is not None:
+            return cast(T, engine.run_blocking(work))
     app_loop, task_context = _app_loop()
     if app_loop is not None:
         return _run(app_loop, method(*args, **kwargs), task_context)

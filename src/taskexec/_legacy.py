@@ -25,8 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
+from ._calls import CallSettings, Roster, prepare
 from ._graph import topological_order
 from ._http import BlockingClient, ClientPool, TransportError
 from ._models import (
@@ -52,19 +53,24 @@ from ._modes.script import (
     script_stdin,
     track_group,
 )
+from ._results import Progress, make_result
 from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
 
-if TYPE_CHECKING:
-    from ._executor import TaskExecutor
-
-__all__ = ("LegacyEngine",)
+__all__ = ("LegacyRunner",)
 
 
-class LegacyEngine:
-    """Runs tasks the pre-refactor way, with the agents and settings of an async executor."""
+class LegacyRunner:
+    """Runs tasks the pre-refactor way, with the agents and call settings it is given.
 
-    def __init__(self, executor: TaskExecutor) -> None:
-        self._executor = executor
+    Args:
+        roster: The agents tasks may name.
+        settings: Pool limits, retry policy and attempt timeout (the pool itself is not used:
+            each task gets a client of its own, as before the refactor).
+    """
+
+    def __init__(self, roster: Roster, settings: CallSettings) -> None:
+        self._roster = roster
+        self._settings = settings
 
     def execute(
         self,
@@ -80,11 +86,11 @@ class LegacyEngine:
         ``on_interrupt`` gets the task's ``cancelled`` result (with the attempts it made and
         the time it ran), and the interrupt goes on.
         """
-        from ._executor import Progress, make_result
-
         started_at = datetime.now(UTC)
         start = time.monotonic()
-        call, chosen, deadline_s = self._executor._prepare(task, agent, mode, outputs, start)
+        call, chosen, deadline_s = prepare(
+            self._roster, self._settings, task, agent, mode, outputs, start
+        )
         try:
             if chosen == "llm":
                 outcome = asyncio.run(self._execute_via_llm(call, deadline_s))
@@ -106,9 +112,9 @@ class LegacyEngine:
 
     async def _execute_via_llm(self, call: Call, deadline_s: float) -> Outcome:
         # A new pool, hence a new client and new connections, for this one task: the old way.
+        shared = self._settings.pool
         pool = ClientPool(
-            max_connections=self._executor._pool.max_connections,
-            connect_timeout_s=self._executor._pool.connect_timeout_s,
+            max_connections=shared.max_connections, connect_timeout_s=shared.connect_timeout_s
         )
         call.pool = pool
         try:
@@ -123,7 +129,7 @@ class LegacyEngine:
     def _execute_api(self, call: Call, deadline_s: float) -> Outcome:
         request = api_request(call)
         metadata = {"execution_mode": "api"}
-        connect = self._executor._pool.connect_timeout_s
+        connect = self._settings.pool.connect_timeout_s
         with BlockingClient(connect_timeout_s=connect) as client:
             while True:
                 call.attempts += 1
@@ -209,8 +215,8 @@ class LegacyEngine:
                     kind="cancelled",
                     message=f"cancelled by fail_fast after task {stopped_by!r} did not succeed",
                 )
-                result = self._executor._not_run_result(
-                    task, ExecutionStatus.CANCELLED, error, engine="legacy"
+                result = self._roster.not_run_result(
+                    task, ExecutionStatus.CANCELLED, error, "legacy"
                 )
             else:
                 failed = next((d for d in task.depends_on if not results[d].ok), None)
@@ -220,8 +226,8 @@ class LegacyEngine:
                         message=f"dependency {failed!r} did not succeed "
                         f"({results[failed].status.value})",
                     )
-                    result = self._executor._not_run_result(
-                        task, ExecutionStatus.SKIPPED, error, engine="legacy"
+                    result = self._roster.not_run_result(
+                        task, ExecutionStatus.SKIPPED, error, "legacy"
                     )
                 else:
                     outputs = {d: results[d].output for d in task.depends_on}

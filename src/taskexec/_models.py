@@ -26,6 +26,7 @@ __all__ = (
     "PLACEHOLDER_RE",
     "Agent",
     "AgentTask",
+    "EngineName",
     "ErrorKind",
     "ExecutionError",
     "ExecutionResult",
@@ -36,7 +37,9 @@ __all__ = (
 )
 
 Mode = Literal["llm", "api", "script"]
-Engine = Literal["async", "legacy"]
+#: The engines the rollback flag chooses between (``taskexec.flags``).
+EngineName = Literal["async", "legacy"]
+Engine = EngineName  # the name ExecutionResult.engine has always used
 
 _ID_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 #: ``{{dep_id}}`` in a prompt names the output of a dependency.

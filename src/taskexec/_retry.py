@@ -13,17 +13,35 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._http import HttpResponse, TransportError
 from ._models import ExecutionError
 from ._secrets import Redactor
 
-if TYPE_CHECKING:
-    from ._modes import Call
+
+class Budget(Protocol):
+    """What retrying needs to know of a task: its tries so far, its budget and its deadline.
+
+    The modes' call record satisfies it; retrying needs nothing else of it, so this module
+    depends on no other part of taskexec but the models and the transport's types.
+    """
+
+    @property
+    def task_id(self) -> str:
+        """The task's id, for log lines."""
+        ...
+
+    attempts: int
+    max_retries: int
+    deadline: float  # loop.time() (time.monotonic()) by which the task must be over
+    policy: RetryPolicy
+    attempt_timeout_s: float | None
+
 
 __all__ = (
     "AttemptFailed",
+    "Budget",
     "RetryPolicy",
     "attempt_timeout",
     "body_snippet",
@@ -156,14 +174,14 @@ def transport_failure(exc: TransportError, redact: Redactor, *, where: str) -> A
     return AttemptFailed(ExecutionError(kind=exc.kind, message=message, retryable=True))
 
 
-def next_wait(call: Call, failed: AttemptFailed, now: float) -> float | None:
+def next_wait(call: Budget, failed: AttemptFailed, now: float) -> float | None:
     """Return how long to wait before the next try, or None when there should be none.
 
     No retry for a permanent error, a spent budget, or a wait that would end past the deadline
     (then the real error is reported at once instead of sleeping into a timeout).
     """
     error = failed.error
-    log.debug("task %s: attempt %d failed: %s", call.task.id, call.attempts, error.message)
+    log.debug("task %s: attempt %d failed: %s", call.task_id, call.attempts, error.message)
     if not error.retryable or call.attempts > call.max_retries:
         return None
     if failed.retry_after_s is not None:
@@ -173,7 +191,7 @@ def next_wait(call: Call, failed: AttemptFailed, now: float) -> float | None:
     return None if now + wait >= call.deadline else wait
 
 
-def attempt_timeout(call: Call, now: float) -> float | None:
+def attempt_timeout(call: Budget, now: float) -> float | None:
     """Return the timeout of the next attempt: ``attempt_timeout_s`` if shorter than the time left.
 
     Otherwise None: the task's deadline is enforced once, by the engine, not again per attempt.
@@ -183,7 +201,7 @@ def attempt_timeout(call: Call, now: float) -> float | None:
 
 
 async def run_attempts(
-    call: Call, attempt: Callable[[float | None], Awaitable[T]]
+    call: Budget, attempt: Callable[[float | None], Awaitable[T]]
 ) -> tuple[T | None, ExecutionError | None]:
     """Call ``attempt`` until it succeeds, the budget is spent, or the deadline would pass.
 
@@ -191,7 +209,7 @@ async def run_attempts(
     reports how many tries it made.
 
     Args:
-        call: The task's call record (deadline, retry budget, policy, per-attempt timeout).
+        call: The task's budget (deadline, retries, policy, per-attempt timeout).
         attempt: One try; gets its timeout (None: until the deadline) and raises
             :class:`AttemptFailed`.
 

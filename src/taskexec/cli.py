@@ -34,12 +34,11 @@ from rich.progress import (
 from rich.table import Table
 
 from . import flags
+from ._engines import ENGINES, Batch, Engine
 from ._errors import PlanError, TaskexecError
 from ._executor import TaskExecutor
-from ._legacy import LegacyEngine
 from ._models import PLACEHOLDER_RE, AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from ._modes.script import kill_live_groups
-from ._orchestrator import ProjectOrchestrator
 from ._plan import load_plan
 from ._version import __version__
 from .bus import MessageBus
@@ -349,31 +348,22 @@ def _cancelled(
     executor: TaskExecutor, task: AgentTask, engine: flags.Engine, why: str
 ) -> ExecutionResult:
     error = ExecutionError(kind="cancelled", message=f"cancelled: the run was interrupted ({why})")
-    return executor._not_run_result(task, ExecutionStatus.CANCELLED, error, engine=engine)
+    return executor._roster.not_run_result(task, ExecutionStatus.CANCELLED, error, engine)
 
 
-async def _run_async(
-    executor: TaskExecutor,
-    tasks: list[AgentTask],
-    concurrency: int,
-    fail_fast: bool,
-    report: Reporter,
-    interrupts: _Interrupts,
+async def _run_on_loop(
+    engine: Engine, batch: Batch, bus: MessageBus, report: Reporter, interrupts: _Interrupts
 ) -> bool:
-    """Run on the async engine; return False if interrupted."""
-    bus = MessageBus(maxsize=max(1000, 2 * len(tasks)))
-    orchestrator = ProjectOrchestrator(executor, max_concurrency=concurrency, bus=bus)
+    """Run the batch on this (the command's) event loop; return False if interrupted."""
+    loop = asyncio.get_running_loop()
 
     async def watch_starts() -> None:
         async for _ in bus.subscribe("task.started"):
             report.started()
 
-    loop = asyncio.get_running_loop()
-    # Results go to the report the moment each task ends, also the "cancelled while running"
-    # results of tasks cut off by an interruption.
-    runner = asyncio.create_task(
-        orchestrator._run(executor, tasks, fail_fast, concurrency, report.finished)
-    )
+    # Results go to the report the moment each task ends (the batch's on_result), also the
+    # "cancelled while running" results of tasks cut off by an interruption.
+    runner = asyncio.create_task(engine.execute_tasks(batch))
     watcher = asyncio.create_task(watch_starts())
     interrupts.on_first = runner.cancel
     for signum in _Interrupts.NAMES:
@@ -388,17 +378,11 @@ async def _run_async(
             loop.remove_signal_handler(signum)
         watcher.cancel()
         await bus.aclose()
-        await executor.aclose()
+        await batch.settings.pool.aclose()
 
 
-def _run_legacy(
-    executor: TaskExecutor,
-    tasks: list[AgentTask],
-    fail_fast: bool,
-    report: Reporter,
-    interrupts: _Interrupts,
-) -> bool:
-    """Run on the legacy engine in this thread; return False if interrupted."""
+def _run_in_thread(engine: Engine, batch: Batch, interrupts: _Interrupts) -> bool:
+    """Run the batch in this (the main) thread; return False if interrupted."""
 
     def interrupt() -> None:
         raise KeyboardInterrupt  # stops the blocking call in flight, in this (the main) thread
@@ -409,10 +393,10 @@ def _run_legacy(
     interrupts.on_first = interrupt
     previous = {signum: signal.signal(signum, on_signal) for signum in _Interrupts.NAMES}
     try:
-        LegacyEngine(executor).execute_tasks(tasks, fail_fast, report.finished)
+        engine.execute_tasks_blocking(batch)
     except KeyboardInterrupt:
-        # The legacy engine stopped the script or request in flight, and reported the task
-        # it cut off, before this got here.
+        # The engine stopped the script or request in flight, and reported the task it cut
+        # off, before this got here.
         return False
     finally:
         for signum, handler in previous.items():
@@ -450,13 +434,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
             flags.use_engine(engine),
             Reporter(todo, output, sys.stderr, fsync=args.fsync) as report,
         ):
-            if engine == "legacy":
-                completed = _run_legacy(executor, todo, fail_fast, report, interrupts)
+            runner = ENGINES[engine]
+            bus = MessageBus(maxsize=max(1000, 2 * len(todo)))
+            batch = Batch(
+                executor._roster,
+                executor._settings,
+                todo,
+                fail_fast,
+                concurrency,
+                bus,
+                on_result=report.finished,
+            )
+            if runner.runs_in_caller_thread:
+                completed = _run_in_thread(runner, batch, interrupts)
             else:
                 # The command line's own entry point: it owns the process's event loop.
-                completed = asyncio.run(
-                    _run_async(executor, todo, concurrency, fail_fast, report, interrupts)
-                )
+                completed = asyncio.run(_run_on_loop(runner, batch, bus, report, interrupts))
             for task in todo:
                 if task.id not in report.results:
                     cancelled = _cancelled(executor, task, engine, interrupts.name)

@@ -15,9 +15,9 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 from ._errors import ConfigurationError
+from ._models import EngineName as Engine
 
 __all__ = (
     "ENGINES",
@@ -30,7 +30,6 @@ __all__ = (
     "use_engine",
 )
 
-Engine = Literal["async", "legacy"]
 ENGINES: tuple[Engine, ...] = ("async", "legacy")
 ENV_VAR = "TASKEXEC_ENGINE"
 

@@ -86,6 +86,21 @@ class TaskExecutor:
         """The registered agents by name (read-only)."""
         return self._async.agents
 
+    @property
+    def default_agent(self) -> str | None:
+        """The agent for tasks that name none (None: the only agent, if there is one)."""
+        return self._async.default_agent
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The backoff between attempts."""
+        return self._async.retry_policy
+
+    @property
+    def attempt_timeout_s(self) -> float | None:
+        """The cap on one HTTP attempt (None: until the task's deadline)."""
+        return self._async.attempt_timeout_s
+
     def execute(
         self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
     ) -> ExecutionResult:

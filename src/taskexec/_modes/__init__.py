@@ -26,6 +26,11 @@ class Call:
     attempt_timeout_s: float | None
     attempts: int = 0
 
+    @property
+    def task_id(self) -> str:
+        """The task's id (for log lines)."""
+        return self.task.id
+
 
 @dataclass(slots=True)
 class Outcome:
