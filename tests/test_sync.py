@@ -377,3 +377,55 @@ def test_a_loop_closed_without_shutdown_is_released_at_the_next_use(
     assert asyncio.run(executor.execute(task)).ok
     wait_until(lambda: _open_connections(mock_server) == 0, "the closed loops' connections")
     assert len(executor._pool._clients) == 0
+
+
+def test_a_thread_sensitive_call_inside_the_shim_does_not_deadlock(tmp_path: Path) -> None:
+    # Django's shape: a request handled inside ThreadSensitiveContext; the view (run by
+    # sync_to_async) calls taskexec.sync; the provider itself awaits a thread-sensitive
+    # sync_to_async (an ORM call). asgiref's async_to_sync serves that inner call from the
+    # view's blocked thread; a bridge that merely waits for the loop deadlocks here.
+    program = tmp_path / "view.py"
+    program.write_text(
+        """
+import asyncio
+
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+
+import taskexec
+import taskexec.sync
+from taskexec.providers import ChatReply, Provider, register_provider
+
+
+def orm_lookup(prompt):
+    return prompt.upper()
+
+
+class OrmBacked(Provider):
+    name = "orm-backed"
+
+    async def complete(self, agent, prompt, pool, timeout_s):
+        text = await sync_to_async(orm_lookup)(prompt)  # thread_sensitive=True, the default
+        return ChatReply(text, taskexec.Usage())
+
+
+register_provider(OrmBacked)
+executor = taskexec.sync.TaskExecutor([taskexec.Agent(name="a", provider="orm-backed")])
+
+
+def view():
+    return executor.execute(taskexec.AgentTask(id="t", prompt="hello")).output
+
+
+async def handle():
+    async with ThreadSensitiveContext():
+        return await sync_to_async(view)()
+
+
+print(asyncio.run(handle()))
+"""
+    )
+    completed = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "HELLO\n"

@@ -2,30 +2,19 @@
 
 It follows asgiref's ``async_to_sync`` semantics, and avoids its traps:
 
-- **Which loop.** Called from a worker thread of asgiref's ``sync_to_async`` under a running
-  application loop, the coroutine runs on that application loop (as ``async_to_sync`` does).
-  Otherwise it runs on one event loop shared by the whole process, never on a new loop per
-  call: pooled connections live on a loop, so a loop per call would mean a new client and new
-  connections per call ("Event loop is closed", httpx issue 2473).
-- **Who runs that loop.** The calling threads themselves: a caller that finds the loop idle runs
-  it in its own thread for the length of its call (a loop re-entry, a few microseconds); a caller
-  that finds another thread running it hands its call over and waits, and takes over the running
-  if that thread finishes first. So a single-threaded program pays no thread hand-off, and many
-  threads still share one loop, one pool and one ``close()``.
-- **Contextvars** are copied in, and changes made by the coroutine are copied back.
-- **A running loop in this thread** is an error (:class:`SyncInAsyncContextError`), never a hang
-  and never a nested loop.
-- **Ctrl-C or any exception raised into the waiting thread** cancels the task and waits for its
-  cleanup (request closed, subprocess killed) before it propagates; a second Ctrl-C stops
-  waiting.
-- **Exit and fork.** At interpreter exit the shared loop's pools are closed, then the loop; a
-  forked child makes a loop of its own and never touches the parent's loop or sockets.
-
-The two designs measured before choosing (``benchmarks/RESULTS.md``): a loop in a thread of its
-own (a *portal*) costs a thread hand-off per call, 45-110 us on these 2-core machines, more than
-the 100 us budget once the call itself runs on the other core; a loop per calling thread costs a
-re-entry, but a pool per thread. The shared, caller-driven loop keeps the portal's one pool and
-the re-entry's price.
+- **Which loop.** In a worker thread of asgiref's ``sync_to_async`` under a running application
+  loop, the call is asgiref's own ``async_to_sync``. Anywhere else it runs on one event loop
+  shared by the process, never a new loop per call (which would mean new connections per call).
+- **Who runs that loop.** The calling threads: a caller that finds the loop idle runs it for the
+  length of its call (a re-entry, a few microseconds); one that finds another thread running it
+  hands its call over, and takes over the running if that thread finishes first. One loop, one
+  pool, one ``close()``, for every thread (the measured alternatives: ``benchmarks/RESULTS.md``).
+- **Contextvars** are copied in and back; **a running loop in this thread** is an error
+  (:class:`SyncInAsyncContextError`), never a hang or a nested loop.
+- **Ctrl-C** cancels the task and waits for its cleanup (request closed, subprocess killed)
+  before it propagates; a second Ctrl-C stops waiting.
+- **Exit and fork.** At exit the shared loop's pools are closed, then the loop; a forked child
+  makes a loop of its own and never touches the parent's sockets.
 """
 
 from __future__ import annotations
@@ -38,11 +27,11 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
-from ._callsite import caller_site, site_of
+from ._callsite import caller_site, site_of, warn_sync_call
 from ._engines import current_engine, work_of
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
@@ -52,6 +41,11 @@ __all__ = ("call", "unwrap")
 T = TypeVar("T")
 P = ParamSpec("P")
 WARN_SYNC_ENV = "TASKEXEC_WARN_SYNC"
+RENAMES = {"aclose": "close"}
+#: After the shared loop has been idle this long, a call first lets it read its sockets once,
+#: so that a keep-alive connection the server closed meanwhile is not picked from the pool.
+#: Shorter than any server's keep-alive timeout (nginx 75 s, uvicorn 5 s, the mock's 5 s).
+IDLE_READ_AFTER_S = 1.0
 
 
 class _SharedLoop:
@@ -144,8 +138,9 @@ class _SharedLoop:
         goes unnoticed until the loop runs again; one pass of the loop notices it, so that the
         next call does not pick that dead connection from the pool.
         """
-        if self._idle_since and time.monotonic() - self._idle_since > 1.0:
-            loop.run_until_complete(_one_pass())  # this thread is the driver: the loop is ours
+        if self._idle_since and time.monotonic() - self._idle_since > IDLE_READ_AFTER_S:
+            # This thread is the driver: the loop is ours. One pass polls its sockets once.
+            loop.run_until_complete(asyncio.sleep(0))
 
     def finished(self, meeting: _Meeting) -> None:
         """Called on the loop when a call's task ends: wake its caller."""
@@ -180,40 +175,20 @@ class _SharedLoop:
         self._loop = None
 
 
-async def _one_pass() -> None:
-    """Return at once: running it makes the loop poll its sockets once."""
-
-
+@dataclass(slots=True, eq=False)
 class _Meeting:
     """One blocking call on the shared loop: its task, its outcome, its cancellation."""
 
-    __slots__ = (
-        "cancel_requested",
-        "context",
-        "coro",
-        "done",
-        "error",
-        "loop",
-        "owner",
-        "task",
-        "value",
-        "was_cancelled",
-    )
-
-    def __init__(
-        self,
-        owner: _SharedLoop,
-        loop: asyncio.AbstractEventLoop,
-        coro: Coroutine[Any, Any, Any],
-        context: contextvars.Context,
-    ) -> None:
-        self.owner, self.loop, self.coro, self.context = owner, loop, coro, context
-        self.task: asyncio.Task[None] | None = None
-        self.done = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.was_cancelled = False
-        self.cancel_requested = False
+    owner: _SharedLoop
+    loop: asyncio.AbstractEventLoop
+    coro: Coroutine[Any, Any, Any]
+    context: contextvars.Context
+    task: asyncio.Task[None] | None = None
+    done: bool = False
+    value: Any = None
+    error: BaseException | None = None
+    was_cancelled: bool = False
+    cancel_requested: bool = False
 
     def start(self) -> None:
         # Runs on the loop's driving thread. The task runs in `context`, a copy of the caller's,
@@ -264,23 +239,21 @@ def unwrap(value: Any) -> Any:
     return getattr(value, "_async", value)
 
 
-def _app_loop() -> tuple[asyncio.AbstractEventLoop | None, list[asyncio.Task[Any]] | None]:
-    """The loop to run on, and asgiref's task list to join for cancellation.
+def _inside_asgiref() -> bool:
+    """True in a worker thread of asgiref's ``sync_to_async`` under a running application loop.
 
-    Inside asgiref's ``sync_to_async`` (a worker thread under a running application loop) that
-    is the application loop, and our task joins asgiref's ``task_context`` so that cancelling
-    the awaiting coroutine cancels it, exactly as with ``async_to_sync``. Otherwise there is
-    none, and the bridge's shared loop is used.
+    The same test asgiref's ``async_to_sync`` makes (its thread-local, same process); only the
+    test: the call itself is then left to asgiref, which also serves thread-sensitive
+    ``sync_to_async`` calls made inside it from this blocked thread.
     """
     asgiref_sync = sys.modules.get("asgiref.sync")
-    if asgiref_sync is not None:
-        local = asgiref_sync.SyncToAsync.threadlocal
-        # Same check as asgiref: a loop recorded before a fork belongs to the parent.
-        if getattr(local, "main_event_loop_pid", None) == os.getpid():
-            loop: asyncio.AbstractEventLoop | None = getattr(local, "main_event_loop", None)
-            if loop is not None and loop.is_running():
-                return loop, getattr(local, "task_context", None)
-    return None, None
+    if asgiref_sync is None:
+        return False
+    local = asgiref_sync.SyncToAsync.threadlocal
+    if getattr(local, "main_event_loop_pid", None) != os.getpid():
+        return False  # none recorded, or recorded before a fork: the parent's loop
+    loop: asyncio.AbstractEventLoop | None = getattr(local, "main_event_loop", None)
+    return loop is not None and loop.is_running()
 
 
 def _restore_context(context: contextvars.Context) -> None:
@@ -294,27 +267,6 @@ def _restore_context(context: contextvars.Context) -> None:
         var.set(value)
 
 
-_warned_sites: set[tuple[str, int]] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_sync_call(cls: str, name: str) -> None:
-    """With TASKEXEC_WARN_SYNC=1, warn once per call site so teams can list what to migrate."""
-    frame = sys._getframe(3)  # call() <- the shim method <- the caller
-    site = (frame.f_code.co_filename, frame.f_lineno)
-    with _warned_lock:
-        if site in _warned_sites:
-            return
-        _warned_sites.add(site)
-    sync_name = "close" if name == "aclose" else name
-    warnings.warn(
-        f"taskexec.sync.{cls}.{sync_name}() is a blocking shim; migrate this call to "
-        f"`await taskexec.{cls}.{name}()` (see docs/MIGRATION.md)",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-
-
 def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``await method(*args, **kwargs)`` (a bound async method) and return its result, blocking.
 
@@ -324,29 +276,15 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
     Raises:
         SyncInAsyncContextError: This thread is running an event loop.
     """
-    target = getattr(method, "__self__", None)
     name = method.__name__
-    cls = type(target).__name__
+    cls = type(getattr(method, "__self__", None)).__name__
+    # The caller's line (call() <- the shim method <- the caller), for warnings raised while the
+    # call runs on a loop, perhaps in another thread, where that line is not on the stack.
+    site = site_of(sys._getframe(2))
     if os.environ.get(WARN_SYNC_ENV, "") not in ("", "0"):
-        _warn_sync_call(cls, name)
-    # The caller's line, for warnings raised while the call runs on a loop (perhaps in another
-    # thread) where that line is not on the stack: call() <- the shim method <- the caller.
-    site = caller_site.set(caller_site.get() or site_of(sys._getframe(2)))
-    try:
-        return _call(target, method, name, cls, *args, **kwargs)
-    finally:
-        caller_site.reset(site)
-
-
-def _call(
-    target: Any,
-    method: Callable[P, Coroutine[Any, Any, T]],
-    name: str,
-    cls: str,
-    /,
-    *args: P.args,
-    **kwargs: P.kwargs,
-) -> T:
+        warn_sync_call(
+            f"taskexec.sync.{cls}.{RENAMES.get(name, name)}", f"taskexec.{cls}.{name}", site
+        )
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -356,6 +294,14 @@ def _call(
             f"taskexec.sync.{cls}.{name}() blocks, and this thread is running an event loop; "
             f"use `await taskexec.{cls}.{name}(...)` here instead"
         )
+    token = caller_site.set(caller_site.get() or site)
+    try:
+        return _call(method, *args, **kwargs)
+    finally:
+        caller_site.reset(token)
+
+
+def _call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
     engine = current_engine()
     if engine.runs_in_caller_thread:
         # The legacy engine runs in this thread, with no loop of the bridge involved: the
@@ -363,90 +309,15 @@ def _call(
         work = work_of(method, args, kwargs)
         if work is not None:
             return cast(T, engine.run_blocking(work))
-    app_loop, task_context = _app_loop()
-    if app_loop is not None:
-        return _run(app_loop, method(*args, **kwargs), task_context)
+    if _inside_asgiref():
+        # A Django-style view under sync_to_async: run on the application's loop the way
+        # asgiref does, CurrentThreadExecutor included, so that a thread-sensitive
+        # sync_to_async awaited inside the call can run in this (blocked) thread.
+        from asgiref.sync import async_to_sync
+
+        return async_to_sync(method)(*args, **kwargs)
     context = contextvars.copy_context()
     try:
         return _shared.run(method(*args, **kwargs), context)
     finally:
         _restore_context(context)
-
-
-class _Rendezvous:
-    """One blocking call's meeting point: a lock the caller waits on, released by the loop.
-
-    A bare lock is the cheapest cross-thread wake-up there is (a concurrent.futures.Future adds a
-    Condition and callbacks), and waiting on it stays interruptible by Ctrl-C in the main thread.
-    """
-
-    __slots__ = ("cancel_requested", "cancelled", "error", "latch", "task", "value")
-
-    def __init__(self) -> None:
-        self.latch = threading.Lock()
-        self.latch.acquire()
-        self.task: asyncio.Task[Any] | None = None
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.cancel_requested = False
-
-
-def _run(
-    loop: asyncio.AbstractEventLoop,
-    coro: Coroutine[Any, Any, T],
-    task_context: list[asyncio.Task[Any]] | None = None,
-) -> T:
-    context = contextvars.copy_context()
-    meeting = _Rendezvous()
-
-    async def run_and_report() -> None:
-        # Reports from inside the task rather than from a done-callback: one loop iteration
-        # less per call, which is a measurable part of the hand-off (benchmarks/RESULTS.md).
-        try:
-            meeting.value = await coro
-        except asyncio.CancelledError:
-            meeting.cancelled = True
-            raise
-        except BaseException as exc:
-            meeting.error = exc
-        finally:
-            if task_context is not None and meeting.task in task_context:
-                task_context.remove(meeting.task)
-            meeting.latch.release()
-
-    def start() -> None:
-        # Runs on the target loop. The task runs in `context`, a copy of the caller's, so the
-        # caller's contextvars are visible inside and changes can be copied back afterwards.
-        if meeting.cancel_requested:
-            coro.close()
-            meeting.cancelled = True
-            meeting.latch.release()
-            return
-        task = meeting.task = loop.create_task(run_and_report(), context=context)
-        if task_context is not None:
-            task_context.append(task)
-
-    def cancel() -> None:
-        meeting.cancel_requested = True
-        if meeting.task is not None:
-            meeting.task.cancel()
-
-    loop.call_soon_threadsafe(start)
-    try:
-        meeting.latch.acquire()
-    except BaseException:
-        # KeyboardInterrupt, or an exception raised into this thread (a signal handler's
-        # timeout): cancel the task and wait for its cleanup (request closed, subprocess
-        # killed) before letting it propagate. A second Ctrl-C stops the wait.
-        loop.call_soon_threadsafe(cancel)
-        with contextlib.suppress(KeyboardInterrupt):
-            meeting.latch.acquire()
-        raise
-    finally:
-        _restore_context(context)
-    if meeting.cancelled:
-        raise asyncio.CancelledError
-    if meeting.error is not None:
-        raise meeting.error
-    return cast(T, meeting.value)

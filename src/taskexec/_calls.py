@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 
-from ._callsite import warn_at_caller
+from ._callsite import MIGRATION_GUIDE, warn_at_caller
 from ._errors import (
     ConfigurationError,
     ProviderNotFoundError,
@@ -38,7 +38,6 @@ __all__ = ("DEFAULT_TIMEOUT_S", "MIGRATION_GUIDE", "CallSettings", "Roster", "pr
 
 #: A task's deadline when neither the task nor its agent sets ``timeout_s``.
 DEFAULT_TIMEOUT_S = 600.0
-MIGRATION_GUIDE = "the migration guide (docs/MIGRATION.md in the taskexec repository)"
 _MODES = ("llm", "api", "script")
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextvars
 import os
 import sys
+import threading
 import warnings
 from types import FrameType
 from typing import Any, NamedTuple
 
-__all__ = ("CallSite", "caller_site", "current_site", "warn_at_caller")
+__all__ = ("CallSite", "caller_site", "current_site", "warn_at_caller", "warn_sync_call")
 
 
 class CallSite(NamedTuple):
@@ -25,6 +26,9 @@ class CallSite(NamedTuple):
     lineno: int
     module_globals: dict[str, Any]
 
+
+#: Where deprecation warnings send users (the docs are in the repository, not the wheel).
+MIGRATION_GUIDE = "the migration guide (docs/MIGRATION.md in the taskexec repository)"
 
 #: Set by the sync bridge for the length of one blocking call.
 caller_site: contextvars.ContextVar[CallSite | None] = contextvars.ContextVar(
@@ -81,3 +85,25 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
         module=str(module_globals.get("__name__", "<unknown>")),
         registry=module_globals.setdefault("__warningregistry__", {}),
     )
+
+
+_warned_sites: set[tuple[str, int]] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_sync_call(shim: str, target: str, site: CallSite) -> None:
+    """With ``TASKEXEC_WARN_SYNC=1``: warn once per call site of a blocking shim, so that a team
+    can list what is left to migrate."""
+    with _warned_lock:
+        if (site.filename, site.lineno) in _warned_sites:
+            return
+        _warned_sites.add((site.filename, site.lineno))
+    token = caller_site.set(site)
+    try:
+        warn_at_caller(
+            f"{shim}() is a blocking shim; migrate this call to `await {target}()` "
+            f"(see {MIGRATION_GUIDE})",
+            DeprecationWarning,
+        )
+    finally:
+        caller_site.reset(token)
