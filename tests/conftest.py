@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import os
 import sys
 import time
@@ -127,10 +131,39 @@ class SyncDriven:
         await self.aclose()
 
 
-@pytest.fixture(params=["async", "sync"])
+class ThreadDriven(SyncDriven):
+    """Drives a ``taskexec.sync`` object from a plain thread, the way a script or a thread pool
+    calls it: no asgiref, so the calls take the bridge's shared loop (``SyncDriven`` takes
+    asgiref's path). The caller's contextvars go along, as they would in the calling thread."""
+
+    _callers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="plain-sync-caller")
+
+    def __getattr__(self, name: str) -> object:
+        if name not in self._BLOCKING:
+            return getattr(self._sync._async, name)  # type: ignore[attr-defined]
+        method = getattr(self._sync, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            context = contextvars.copy_context()
+            work = functools.partial(context.run, method, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(self._callers, work)
+
+        return call
+
+
+@pytest.fixture(params=["async", "sync", "thread"])
 def api(request: pytest.FixtureRequest) -> str:
-    """Run the test body once through the async classes and once through the sync shims."""
+    """Run the test body through the async classes, and through the sync shims twice: from
+    inside asgiref's ``sync_to_async`` and from a plain thread.
+
+    A test that cannot run in a plain thread (cancelling the awaiting coroutine cannot stop a
+    blocked thread) narrows it with ``@pytest.mark.parametrize("api", ["async", "sync"])``.
+    """
     return str(request.param)
+
+
+def _driven(api: str, sync_object: object) -> SyncDriven:
+    return ThreadDriven(sync_object) if api == "thread" else SyncDriven(sync_object)
 
 
 @pytest.fixture
@@ -145,7 +178,7 @@ def make_executor(api: str) -> object:
         options.setdefault("retry_policy", FAST_RETRY)
         if api == "async":
             return taskexec.TaskExecutor(agents, **options)  # type: ignore[arg-type]
-        return SyncDriven(taskexec.sync.TaskExecutor(agents, **options))  # type: ignore[arg-type]
+        return _driven(api, taskexec.sync.TaskExecutor(agents, **options))  # type: ignore[arg-type]
 
     return make
 
@@ -171,11 +204,11 @@ def make_orchestrator(api: str) -> object:
                 yield taskexec.ProjectOrchestrator(executor, **options)  # type: ignore[arg-type]
         else:
             executor = taskexec.sync.TaskExecutor(agents, **executor_options)  # type: ignore[arg-type]
-            orchestrator = SyncDriven(taskexec.sync.ProjectOrchestrator(executor, **options))  # type: ignore[arg-type]
+            orchestrator = _driven(api, taskexec.sync.ProjectOrchestrator(executor, **options))  # type: ignore[arg-type]
             try:
                 yield orchestrator
             finally:
-                await SyncDriven(executor).aclose()
+                await _driven(api, executor).aclose()
 
     return make
 

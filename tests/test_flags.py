@@ -107,10 +107,12 @@ async def test_switching_between_calls(monkeypatch: pytest.MonkeyPatch, make_exe
 async def test_seed_case_concurrent_on_async_sequential_on_legacy(
     mock_server: MockServer, make_orchestrator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mock_server.latency_s = 0.3
+    # On the async engine no reply comes until all three are in flight; the legacy engine
+    # sends them one after another (a barrier would never fill there).
+    together = [AgentTask(id=f"t{i}", prompt=f"[[barrier=3:20]] task {i}") for i in range(3)]
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(3)]
-    async with make_orchestrator([openai_agent(mock_server)]) as orchestrator:
-        fast = await orchestrator.execute_tasks(tasks)
+    async with make_orchestrator([openai_agent(mock_server, max_retries=0)]) as orchestrator:
+        fast = await orchestrator.execute_tasks(together)
         assert mock_server.stats.max_in_flight == 3
         mock_server.reset()
         monkeypatch.setenv("TASKEXEC_ENGINE", "legacy")
@@ -120,7 +122,8 @@ async def test_seed_case_concurrent_on_async_sequential_on_legacy(
         assert mock_server.stats.connections_opened == 3
     assert [r.engine for r in fast] == ["async"] * 3
     assert [r.engine for r in slow] == ["legacy"] * 3
-    assert [r.output for r in fast] == [r.output for r in slow]
+    assert [r.output for r in fast] == [f"mock reply to: {t.prompt}" for t in together]
+    assert [r.output for r in slow] == [f"mock reply to: {t.prompt}" for t in tasks]
 
 
 async def test_legacy_plan_run_and_execute_task(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -216,6 +216,7 @@ async def test_fail_fast_kills_running_scripts(
     assert not any(pid_alive(p) for p in pids)
 
 
+@pytest.mark.parametrize("api", ["async", "sync"])  # cancels the awaiting coroutine
 async def test_caller_cancellation_cleans_up_before_propagating(
     mock_server: MockServer, tmp_path: Path, make_orchestrator: Any
 ) -> None:
@@ -250,9 +251,8 @@ async def test_caller_cancellation_cleans_up_before_propagating(
 async def test_seed_case_three_requests_in_flight_at_once(
     mock_server: MockServer, make_orchestrator: Any
 ) -> None:
-    mock_server.latency_s = 0.3
-    tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(3)]
-    async with make_orchestrator([openai_agent(mock_server)]) as orchestrator:
+    tasks = [AgentTask(id=f"t{i}", prompt=f"[[barrier=3:20]] task {i}") for i in range(3)]
+    async with make_orchestrator([openai_agent(mock_server, max_retries=0)]) as orchestrator:
         results = await orchestrator.execute_tasks(tasks)
     assert [r.status for r in results] == [ExecutionStatus.SUCCESS] * 3
     assert mock_server.stats.max_in_flight == 3
@@ -261,12 +261,15 @@ async def test_seed_case_three_requests_in_flight_at_once(
 async def test_concurrency_limit_is_what_the_server_sees(
     mock_server: MockServer, make_orchestrator: Any
 ) -> None:
-    mock_server.latency_s = 0.2  # long enough that four requests overlap even on a loaded machine
-    tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(12)]
-    async with make_orchestrator([openai_agent(mock_server)], max_concurrency=4) as orch:
+    # Replies are held until four requests are in flight: the twelve tasks pass only as three
+    # waves of exactly four, and a fifth in flight would show in max_in_flight.
+    tasks = [AgentTask(id=f"t{i}", prompt=f"[[barrier=4:20]] task {i}") for i in range(12)]
+    agent = openai_agent(mock_server, max_retries=0)
+    async with make_orchestrator([agent], max_concurrency=4) as orch:
         results = await orch.execute_tasks(tasks)
     assert all(r.ok for r in results)
     assert mock_server.stats.max_in_flight == 4
+    assert mock_server.stats.chat_requests == 12
 
 
 async def test_plan_errors_are_listed_before_anything_runs(

@@ -132,14 +132,15 @@ def test_sequential_calls_reuse_pooled_connections(mock_server: MockServer) -> N
 
 
 def test_sixteen_threads_at_once(mock_server: MockServer) -> None:
-    mock_server.latency_s = 1.0  # long enough for 16 threads to all be in flight
-    executor = taskexec.sync.TaskExecutor([openai_agent(mock_server)])
+    # The server holds every reply until all sixteen requests are in flight.
+    executor = taskexec.sync.TaskExecutor([openai_agent(mock_server, max_retries=0)])
     outputs: dict[int, str | None] = {}
     barrier = threading.Barrier(16)
 
     def worker(i: int) -> None:
         barrier.wait()
-        outputs[i] = executor.execute(AgentTask(id=f"t{i}", prompt=f"thread {i}")).output
+        task = AgentTask(id=f"t{i}", prompt=f"[[barrier=16:20]] thread {i}")
+        outputs[i] = executor.execute(task).output
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
     for thread in threads:
@@ -147,7 +148,7 @@ def test_sixteen_threads_at_once(mock_server: MockServer) -> None:
     for thread in threads:
         thread.join(timeout=30)
     executor.close()
-    assert outputs == {i: f"mock reply to: thread {i}" for i in range(16)}
+    assert outputs == {i: f"mock reply to: [[barrier=16:20]] thread {i}" for i in range(16)}
     assert mock_server.stats.max_in_flight == 16
 
 
