@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,27 @@ def wait_until(condition: object, what: str, timeout_s: float = 30.0) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def extra_providers(*extra: object) -> Iterator[None]:
+    """Register ``extra`` providers for the ``with`` block; the registry is restored after."""
+    from taskexec import providers
+
+    saved = dict(providers._registry)
+    try:
+        for provider in extra:
+            providers.register_provider(provider)  # type: ignore[arg-type]
+        yield
+    finally:
+        providers._registry.clear()
+        providers._registry.update(saved)
+
+
+@pytest.fixture
+def provider_registry() -> Iterator[Callable[..., None]]:
+    """``register(provider, name=None)``, with registrations undone after the test."""
+    from taskexec import providers
+
+    with extra_providers():
+        yield providers.register_provider

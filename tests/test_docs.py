@@ -86,26 +86,3 @@ def test_readme_quickstart_has_the_two_commands() -> None:
     assert bash[1] == "python -m pip install -e '.[dev]' && python -m pytest"
     ci = (ROOT / ".ci" / "run").read_text()
     assert bash[1] in ci
-
-
-def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
-    """``python -m benchmarks --quick`` runs end to end, so the suite never rots."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr
-    report = (tmp_path / "RESULTS.md").read_text()
-    for heading in (
-        "## 1. Scale",
-        "## 2. The seed's case",
-        "## 3. Single-task",
-        "## 4. Framework",
-        "## 5. The sync path",
-    ):
-        assert heading in report
-    assert (tmp_path / "scale.png").stat().st_size > 0
-    assert '"scale"' in (tmp_path / "results.json").read_text()

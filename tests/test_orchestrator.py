@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from taskexec import providers as providers_module
 from taskexec.bus import Envelope, TaskEvent, current_bus
 from taskexec.testing import MockServer
 
-from .conftest import ROOT, eventually, openai_agent, pid_alive, script_agent
+from .conftest import ROOT, eventually, extra_providers, openai_agent, pid_alive, script_agent
 from .scripted import ScriptedProvider
 
 pytestmark = pytest.mark.filterwarnings(
@@ -35,11 +36,9 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> ScriptedProvider:
+def scripted(provider_registry: Callable[..., None]) -> ScriptedProvider:
     provider = ScriptedProvider()
-    monkeypatch.setattr(
-        providers_module, "_registry", {**providers_module._registry, "scripted": provider}
-    )
+    provider_registry(provider)
     return provider
 
 
@@ -71,12 +70,8 @@ def dags(draw: st.DrawFn) -> tuple[list[AgentTask], int]:
 def test_random_dags_get_exactly_one_correct_result_each(case: tuple[list[AgentTask], int]) -> None:
     tasks, limit = case
     provider = ScriptedProvider()
-    registry = providers_module._registry
-    registry["scripted"] = provider
-    try:
+    with extra_providers(provider):  # hypothesis runs many examples: no function fixture
         results, events = asyncio.run(_run_with_events(tasks, limit))
-    finally:
-        del registry["scripted"]
 
     # Exactly one result per task, in input order.
     assert [r.task_id for r in results] == [t.id for t in tasks]
@@ -322,7 +317,9 @@ async def test_execute_task_delegates(make_orchestrator: Any) -> None:
         ProjectOrchestrator(max_concurrency=0)
 
 
-async def test_an_agent_can_use_the_bus_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_agent_can_use_the_bus_end_to_end(
+    monkeypatch: pytest.MonkeyPatch, provider_registry: Callable[..., None]
+) -> None:
     """A provider asks a reviewer agent on the bus; the reviewer answers by request/reply."""
     from pydantic import BaseModel
 
@@ -344,9 +341,7 @@ async def test_an_agent_can_use_the_bus_end_to_end(monkeypatch: pytest.MonkeyPat
             assert isinstance(answer, Answer)
             return ChatReply(answer.text, providers_module.Usage())  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(
-        providers_module, "_registry", {**providers_module._registry, "asking": AskingProvider()}
-    )
+    provider_registry(AskingProvider())
     monkeypatch.setattr(providers_module, "Usage", __import__("taskexec").Usage, raising=False)
     bus = MessageBus()
 
@@ -398,7 +393,7 @@ async def test_run_with_an_executor_joins_agents_and_rejects_clashes() -> None:
 
 
 async def test_a_bug_in_a_provider_still_gives_exactly_one_result(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    provider_registry: Callable[..., None], caplog: pytest.LogCaptureFixture
 ) -> None:
     from taskexec.providers import ChatReply, Provider
 
@@ -415,12 +410,8 @@ async def test_a_bug_in_a_provider_still_gives_exactly_one_result(
         async def complete(self, agent, prompt, pool, timeout_s) -> ChatReply:  # type: ignore[no-untyped-def]
             raise ValueError("bug before any await")
 
-    registry = {
-        **providers_module._registry,
-        "broken": BrokenProvider(),
-        "instant-bug": InstantBug(),
-    }
-    monkeypatch.setattr(providers_module, "_registry", registry)
+    provider_registry(BrokenProvider())
+    provider_registry(InstantBug())
     agents = [
         Agent(name="b", provider="broken"),
         Agent(name="i", provider="instant-bug"),
@@ -480,7 +471,9 @@ async def test_an_explicit_connection_limit_is_kept(
     assert mock_server.stats.connections_opened <= 4
 
 
-async def test_tasks_waiting_for_a_slot_hold_no_coroutine(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_tasks_waiting_for_a_slot_hold_no_coroutine(
+    provider_registry: Callable[..., None],
+) -> None:
     from taskexec.providers import ChatReply, Provider
 
     seen: list[int] = []
@@ -493,8 +486,7 @@ async def test_tasks_waiting_for_a_slot_hold_no_coroutine(monkeypatch: pytest.Mo
             await asyncio.sleep(0)
             return ChatReply(prompt, Usage())
 
-    monkeypatch.setattr(providers_module, "_registry", {**providers_module._registry})
-    providers_module.register_provider(Counting)
+    provider_registry(Counting)
     async with TaskExecutor([Agent(name="c", provider="counting")]) as executor:
         tasks = [AgentTask(id=f"t{i}", prompt="x") for i in range(200)]
         results = await ProjectOrchestrator(executor, max_concurrency=3).execute_tasks(tasks)

@@ -42,9 +42,8 @@ class NeedsPackageProvider(ShoutProvider):
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def registry(provider_registry: object) -> None:
     """Isolate registrations made by a test."""
-    monkeypatch.setattr(providers, "_registry", dict(providers._registry))
 
 
 def test_availability_follows_keys(monkeypatch: pytest.MonkeyPatch) -> None:

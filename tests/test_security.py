@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,9 @@ async def test_a_key_straddling_the_error_cut_leaks_no_piece(
 
 
 async def test_a_provider_exception_quoting_the_key_is_redacted(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    provider_registry: Callable[..., None],
 ) -> None:
     class Careless(providers_module.Provider):
         name = "careless"
@@ -251,8 +253,7 @@ async def test_a_provider_exception_quoting_the_key_is_redacted(
             await asyncio.sleep(0)
             raise RuntimeError(f"could not authenticate with {self.api_key(agent)} at all")
 
-    monkeypatch.setattr(providers_module, "_registry", {**providers_module._registry})
-    providers_module.register_provider(Careless)
+    provider_registry(Careless)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-0123456789")
     agents = [Agent(name="c", provider="careless", api_key=SECRET)]  # type: ignore[arg-type]
     async with TaskExecutor(agents) as executor:

@@ -19,12 +19,11 @@ import pytest
 import taskexec
 import taskexec.sync
 from taskexec import Agent, AgentTask, ExecutionStatus, SyncInAsyncContextError, Usage
-from taskexec import providers as providers_module
 from taskexec._http import ClientPool
 from taskexec.providers import ChatReply, Provider
 from taskexec.testing import MockServer, mock_server_in_thread
 
-from .conftest import AGENTS_DIR, ROOT, openai_agent, pid_alive, wait_until
+from .conftest import AGENTS_DIR, ROOT, extra_providers, openai_agent, pid_alive, wait_until
 
 sys.path.insert(0, str(ROOT))
 from compat import generate, shims
@@ -172,12 +171,9 @@ async def test_inside_sync_to_async_the_app_loop_runs_the_call() -> None:
             seen.append(asyncio.get_running_loop())
             return ChatReply("ok", Usage())
 
-    providers_module.register_provider(LoopSpy())
-    try:
+    with extra_providers(LoopSpy()):
         executor = taskexec.sync.TaskExecutor([Agent(name="a", provider="loop-spy")])
         result = await sync_to_async(executor.execute)(AgentTask(id="t", prompt="x"))
-    finally:
-        del providers_module._registry["loop-spy"]
     assert result.ok
     assert seen == [asyncio.get_running_loop()]
 
@@ -197,13 +193,10 @@ class ContextProvider(Provider):
 
 
 def test_contextvars_go_in_and_come_back() -> None:
-    providers_module.register_provider(ContextProvider())
-    try:
+    with extra_providers(ContextProvider()):
         executor = taskexec.sync.TaskExecutor([Agent(name="a", provider="context")])
         current_request.set("req-42")
         result = executor.execute(AgentTask(id="t", prompt="x"))
-    finally:
-        del providers_module._registry["context"]
     assert result.output == "req-42"
     assert set_inside.get() == "seen req-42"
 
