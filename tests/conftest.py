@@ -10,12 +10,14 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from taskexec import Agent, RetryPolicy
+from taskexec.providers import Provider
 from taskexec.testing import MockServer, mock_server_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,13 +67,13 @@ def _no_vendor_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def openai_agent(server: MockServer, name: str = "gpt", **fields: object) -> Agent:
     """An OpenAI-compatible agent pointed at the mock server."""
-    return Agent(name=name, provider="openai", base_url=server.openai_base_url, **fields)  # type: ignore[arg-type]
+    return Agent(name=name, provider="openai", base_url=server.openai_base_url, **fields)
 
 
 def script_agent(name: str, script: str, *args: str, **fields: object) -> Agent:
     """A script-mode agent running ``tests/agents/<script>`` with this interpreter."""
     command = [sys.executable, str(AGENTS_DIR / script), *args]
-    return Agent(name=name, mode="script", command=command, **fields)  # type: ignore[arg-type]
+    return Agent(name=name, mode="script", command=command, **fields)
 
 
 def pid_alive(pid: int) -> bool:
@@ -87,7 +89,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-async def eventually(condition: object, timeout_s: float = 10.0) -> None:
+async def eventually(condition: Callable[[], object], timeout_s: float = 10.0) -> None:
     """Wait until ``condition()`` is true, polling; fail the test if it never becomes true.
 
     This waits for a state, it does not time anything: the bound only keeps a broken test from
@@ -97,7 +99,7 @@ async def eventually(condition: object, timeout_s: float = 10.0) -> None:
 
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if loop.time() > end:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.005)
@@ -112,7 +114,7 @@ class SyncDriven:
 
     _BLOCKING = frozenset({"execute", "execute_task", "execute_tasks", "run", "close"})
 
-    def __init__(self, sync_object: object) -> None:
+    def __init__(self, sync_object: Any) -> None:
         self._sync = sync_object
 
     def __getattr__(self, name: str) -> object:
@@ -120,10 +122,12 @@ class SyncDriven:
 
         if name in self._BLOCKING:
             return sync_to_async(getattr(self._sync, name), thread_sensitive=False)
-        return getattr(self._sync._async, name)  # type: ignore[attr-defined]
+        return getattr(self._sync._async, name)
 
     async def aclose(self) -> None:
-        await self.close()  # type: ignore[operator]
+        close = self.close
+        assert callable(close)
+        await close()
 
     async def __aenter__(self) -> SyncDriven:
         return self
@@ -141,7 +145,7 @@ class ThreadDriven(SyncDriven):
 
     def __getattr__(self, name: str) -> object:
         if name not in self._BLOCKING:
-            return getattr(self._sync._async, name)  # type: ignore[attr-defined]
+            return getattr(self._sync._async, name)
         method = getattr(self._sync, name)
 
         async def call(*args: object, **kwargs: object) -> object:
@@ -167,75 +171,80 @@ def _driven(api: str, sync_object: object) -> SyncDriven:
     return ThreadDriven(sync_object) if api == "thread" else SyncDriven(sync_object)
 
 
+MakeExecutor = Callable[..., Any]
+"""``make(agents, **options)``: an executor of the API under test, used with ``async with``."""
+MakeOrchestrator = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
+"""``make(agents, executor_options=None, **options)``: an orchestrator of the API under test."""
+
+
 @pytest.fixture
-def make_executor(api: str) -> object:
+def make_executor(api: str) -> MakeExecutor:
     """Return ``make(agents, **options)``: a TaskExecutor of the API under test."""
     import taskexec
     import taskexec.sync
 
-    def make(agents: object = (), **options: object) -> object:
-        if isinstance(agents, Agent):
-            agents = [agents]
+    def make(agents: Agent | Iterable[Agent] = (), **options: Any) -> Any:
+        roster = [agents] if isinstance(agents, Agent) else list(agents)
         options.setdefault("retry_policy", FAST_RETRY)
         if api == "async":
-            return taskexec.TaskExecutor(agents, **options)  # type: ignore[arg-type]
-        return _driven(api, taskexec.sync.TaskExecutor(agents, **options))  # type: ignore[arg-type]
+            return taskexec.TaskExecutor(roster, **options)
+        return _driven(api, taskexec.sync.TaskExecutor(roster, **options))
 
     return make
 
 
 @pytest.fixture
-def make_orchestrator(api: str) -> object:
+def make_orchestrator(api: str) -> MakeOrchestrator:
     """Return ``make(agents, executor_options=..., **orchestrator_options)`` for the API under test.
 
     The orchestrator is built over an executor of the same API and closes it on exit.
     """
-    import contextlib
-
     import taskexec
     import taskexec.sync
 
     @contextlib.asynccontextmanager
     async def make(
-        agents: object = (), executor_options: dict[str, object] | None = None, **options: object
-    ):  # type: ignore[no-untyped-def]
+        agents: Iterable[Agent] = (),
+        executor_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Any]:
         executor_options = {"retry_policy": FAST_RETRY, **(executor_options or {})}
         if api == "async":
-            async with taskexec.TaskExecutor(agents, **executor_options) as executor:  # type: ignore[arg-type]
-                yield taskexec.ProjectOrchestrator(executor, **options)  # type: ignore[arg-type]
+            async with taskexec.TaskExecutor(agents, **executor_options) as executor:
+                yield taskexec.ProjectOrchestrator(executor, **options)
         else:
-            executor = taskexec.sync.TaskExecutor(agents, **executor_options)  # type: ignore[arg-type]
-            orchestrator = _driven(api, taskexec.sync.ProjectOrchestrator(executor, **options))  # type: ignore[arg-type]
+            sync_executor = taskexec.sync.TaskExecutor(agents, **executor_options)
+            shim = taskexec.sync.ProjectOrchestrator(sync_executor, **options)
             try:
-                yield orchestrator
+                yield _driven(api, shim)
             finally:
-                await _driven(api, executor).aclose()
+                await _driven(api, sync_executor).aclose()
 
     return make
 
 
-def wait_until(condition: object, what: str, timeout_s: float = 30.0) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
     """Block until ``condition()`` is true, polling; fail naming ``what`` if it never is.
 
     The sync twin of :func:`eventually`: it waits for a state and times nothing; the bound only
     keeps a broken test from hanging.
     """
     end = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > end:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.01)
 
 
 @contextlib.contextmanager
-def extra_providers(*extra: object) -> Iterator[None]:
+def extra_providers(*extra: Provider | type[Provider]) -> Iterator[None]:
     """Register ``extra`` providers for the ``with`` block; the registry is restored after."""
     from taskexec import providers
 
     saved = dict(providers._registry)
     try:
         for provider in extra:
-            providers.register_provider(provider)  # type: ignore[arg-type]
+            providers.register_provider(provider)
         yield
     finally:
         providers._registry.clear()
