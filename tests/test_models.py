@@ -173,3 +173,14 @@ def test_render_fills_placeholders_and_appends_lists() -> None:
         "Success criteria:\n- tests pass"
     )
     assert task.placeholders() == ["design", "spec", "other"]
+
+
+def test_without_done_fills_and_drops_finished_dependencies() -> None:
+    task = AgentTask(id="c", prompt="{{a}} then {{b}} then {{a}}", depends_on=["a", "b"])
+    resumed = task.without_done({"a": "A-out", "x": "unrelated"})
+    assert (resumed.prompt, resumed.depends_on) == ("A-out then {{b}} then A-out", ["b"])
+    assert task.without_done({}) is task
+    # A dependency that succeeded with no output fills in as empty text, never as a dangling
+    # placeholder that names a dependency the task no longer has.
+    assert task.without_done({"a": None, "b": "B"}).prompt == " then B then "
+    assert AgentTask.model_validate(resumed.model_dump()) == resumed

@@ -94,6 +94,23 @@ class AgentTask(_Model):
         """Return the dependency ids named as ``{{dep_id}}`` in the prompt, in order."""
         return PLACEHOLDER_RE.findall(self.prompt)
 
+    def without_done(self, outputs: Mapping[str, str | None]) -> AgentTask:
+        """Return this task with the dependencies in ``outputs`` already done.
+
+        Their placeholders are filled with their outputs (a missing output is an empty string)
+        and they leave ``depends_on``; ``taskexec run --resume`` uses it for tasks whose
+        dependencies succeeded in an earlier run.
+        """
+        done = {d: outputs[d] or "" for d in self.depends_on if d in outputs}
+        if not done:
+            return self
+        return self.model_copy(
+            update={
+                "prompt": _fill(self.prompt, done),
+                "depends_on": [d for d in self.depends_on if d not in done],
+            }
+        )
+
     def render_prompt(self, outputs: Mapping[str, str | None] | None = None) -> str:
         """Return the prompt sent to the agent.
 
@@ -107,19 +124,24 @@ class AgentTask(_Model):
         Returns:
             The rendered prompt.
         """
-        text = self.prompt
-        if outputs and "{{" in text:
-
-            def fill(match: re.Match[str]) -> str:
-                value = outputs.get(match.group(1))
-                return match.group(0) if value is None else value
-
-            text = PLACEHOLDER_RE.sub(fill, text)
+        text = _fill(self.prompt, outputs) if outputs else self.prompt
         if self.deliverables:
             text += "\n\nExpected deliverables:\n" + "\n".join(f"- {d}" for d in self.deliverables)
         if self.success_criteria:
             text += "\n\nSuccess criteria:\n" + "\n".join(f"- {c}" for c in self.success_criteria)
         return text
+
+
+def _fill(text: str, outputs: Mapping[str, str | None]) -> str:
+    """Replace each ``{{dep_id}}`` that has an output; leave the others as written."""
+    if "{{" not in text:
+        return text
+
+    def fill(match: re.Match[str]) -> str:
+        value = outputs.get(match.group(1))
+        return match.group(0) if value is None else value
+
+    return PLACEHOLDER_RE.sub(fill, text)
 
 
 class Usage(_Model):

@@ -37,7 +37,7 @@ from . import flags
 from ._engines import ENGINES, Batch, Engine
 from ._errors import PlanError, TaskexecError
 from ._executor import TaskExecutor
-from ._models import PLACEHOLDER_RE, AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
+from ._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from ._modes.script import kill_live_groups
 from ._plan import load_plan
 from ._version import __version__
@@ -288,24 +288,6 @@ def _warn(message: str) -> None:
     print(f"taskexec: {printable(message)}", file=sys.stderr)
 
 
-def _without_done_dependencies(task: AgentTask, done: dict[str, ExecutionResult]) -> AgentTask:
-    """Fill placeholders of dependencies that already succeeded, and drop those dependencies."""
-    finished = [d for d in task.depends_on if d in done]
-    if not finished:
-        return task
-
-    def fill(match: object) -> str:
-        name = match.group(1)  # type: ignore[attr-defined]
-        return done[name].output or "" if name in done else match.group(0)  # type: ignore[attr-defined]
-
-    return task.model_copy(
-        update={
-            "prompt": PLACEHOLDER_RE.sub(fill, task.prompt),
-            "depends_on": [d for d in task.depends_on if d not in done],
-        }
-    )
-
-
 class _Interrupts:
     """Ctrl-C and SIGTERM during a run.
 
@@ -423,7 +405,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--resume needs --output FILE.jsonl, the file of the earlier run")
         previous = {k: r for k, r in _read_previous(output_path).items() if r.ok}
     kept = [previous[t.id] for t in plan.tasks if t.id in previous]
-    todo = [_without_done_dependencies(t, previous) for t in plan.tasks if t.id not in previous]
+    outputs = {task_id: result.output for task_id, result in previous.items()}
+    todo = [t.without_done(outputs) for t in plan.tasks if t.id not in previous]
     if kept:
         print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
     output = _open_for_append(output_path) if output_path else None
