@@ -18,7 +18,7 @@ import pytest
 
 from taskexec import Agent, RetryPolicy
 from taskexec.providers import Provider
-from taskexec.testing import MockServer, mock_server_in_thread
+from taskexec.testing import MockServer
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS_DIR = Path(__file__).resolve().parent / "agents"
@@ -26,26 +26,14 @@ AGENTS_DIR = Path(__file__).resolve().parent / "agents"
 FAST_RETRY = RetryPolicy(base_delay_s=0.001, max_delay_s=0.01, max_retry_after_s=0.05)
 
 
-@pytest.fixture(scope="session")
-def _mock_server_session() -> Iterator[MockServer]:
-    with mock_server_in_thread() as server:
-        yield server
+#: The mock server fixture is the one taskexec ships for other projects' suites.
+pytest_plugins = ["taskexec.pytest_plugin"]
 
 
 @pytest.fixture
-def mock_server(_mock_server_session: MockServer) -> MockServer:
-    """The shared mock server, with counters, recordings and faults cleared for this test.
-
-    Requests a previous test abandoned (a cancelled call, a stalled reply) are drained first, so
-    they cannot show up in this test's counters.
-    """
-    server = _mock_server_session
-    end = time.monotonic() + 10
-    while server.stats.in_flight and time.monotonic() < end:
-        time.sleep(0.005)
-    _mock_server_session.reset()
-    _mock_server_session.latency_s = 0.0
-    return _mock_server_session
+def mock_server(taskexec_mock_server: MockServer) -> MockServer:
+    """The shared mock server, drained and reset for this test (``taskexec.pytest_plugin``)."""
+    return taskexec_mock_server
 
 
 @pytest.fixture(autouse=True)

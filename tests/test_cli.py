@@ -552,11 +552,13 @@ with mock_server_in_thread() as server:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert client.post(server.openai_base_url + "/chat/completions", json=body).is_success
     half = socket.create_connection(("127.0.0.1", server.port))  # a request cut in the middle
-    half.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nContent-Length: 10\\r\\n\\r\\nab")
+    half.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: mock\\r\\nContent-Length: 10\\r\\n\\r\\nab"
+    )
     slow = socket.create_connection(("127.0.0.1", server.port))  # a reply not sent yet
     request = b'{"model": "m", "messages": [{"role": "user", "content": "[[latency=60]]"}]}'
     slow.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+        b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: mock\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
         % (len(request), request)
     )
     while server.stats.in_flight < 1:

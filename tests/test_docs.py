@@ -23,7 +23,13 @@ from taskexec.testing import mock_server_in_thread
 
 from .conftest import ROOT
 
-DOCS = ["README.md", "docs/MIGRATION.md", "docs/ROLLBACK.md", "docs/PROVIDERS.md"]
+DOCS = [
+    "README.md",
+    "docs/MIGRATION.md",
+    "docs/ROLLBACK.md",
+    "docs/PROVIDERS.md",
+    "docs/TESTING.md",
+]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -106,3 +109,41 @@ def test_a_port_in_use_is_reported_cleanly(mock_server: MockServer) -> None:
         mock_server_in_thread(port=mock_server.port),
     ):
         pass
+
+
+def test_the_pytest_plugin_serves_other_projects(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["taskexec.pytest_plugin"]\n')
+    (tmp_path / "test_theirs.py").write_text(
+        """
+import asyncio
+
+from taskexec import Agent, AgentTask, TaskExecutor
+
+
+def test_against_the_mock(taskexec_mock_server):
+    taskexec_mock_server.set_faults(["503"])
+    agent = Agent(name="a", provider="openai", base_url=taskexec_mock_server.openai_base_url)
+
+    async def main():
+        async with TaskExecutor([agent]) as executor:
+            return await executor.execute(AgentTask(id="t", prompt="hi"))
+
+    result = asyncio.run(main())
+    assert result.output == "mock reply to: hi"
+    assert result.attempts == 2
+    assert taskexec_mock_server.stats.faults_served == 1
+
+
+def test_each_test_starts_clean(taskexec_mock_server):
+    assert taskexec_mock_server.stats.chat_requests == 0
+"""
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-cov", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "2 passed" in completed.stdout

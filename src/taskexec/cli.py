@@ -556,7 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("plan")
     validate.set_defaults(handler=_cmd_validate)
 
-    mock = commands.add_parser("mock-server", help="serve the mock LLM server until Ctrl-C")
+    from .testing import USAGE
+
+    mock = commands.add_parser(
+        "mock-server",
+        help="serve the mock LLM server until Ctrl-C",
+        description="Serve a mock of the OpenAI, Anthropic and Gemini APIs and of an api-mode "
+        "agent on loopback, for trying taskexec with no keys and for tests.",
+        epilog=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8765)
     mock.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")

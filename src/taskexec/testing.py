@@ -1,5 +1,8 @@
 """A real mock LLM server on loopback, for tests, benchmarks and ``taskexec mock-server``.
 
+Built on ``aiohttp.web``'s low-level server, so it is real HTTP/1.1 with keep-alive; faults that
+live below HTTP (a reset, a reply cut in half) are made on the connection's transport.
+
 It speaks enough of each protocol for the official SDKs to accept it:
 
 - OpenAI: ``POST /v1/chat/completions`` (also ``"stream": true`` as server-sent events),
@@ -21,6 +24,9 @@ in a prompt overrides the server's latency for that request. ``[[barrier=N]]`` (
 ``[[barrier=N:timeout_s]]``) holds each reply until N requests carrying the same directive are
 in flight, then releases them all; if they do not arrive within the timeout (30 s by default)
 the held requests get a 503. Tests use it to prove requests overlap without timing anything.
+
+From another project's tests: ``pytest_plugins = ["taskexec.pytest_plugin"]`` gives the fixture
+``taskexec_mock_server`` (a running :class:`MockServer`, counters cleared per test).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -36,29 +44,54 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
 from ._errors import InvalidValueError
 
-__all__ = ("FAULTS", "MockServer", "MockStats", "RecordedRequest", "mock_server_in_thread")
+__all__ = (
+    "FAULTS",
+    "USAGE",
+    "MockServer",
+    "MockStats",
+    "RecordedRequest",
+    "mock_server_in_thread",
+)
+
+#: What the server answers and how to steer it; ``taskexec mock-server --help`` prints it.
+USAGE = """\
+Endpoints (replies are deterministic: "mock reply to: <prompt>"):
+  POST /v1/chat/completions                 OpenAI-compatible ("stream": true gives SSE)
+  POST /v1/messages                         Anthropic
+  POST /v1beta/models/{model}:generateContent   Gemini (also /v1/...)
+  POST /agent                               an api-mode agent: {"prompt"} -> {"output"}
+
+Control (to observe and steer it from another process):
+  GET  /_stats     counters: requests, chat_requests, in_flight, max_in_flight,
+                   connections_opened/closed, client_disconnects, faults_served, statuses
+  POST /_reset     zero the counters, clear the fault schedule
+  POST /_faults    replace the fault schedule with a JSON list, one fault per chat request
+
+Faults: 429 (Retry-After: 0), 429:<seconds>, 429ms:<millis> (retry-after-ms),
+  429q (insufficient_quota), 400, 401 (echoes the caller's key), 401:<n> (after n characters
+  of padding), 408, 409, 500, 503, reset (connection dropped), malformed (200, not JSON),
+  stall (half a body, then nothing).
+
+Directives in a prompt (they apply to every request that carries them):
+  [[fault=500]]         that fault
+  [[latency=0.5]]       that latency instead of --latency
+  [[barrier=N]]         hold the reply until N such requests are in flight, then release them
+  [[barrier=N:30]]      the same, with a timeout (seconds) after which they get a 503
+"""
 
 FAULTS = frozenset(
     {"429", "429q", "400", "401", "408", "409", "500", "503", "reset", "malformed", "stall"}
 )
 _DIRECTIVE_RE = re.compile(r"\[\[(fault|latency|barrier)=([^\]]+)\]\]")
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    408: "Request Timeout",
-    409: "Conflict",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 _CHAT_PATHS = ("/v1/chat/completions", "/v1/messages", "/agent")
 _GEMINI_RE = re.compile(r"^/v1(?:beta)?/models/([^/:]+):generateContent$")
-#: How long stop() lets connection handlers end by themselves before they are cancelled.
-_SHUTDOWN_GRACE_S = 1.0
+#: How long a held reply (a stall) waits for its client to go away.
+_HOLD_S = 3600.0
 
 
 def _check_fault(spec: str) -> str:
@@ -106,8 +139,24 @@ class RecordedRequest:
         return json.loads(self.body)
 
 
+class _Connections(web.Server):
+    """aiohttp's low-level server, telling the mock when connections open and close."""
+
+    def __init__(self, mock: MockServer, **kwargs: Any) -> None:
+        super().__init__(mock._handle, handler_cancellation=True, **kwargs)
+        self._mock = mock
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._mock._opened(handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._mock._closed(handler)
+
+
 class MockServer:
-    """An HTTP/1.1 server on asyncio streams that plays OpenAI, Anthropic, Gemini and an agent.
+    """A mock of OpenAI, Anthropic, Gemini and an api-mode agent, over real HTTP on loopback.
 
     Args:
         host: Interface to bind (loopback by default).
@@ -116,7 +165,7 @@ class MockServer:
         faults: Initial fault schedule, one entry per chat request.
         record: How many recent chat requests to keep in :attr:`recorded`.
         idle_timeout_s: Close a keep-alive connection idle this long (None: never), as real
-            servers do.
+            servers do; counted in ``stats.idle_closes``.
     """
 
     def __init__(
@@ -136,10 +185,10 @@ class MockServer:
         self.faults: deque[str] = deque(_check_fault(f) for f in faults)
         self.recorded: deque[RecordedRequest] = deque(maxlen=record)
         self._stats = MockStats()
-        self._server: asyncio.Server | None = None
+        self._runner: web.ServerRunner | None = None
         self._counter = 0
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._open: dict[RequestHandler, asyncio.TimerHandle | None] = {}
+        self._stopping = False
         self._barriers: dict[str, asyncio.Event] = {}
         self._barrier_counts: dict[str, int] = {}
 
@@ -183,35 +232,40 @@ class MockServer:
         self.faults.clear()
 
     async def start(self) -> None:
-        """Start listening; :attr:`port` is set when this returns."""
-        self._server = await asyncio.start_server(
-            self._connection, self.host, self.port, limit=2**20, backlog=4096
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        """Start listening; :attr:`port` is set when this returns.
+
+        Raises:
+            OSError: The port cannot be bound (taken, or not allowed).
+        """
+        self._stopping = False
+        runner = web.ServerRunner(_Connections(self, access_log=None), shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, backlog=4096)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
 
     async def stop(self) -> None:
         """Stop listening, drop every open connection, and wait for their handlers to end."""
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
-        # A handler cancelled before it first ran cannot catch the cancellation, and Python
-        # 3.11's streams callback then prints a traceback for it: let every handler start and
-        # see its connection dropped, and end by itself, before anything is cancelled.
-        for _ in range(2):
-            await asyncio.sleep(0)
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=_SHUTDOWN_GRACE_S)
+        if self._runner is None:
+            return
+        self._stopping = True
+        for protocol in list(self._open):
+            if protocol.transport is not None:
+                protocol.transport.abort()  # held replies (latency, stalls) end now
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled."""
-        if self._server is None:
+        if self._runner is None:
             await self.start()
-        assert self._server is not None
         try:
-            await self._server.serve_forever()
+            await asyncio.Event().wait()
         finally:
             await self.stop()
 
@@ -222,138 +276,106 @@ class MockServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    # -- connections ---------------------------------------------------------------------------
+
+    def _opened(self, protocol: RequestHandler) -> None:
+        self._stats.connections_opened += 1
+        self._open[protocol] = None
+
+    def _closed(self, protocol: RequestHandler) -> None:
+        if protocol in self._open:
+            self._stats.connections_closed += 1
+            timer = self._open.pop(protocol)
+            if timer is not None:
+                timer.cancel()
+
+    def _busy(self, protocol: RequestHandler) -> None:
+        timer = self._open.get(protocol)
+        if timer is not None:
+            timer.cancel()
+            self._open[protocol] = None
+
+    def _idle(self, protocol: RequestHandler) -> None:
+        # The idle timeout is the mock's own, so that a close it makes is known to be one.
+        if self.idle_timeout_s is not None and protocol in self._open:
+            loop = asyncio.get_running_loop()
+            self._open[protocol] = loop.call_later(self.idle_timeout_s, self._close_idle, protocol)
+
+    def _close_idle(self, protocol: RequestHandler) -> None:
+        if protocol in self._open and protocol.transport is not None:
+            self._open[protocol] = None
+            self._stats.idle_closes += 1
+            protocol.transport.close()
+
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stats = self._stats
-        stats.connections_opened += 1
-        self._writers.add(writer)
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._handlers.add(handler)
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        self._busy(protocol)
         try:
-            idle_timeout = None  # the first request may take its time to arrive
-            while await self._one_request(reader, writer, idle_timeout):
-                idle_timeout = self.idle_timeout_s
-        except TimeoutError:
-            self._stats.idle_closes += 1
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except asyncio.CancelledError:
-            # The server is shutting down. Ending normally instead of as cancelled keeps
-            # Python 3.11's streams callback (which calls task.exception() on the handler) from
-            # printing a CancelledError traceback for every connection still open.
-            pass
+            response = await self._route(request)
+            self._stats.statuses[response.status] += 1
+            return response
         finally:
-            self._stats.connections_closed += 1
-            self._writers.discard(writer)
-            if handler is not None:
-                self._handlers.discard(handler)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            self._idle(protocol)
 
-    async def _one_request(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        idle_timeout: float | None = None,
-    ) -> bool:
-        async with asyncio.timeout(idle_timeout):  # a keep-alive connection left idle is closed
-            head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = await _read_chunked(reader)
-        else:
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-        path = target.split("?", 1)[0]
-        keep_alive = headers.get("connection", "").lower() != "close"
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, method = request.path, request.method
+        body = await request.read()
         self._stats.requests += 1
         self._stats.paths[path] += 1
         if path in _CHAT_PATHS or _GEMINI_RE.match(path):
             if method != "POST":
-                return self._send(writer, 405, {"error": "use POST"}, keep_alive)
-            return await self._chat(path, headers, body, reader, writer, keep_alive)
+                return web.json_response({"error": "use POST"}, status=405)
+            return await self._chat(request, path, body)
         if path == "/_stats":
-            return self._send(writer, 200, self._stats.to_dict(), keep_alive)
+            return web.json_response(self._stats.to_dict())
         if path == "/_reset" and method == "POST":
             self.reset()
-            return self._send(writer, 200, {"ok": True}, keep_alive)
+            return web.json_response({"ok": True})
         if path == "/_faults" and method == "POST":
             try:
                 self.set_faults(json.loads(body))
             except (ValueError, TypeError) as exc:
-                return self._send(writer, 400, {"error": str(exc)}, keep_alive)
-            return self._send(writer, 200, {"faults": list(self.faults)}, keep_alive)
-        return self._send(writer, 404, {"error": f"no route for {method} {path}"}, keep_alive)
+                return web.json_response({"error": str(exc)}, status=400)
+            return web.json_response({"faults": list(self.faults)})
+        return web.json_response({"error": f"no route for {method} {path}"}, status=404)
 
-    def _send(
-        self,
-        writer: asyncio.StreamWriter,
-        status: int,
-        payload: Any,
-        keep_alive: bool,
-        extra_headers: dict[str, str] | None = None,
-        raw: bytes | None = None,
-    ) -> bool:
-        body = raw if raw is not None else json.dumps(payload).encode()
-        head = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
-            "content-type: application/json",
-            f"content-length: {len(body)}",
-        ]
-        head.extend(f"{k}: {v}" for k, v in (extra_headers or {}).items())
-        if not keep_alive:
-            head.append("connection: close")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        self._stats.statuses[status] += 1
-        return keep_alive
-
-    async def _chat(
-        self,
-        path: str,
-        headers: dict[str, str],
-        body: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        keep_alive: bool,
-    ) -> bool:
+    async def _chat(self, request: web.BaseRequest, path: str, body: bytes) -> web.StreamResponse:
         stats = self._stats
         stats.chat_requests += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        headers = {k.lower(): v for k, v in request.headers.items()}
         self.recorded.append(RecordedRequest("POST", path, headers, body))
         try:
             try:
-                request = json.loads(body)
+                data = json.loads(body)
             except ValueError:
-                return self._send(
-                    writer, 400, {"error": {"message": "body is not JSON"}}, keep_alive
-                )
-            prompt, model = _prompt_and_model(path, request)
+                return web.json_response({"error": {"message": "body is not JSON"}}, status=400)
+            prompt, model = _prompt_and_model(path, data)
             directives = dict(_DIRECTIVE_RE.findall(prompt))
             fault = directives.get("fault")
             if fault is None and self.faults:
                 fault = self.faults.popleft()
             latency = float(directives.get("latency", self.latency_s))
             if "barrier" in directives and not await self._barrier(directives["barrier"]):
-                message = f"barrier {directives['barrier']} not reached"
-                return self._send(writer, 503, _error(message), keep_alive)
-            if latency > 0 and not await self._wait_unless_disconnected(reader, latency):
-                return False
+                return web.json_response(
+                    _error(f"barrier {directives['barrier']} not reached"), status=503
+                )
+            if latency > 0:
+                await asyncio.sleep(latency)  # a client that goes away cancels this handler
             if fault is not None:
                 stats.faults_served += 1
-                return await self._fault(fault, path, headers, reader, writer, keep_alive)
-            if path == "/v1/chat/completions" and request.get("stream"):
-                await self._stream_openai(writer, prompt, model)
-                return False
-            return self._send(writer, 200, self._reply(path, prompt, model), keep_alive)
+                return await self._fault(request, fault, path, headers)
+            if path == "/v1/chat/completions" and data.get("stream"):
+                return await self._stream_openai(request, prompt, model)
+            return web.json_response(self._reply(path, prompt, model))
+        except asyncio.CancelledError:
+            # handler_cancellation: the client closed the connection while this reply waited.
+            if not self._stopping:
+                stats.client_disconnects += 1
+            raise
         finally:
             stats.in_flight -= 1
 
@@ -377,64 +399,47 @@ class MockServer:
             return False
         return True
 
-    async def _wait_unless_disconnected(self, reader: asyncio.StreamReader, delay: float) -> bool:
-        """Sleep ``delay``; return False early if the client closes the connection meanwhile."""
-        eof = asyncio.ensure_future(reader.read(1))
-        done, _ = await asyncio.wait({eof}, timeout=delay)
-        if done:
-            self._stats.client_disconnects += 1
-            return False
-        eof.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await eof
-        return True
-
     async def _fault(
-        self,
-        fault: str,
-        path: str,
-        headers: dict[str, str],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        keep_alive: bool,
-    ) -> bool:
+        self, request: web.BaseRequest, fault: str, path: str, headers: dict[str, str]
+    ) -> web.StreamResponse:
         kind, _, arg = fault.partition(":")
         if kind == "reset":
-            transport = writer.transport
-            sock = transport.get_extra_info("socket")
+            transport = request.transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
             if sock is not None:
                 # SO_LINGER 0: close with RST, the way a crashed upstream looks to the client.
-                import socket
-                import struct
-
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            transport.abort()
-            return False
+            if transport is not None:
+                transport.abort()
+            await asyncio.sleep(_HOLD_S)  # cancelled at once: the connection is gone
+            return web.json_response(_error("reset"), status=500)  # not reached
         if kind == "malformed":
-            return self._send(writer, 200, None, keep_alive, raw=b'{"choices": [ this is not json')
-        if kind == "stall":
-            body = json.dumps(self._reply(path, "stalled", "mock")).encode()
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                + f"content-length: {len(body)}\r\n\r\n".encode()
-                + body[: len(body) // 2]
+            return web.Response(
+                status=200, body=b'{"choices": [ this is not json', content_type="application/json"
             )
+        if kind == "stall":
+            whole = json.dumps(self._reply(path, "stalled", "mock")).encode()
+            response = web.StreamResponse(status=200)
+            response.content_type = "application/json"
+            response.content_length = len(whole)
+            await response.prepare(request)
             self._stats.statuses[200] += 1
-            await self._wait_unless_disconnected(reader, 3600)
-            return False
+            await response.write(whole[: len(whole) // 2])
+            await asyncio.sleep(_HOLD_S)  # half a body, then nothing, until the client leaves
+            return response
         if kind == "429q":
             error = {
                 "message": "You exceeded your current quota, please check your plan.",
                 "type": "insufficient_quota",
                 "code": "insufficient_quota",
             }
-            return self._send(writer, 429, {"error": error}, keep_alive)
+            return web.json_response({"error": error}, status=429)
         if kind == "429ms":
             extra = {"retry-after-ms": arg or "0"}
-            return self._send(writer, 429, _error("rate limited"), keep_alive, extra)
+            return web.json_response(_error("rate limited"), status=429, headers=extra)
         if kind == "429":
             extra = {"retry-after": arg or "0"}
-            return self._send(writer, 429, _error("rate limited"), keep_alive, extra)
+            return web.json_response(_error("rate limited"), status=429, headers=extra)
         if kind == "401":
             key = (
                 headers.get("x-api-key")
@@ -443,8 +448,8 @@ class MockServer:
             )
             padding = "." * int(arg) if arg else ""
             message = f"{padding}Incorrect API key provided: {key}"
-            return self._send(writer, 401, _error(message), keep_alive)
-        return self._send(writer, int(kind), _error(f"mock fault {kind}"), keep_alive)
+            return web.json_response(_error(message), status=401)
+        return web.json_response(_error(f"mock fault {kind}"), status=int(kind))
 
     def _reply(self, path: str, prompt: str, model: str) -> dict[str, Any]:
         self._counter += 1
@@ -498,25 +503,26 @@ class MockServer:
             "modelVersion": model,
         }
 
-    async def _stream_openai(self, writer: asyncio.StreamWriter, prompt: str, model: str) -> None:
+    async def _stream_openai(
+        self, request: web.BaseRequest, prompt: str, model: str
+    ) -> web.StreamResponse:
         self._counter += 1
         ident = f"chatcmpl-mock-{self._counter}"
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"cache-control: no-cache\r\nconnection: close\r\n\r\n"
-        )
-        self._stats.statuses[200] += 1
+        response = web.StreamResponse(status=200, headers={"cache-control": "no-cache"})
+        response.content_type = "text/event-stream"
+        response.force_close()
+        await response.prepare(request)
         words = f"mock reply to: {prompt}".split(" ")
         for i, word in enumerate(words):
             delta = {"content": word if i == 0 else " " + word}
             if i == 0:
                 delta["role"] = "assistant"
             chunk = _chunk(ident, model, delta, None)
-            writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await writer.drain()
-        writer.write(f"data: {json.dumps(_chunk(ident, model, {}, 'stop'))}\n\n".encode())
-        writer.write(b"data: [DONE]\n\n")
-        await writer.drain()
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(f"data: {json.dumps(_chunk(ident, model, {}, 'stop'))}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
 
 def _chunk(ident: str, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
@@ -557,17 +563,6 @@ def _prompt_and_model(path: str, request: Any) -> tuple[str, str]:
     if contents and isinstance(contents[-1], dict):
         return _text_of(contents[-1].get("parts")), model
     return "", model
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
 
 
 @contextlib.contextmanager
