@@ -13,10 +13,19 @@ import os
 import sys
 import threading
 import warnings
+from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
-__all__ = ("CallSite", "caller_site", "current_site", "warn_at_caller", "warn_sync_call")
+__all__ = (
+    "MIGRATION_GUIDE",
+    "CallSite",
+    "caller_site",
+    "current_site",
+    "guide",
+    "warn_at_caller",
+    "warn_sync_call",
+)
 
 
 class CallSite(NamedTuple):
@@ -27,8 +36,20 @@ class CallSite(NamedTuple):
     module_globals: dict[str, Any]
 
 
-#: Where deprecation warnings send users (the docs are in the repository, not the wheel).
-MIGRATION_GUIDE = "the migration guide (docs/MIGRATION.md in the taskexec repository)"
+def guide(name: str) -> str:
+    """Return where the guide ``name`` (``MIGRATION.md``) is on this machine.
+
+    The wheel ships the guides as ``taskexec/docs/``; a source checkout has them in ``docs/``.
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "docs" / name, package.parent.parent / "docs" / name):
+        if candidate.is_file():
+            return str(candidate)
+    return f"docs/{name} in the taskexec repository"
+
+
+#: Where deprecation warnings send users.
+MIGRATION_GUIDE = f"the migration guide, {guide('MIGRATION.md')}"
 
 #: Set by the sync bridge for the length of one blocking call.
 caller_site: contextvars.ContextVar[CallSite | None] = contextvars.ContextVar(
