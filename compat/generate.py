@@ -132,7 +132,7 @@ class Generator:
         cls = getattr(module, shim.name)
         alias = f"_Async{shim.name}"
         self.imports.setdefault(shim.module, set()).add(f"{shim.name} as {alias}")
-        doc = shim.docs.get("") or inspect.getdoc(cls) or ""
+        doc = _sync_doc(shim.docs.get(""), inspect.getdoc(cls) or "")
         check_docstring(shim, shim.name, doc)
         out = [f"class {shim.name}:", _docstring(doc, 4)]
         params, forward = self.signature(cls.__init__, module)
@@ -169,7 +169,7 @@ class Generator:
     def render_member(
         self, shim: Shim, cls: type, name: str, member: Any, module: ModuleType
     ) -> list[str]:
-        text = shim.docs.get(name) or inspect.getdoc(member) or ""
+        text = _sync_doc(shim.docs.get(name), inspect.getdoc(member) or "")
         check_docstring(shim, f"{shim.name}.{RENAMES.get(name, name)}", text)
         doc = _docstring(text, 8)
         if isinstance(member, property):
@@ -210,6 +210,16 @@ class Generator:
         lines += ["", f"__all__ = ({', '.join(repr(s.name) for s in SHIMS)},)", "", ""]
         lines.append("\n\n\n".join(classes))
         return _format("\n".join(lines) + "\n")
+
+
+def _sync_doc(explicit: str | None, async_doc: str) -> str:
+    """The shim's docstring: the explicit one, completed with the async one's sections."""
+    if not explicit:
+        return async_doc
+    sections = re.search(r"^(Args|Returns|Raises):", async_doc, re.M)
+    if "Args:" in explicit or sections is None:
+        return explicit.strip()
+    return explicit.strip() + "\n\n" + async_doc[sections.start() :]
 
 
 #: Words that make a docstring false on the blocking side.

@@ -23,7 +23,8 @@ class Shim:
     module: str
     name: str
     exclude: dict[str, str] = field(default_factory=dict)
-    #: Sync docstrings for members ("" is the class) whose async docstring does not hold.
+    #: Sync docstrings for members ("" is the class) whose async docstring does not hold. One
+    #: without an ``Args:`` section gets the async docstring's sections (Args, Raises, ...).
     docs: dict[str, str] = field(default_factory=dict)
 
 
@@ -37,22 +38,6 @@ calls and calls from many threads share one pool of HTTP connections. Close the 
 ``executor.close()`` or use it as ``with TaskExecutor(...) as executor``. From code that runs
 on an event loop, use :class:`taskexec.TaskExecutor` instead: this shim refuses to block a
 running loop.
-
-Args:
-    agents: The agents tasks may name.
-    default_agent: The agent for tasks that name none (default: the only agent, if one).
-    http_client: An ``httpx.AsyncClient`` to send every request through instead of the
-        built-in pool; it is not closed by :meth:`close`.
-    max_connections: Most HTTP connections open at once per event loop (0: no limit). By
-        default 256, raised to the ``max_concurrency`` of an orchestrator that runs tasks on
-        this executor; a value given here is kept as given.
-    connect_timeout_s: Time allowed to open one connection.
-    attempt_timeout_s: Cap on one HTTP attempt, so a stalled reply is retried
-        (default: an attempt may use all the time left before the task's deadline).
-    retry_policy: Backoff between attempts.
-
-Raises:
-    ConfigurationError: Two agents share a name, or ``default_agent`` is not among them.
 """
 
 _ORCHESTRATOR_DOC = """Runs many tasks concurrently, blocking until all are done.

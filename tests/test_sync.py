@@ -51,7 +51,9 @@ def test_every_public_member_is_mirrored_with_the_same_signature(shim: shims.Shi
             assert inspect.signature(sync_member.fget) == inspect.signature(member.fget)
             continue
         assert inspect.signature(sync_member) == inspect.signature(member), name
-        assert inspect.getdoc(sync_member) == (shim.docs.get(name) or inspect.getdoc(member))
+        assert inspect.getdoc(sync_member) == generate._sync_doc(
+            shim.docs.get(name), inspect.getdoc(member) or ""
+        )
         assert not inspect.iscoroutinefunction(sync_member)
         mirrored += 1
     assert mirrored >= 3

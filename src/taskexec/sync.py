@@ -44,7 +44,7 @@ class TaskExecutor:
         agents: The agents tasks may name.
         default_agent: The agent for tasks that name none (default: the only agent, if one).
         http_client: An ``httpx.AsyncClient`` to send every request through instead of the
-            built-in pool; it is not closed by :meth:`close`.
+            built-in pool; taskexec never closes it (its owner does).
         max_connections: Most HTTP connections open at once per event loop (0: no limit). By
             default 256, raised to the ``max_concurrency`` of an orchestrator that runs tasks on
             this executor; a value given here is kept as given.
