@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
-from ._callsite import caller_site, site_of, warn_sync_call
+from ._callsite import caller_site, enter_sync_call
 from ._engines import current_engine, work_of
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
@@ -40,23 +40,15 @@ __all__ = ("call", "unwrap")
 
 T = TypeVar("T")
 P = ParamSpec("P")
-WARN_SYNC_ENV = "TASKEXEC_WARN_SYNC"
-RENAMES = {"aclose": "close"}
 #: After the shared loop has been idle this long, a call first lets it read its sockets once,
 #: so that a keep-alive connection the server closed meanwhile is not picked from the pool.
-#: Shorter than any server's keep-alive timeout (nginx 75 s, uvicorn 5 s, the mock's 5 s).
+#: Shorter than common servers' keep-alive timeouts (uvicorn 5 s, nginx 75 s).
 IDLE_READ_AFTER_S = 1.0
 
 
 class _SharedLoop:
-    """One event loop per process for every sync call, driven by the calling threads themselves.
-
-    No thread of its own: a caller that finds the loop idle runs it in its own thread until its
-    call is done (the *driver*), which costs a loop re-entry rather than a hand-off to another
-    thread. A caller that finds another thread driving hands its call to that loop and waits; if
-    the driver finishes first, a waiting caller takes over the driving. One loop means one pool
-    of connections shared by every thread, and one place for ``close()`` and exit to reach.
-    """
+    """One event loop per process for every sync call, driven by the calling threads themselves
+    (see the module's docstring): one pool for every thread, one place for exit to reach."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -278,13 +270,6 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
     """
     name = method.__name__
     cls = type(getattr(method, "__self__", None)).__name__
-    # The caller's line (call() <- the shim method <- the caller), for warnings raised while the
-    # call runs on a loop, perhaps in another thread, where that line is not on the stack.
-    site = site_of(sys._getframe(2))
-    if os.environ.get(WARN_SYNC_ENV, "") not in ("", "0"):
-        warn_sync_call(
-            f"taskexec.sync.{cls}.{RENAMES.get(name, name)}", f"taskexec.{cls}.{name}", site
-        )
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -294,7 +279,9 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
             f"taskexec.sync.{cls}.{name}() blocks, and this thread is running an event loop; "
             f"use `await taskexec.{cls}.{name}(...)` here instead"
         )
-    token = caller_site.set(caller_site.get() or site)
+    # The caller's line (call() <- the shim method <- the caller), for warnings raised while the
+    # call runs on a loop, perhaps in another thread, where that line is not on the stack.
+    token = enter_sync_call(cls, name, sys._getframe(2))
     try:
         return _call(method, *args, **kwargs)
     finally:

@@ -22,6 +22,7 @@ __all__ = (
     "CallSite",
     "caller_site",
     "current_site",
+    "enter_sync_call",
     "guide",
     "warn_at_caller",
     "warn_sync_call",
@@ -108,8 +109,22 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
     )
 
 
+#: ``TASKEXEC_WARN_SYNC=1`` warns once per call site of a blocking shim.
+WARN_SYNC_ENV = "TASKEXEC_WARN_SYNC"
+_SYNC_NAMES = {"aclose": "close"}
 _warned_sites: set[tuple[str, int]] = set()
 _warned_lock = threading.Lock()
+
+
+def enter_sync_call(cls: str, name: str, frame: FrameType) -> contextvars.Token[CallSite | None]:
+    """Record the line a blocking shim was called from (``frame``), for the warnings raised
+    during the call, and warn there under ``TASKEXEC_WARN_SYNC``; reset ``caller_site`` with
+    the token returned when the call is over."""
+    site = site_of(frame)
+    if os.environ.get(WARN_SYNC_ENV, "") not in ("", "0"):
+        shim = f"taskexec.sync.{cls}.{_SYNC_NAMES.get(name, name)}"
+        warn_sync_call(shim, f"taskexec.{cls}.{name}", site)
+    return caller_site.set(caller_site.get() or site)
 
 
 def warn_sync_call(shim: str, target: str, site: CallSite) -> None:
