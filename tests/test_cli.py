@@ -623,7 +623,7 @@ def test_a_large_run_summarises_instead_of_listing_every_task(tmp_path: Path) ->
     assert "tasks that did not succeed (1)" in short.stdout
     assert "61 tasks: 1 failed, 60 success" in short.stdout
     listed = {line.split()[1] for line in short.stdout.splitlines() if line.startswith("│ t")}
-    assert len(listed) <= 10
+    assert len(listed) in (9, 10)  # the ten slowest; "broken" may be one of them
     assert len(lines(out)) == 61
     full = taskexec("run", str(plan), "--full-table")
     full_listed = {line.split()[1] for line in full.stdout.splitlines() if line.startswith("│ t")}

@@ -494,3 +494,15 @@ async def test_tasks_waiting_for_a_slot_hold_no_coroutine(
     assert len(seen) == 200
     # The test's own task plus at most three running: the other 197 are not asyncio tasks yet.
     assert max(seen) <= 1 + 3
+
+
+@pytest.mark.parametrize("engine", ["async", "legacy"])
+async def test_a_stream_of_an_invalid_batch_raises_before_any_result(engine: str) -> None:
+    from taskexec import flags
+
+    tasks = [AgentTask(id="a", prompt="x", depends_on=["missing"])]
+    async with TaskExecutor([Agent(name="o")]) as executor:
+        with flags.use_engine(engine):
+            stream = ProjectOrchestrator(executor).stream(tasks)
+            with pytest.raises(PlanError, match="unknown task 'missing'"):
+                await anext(stream)  # no result comes from an invalid batch

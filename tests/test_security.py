@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from aiohttp import web
@@ -34,12 +34,20 @@ from .conftest import AGENTS_DIR, FAST_RETRY
 Make = Any
 
 SECRET = "sk-DISTINCTIVE-4f9a2c77e1b3"
-#: (provider, its key variable, its base-URL variable, the header that carries the key)
+
+
+class Vendor(NamedTuple):
+    provider: str
+    key_var: str  # where the operator's key is
+    url_var: str  # the base URL the operator may name
+    header: str  # the header that carries the key
+
+
 VENDORS = [
-    ("openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", "authorization"),
-    ("anthropic", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "x-api-key"),
-    ("gemini", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "x-goog-api-key"),
-    ("gemini", "GEMINI_API_KEY", "GEMINI_BASE_URL", "x-goog-api-key"),
+    Vendor("openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", "authorization"),
+    Vendor("anthropic", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "x-api-key"),
+    Vendor("gemini", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "x-goog-api-key"),
+    Vendor("gemini", "GEMINI_API_KEY", "GEMINI_BASE_URL", "x-goog-api-key"),
 ]
 KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 
@@ -62,20 +70,18 @@ def assert_no_piece(text: str, secret: str = SECRET) -> None:
 # -- where an environment key goes ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("provider", "key_var", "url_var", "header"), VENDORS)
+@pytest.mark.parametrize("vendor", VENDORS, ids=lambda v: v.key_var)
 @pytest.mark.parametrize("engine", ["async", "legacy"])
 async def test_environment_key_never_goes_to_a_base_url_the_plan_set(
     mock_server: MockServer,
     monkeypatch: pytest.MonkeyPatch,
     make_executor: Make,
-    provider: str,
-    key_var: str,
-    url_var: str,
-    header: str,
+    vendor: Vendor,
     engine: str,
 ) -> None:
-    monkeypatch.setenv(key_var, SECRET)
-    agent = Agent(name="a", provider=provider, base_url=base_url_for(mock_server, provider))
+    monkeypatch.setenv(vendor.key_var, SECRET)
+    base = base_url_for(mock_server, vendor.provider)
+    agent = Agent(name="a", provider=vendor.provider, base_url=base)
     async with make_executor(agent) as executor:
         with flags.use_engine(engine):
             result = await executor.execute(AgentTask(id="t", prompt="x"))
@@ -85,24 +91,19 @@ async def test_environment_key_never_goes_to_a_base_url_the_plan_set(
     assert SECRET not in repr(request)
 
 
-@pytest.mark.parametrize(("provider", "key_var", "url_var", "header"), VENDORS)
+@pytest.mark.parametrize("vendor", VENDORS, ids=lambda v: v.key_var)
 async def test_environment_key_goes_to_the_base_url_the_environment_names(
-    mock_server: MockServer,
-    monkeypatch: pytest.MonkeyPatch,
-    make_executor: Make,
-    provider: str,
-    key_var: str,
-    url_var: str,
-    header: str,
+    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch, make_executor: Make, vendor: Vendor
 ) -> None:
-    monkeypatch.setenv(key_var, SECRET)
-    monkeypatch.setenv(url_var, base_url_for(mock_server, provider) + "/")
-    same_url = Agent(name="same", provider=provider, base_url=base_url_for(mock_server, provider))
-    no_url = Agent(name="none", provider=provider)
+    base = base_url_for(mock_server, vendor.provider)
+    monkeypatch.setenv(vendor.key_var, SECRET)
+    monkeypatch.setenv(vendor.url_var, base + "/")
+    same_url = Agent(name="same", provider=vendor.provider, base_url=base)
+    no_url = Agent(name="none", provider=vendor.provider)
     async with make_executor([same_url, no_url]) as executor:
         for name in ("same", "none"):
             assert (await executor.execute(AgentTask(id="t", prompt="x"), agent=name)).ok
-    assert [r.headers[header].removeprefix("Bearer ") for r in mock_server.recorded] == [
+    assert [r.headers[vendor.header].removeprefix("Bearer ") for r in mock_server.recorded] == [
         SECRET,
         SECRET,
     ]

@@ -131,8 +131,9 @@ class _SharedLoop:
         next call does not pick that dead connection from the pool.
         """
         if self._idle_since and time.monotonic() - self._idle_since > IDLE_READ_AFTER_S:
-            # This thread is the driver: the loop is ours. One pass polls its sockets once.
-            loop.run_until_complete(asyncio.sleep(0))
+            # One pass of the bridge's own loop polls its sockets once; this thread is the driver,
+            # so the loop is ours, and no other loop runs here (call() refused that first).
+            loop.run_until_complete(asyncio.sleep(0))  # the bridge's loop, not the async path
 
     def finished(self, meeting: _Meeting) -> None:
         """Called on the loop when a call's task ends: wake its caller."""

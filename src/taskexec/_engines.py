@@ -143,7 +143,7 @@ class LegacyEngine(Engine):
         return await asyncio.to_thread(self.execute_blocking, job)
 
     async def execute_tasks(self, batch: Batch) -> list[ExecutionResult]:
-        batch.check()
+        # The batch is checked once, in the worker thread; a PlanError comes back from there.
         return await asyncio.to_thread(self.execute_tasks_blocking, batch)
 
     def execute_blocking(self, job: Job) -> ExecutionResult:

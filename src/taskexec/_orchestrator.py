@@ -126,7 +126,8 @@ class ProjectOrchestrator:
             loop.call_soon_threadsafe(queue.put_nowait, result)
 
         batch = self._batch(tasks, fail_fast=fail_fast).with_results_to(deliver)
-        batch.check()  # problems raise here, before the first result is awaited
+        # The engine checks the batch before anything runs; a PlanError ends the runner, and
+        # surfaces from the first iteration, through `await runner` below.
         runner = asyncio.ensure_future(current_engine().execute_tasks(batch))
         runner.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
