@@ -2,6 +2,7 @@
 
 from ._errors import BusError as BusError
 from ._errors import BusTimeoutError as BusTimeoutError
+from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import InvalidValueError as InvalidValueError
 from ._errors import NoSubscriberError as NoSubscriberError
@@ -35,6 +36,7 @@ __all__ = (
     "AgentTask",
     "BusError",
     "BusTimeoutError",
+    "ClusterUnavailableError",
     "ConfigurationError",
     "ErrorKind",
     "ExecutionError",

@@ -36,10 +36,16 @@ from .providers import secret_redactor
 if TYPE_CHECKING:
     from ._engines import Batch
 
-__all__ = ("execute_task", "run_batch")
+__all__ = ("RunOne", "execute_task", "run_batch")
 
 log = logging.getLogger("taskexec")
 T = TypeVar("T")
+#: How a batch runs one of its tasks whose dependencies succeeded: ``(task, outputs of its
+#: dependencies, progress) -> result``. In-process by default; a distributed run sends the task
+#: to a worker instead.
+RunOne = Callable[
+    [AgentTask, Mapping[str, str | None] | None, Progress], Coroutine[Any, Any, ExecutionResult]
+]
 _INTERNAL_MESSAGE_LIMIT = 2000
 
 _MODES_RUN: dict[str, Callable[[Call], Coroutine[Any, Any, Outcome]]] = {
@@ -111,12 +117,15 @@ def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T
                 return cast(T, stop.value)
 
 
-async def run_batch(batch: Batch) -> list[ExecutionResult]:
-    """Run a checked batch of tasks on the running loop; one result per task, in input order."""
+async def run_batch(batch: Batch, run_one: RunOne | None = None) -> list[ExecutionResult]:
+    """Run a checked batch of tasks on the running loop; one result per task, in input order.
+
+    ``run_one`` runs each task (default: in this process, with :func:`execute_task`).
+    """
     batch.settings.pool.reserve(min(batch.limit, len(batch.tasks)))
     token = _current_bus.set(batch.bus)
     try:
-        return await _Run(batch).execute()
+        return await _Run(batch, run_one).execute()
     finally:
         _current_bus.reset(token)
 
@@ -128,7 +137,8 @@ class _Run:
     two tasks ever interleave inside it; an ``asyncio.Lock`` would guard nothing here.
     """
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, run_one: RunOne | None = None) -> None:
+        self.run_one = run_one or self._in_process
         self.roster = batch.roster
         self.settings = batch.settings
         self.bus = batch.bus
@@ -188,9 +198,7 @@ class _Run:
             outputs = (
                 {d: self.results[d].output for d in task.depends_on} if task.depends_on else None
             )
-            result = await execute_task(
-                self.roster, self.settings, task, None, None, outputs, progress
-            )
+            result = await self.run_one(task, outputs, progress)
         except asyncio.CancelledError:
             self.running.pop(task.id, None)
             now = asyncio.get_running_loop().time()
@@ -218,6 +226,11 @@ class _Run:
         self.running.pop(task.id, None)
         await self._finish(task, result)
         self._fill()
+
+    def _in_process(
+        self, task: AgentTask, outputs: Mapping[str, str | None] | None, progress: Progress
+    ) -> Coroutine[Any, Any, ExecutionResult]:
+        return execute_task(self.roster, self.settings, task, None, None, outputs, progress)
 
     def _not_run(
         self, task: AgentTask, status: ExecutionStatus, error: ExecutionError

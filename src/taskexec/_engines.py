@@ -11,6 +11,7 @@ thread for blocking callers (``runs_in_caller_thread``). A new way to run tasks 
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -163,9 +164,26 @@ class LegacyEngine(Engine):
 ENGINES: dict[EngineName, Engine] = {e.name: e for e in (AsyncEngine(), LegacyEngine())}
 
 
+#: The environment variables that send work to workers (``taskexec.distributed``), named here
+#: so that an in-process call does not import the broker and Redis clients to look at them.
+CLUSTER_ENV_VARS = ("TASKEXEC_BROKER_URL", "TASKEXEC_RESULTS_URL")
+
+
 def current_engine() -> Engine:
-    """Return the engine for the call being made now (the rollback flag, read at call time)."""
-    return ENGINES[get_engine()]
+    """Return the engine for the call being made now, from settings read at call time.
+
+    The rollback flag first: ``legacy`` runs in-process whatever else is set. Otherwise a
+    configured cluster (``TASKEXEC_BROKER_URL`` and ``TASKEXEC_RESULTS_URL``) runs tasks on its
+    workers, and without one the async engine runs them here.
+    """
+    name = get_engine()
+    if name == "async" and any(os.environ.get(v, "").strip() for v in CLUSTER_ENV_VARS):
+        from .distributed import Cluster, WorkersEngine
+
+        cluster = Cluster.from_env()
+        assert cluster is not None
+        return WorkersEngine(cluster)
+    return ENGINES[name]
 
 
 def dispatched(build: Callable[..., Job | Batch]) -> Callable[[F], F]:

@@ -13,6 +13,7 @@ from typing import Any
 __all__ = (
     "BusError",
     "BusTimeoutError",
+    "ClusterUnavailableError",
     "ConfigurationError",
     "InvalidValueError",
     "NoSubscriberError",
@@ -59,6 +60,13 @@ class SyncInAsyncContextError(TaskexecError, RuntimeError):
 
     Also a ``RuntimeError``, as asgiref's ``SynchronousOnlyOperation`` family is for the same
     misuse, so code that catches either keeps working.
+    """
+
+
+class ClusterUnavailableError(TaskexecError):
+    """The broker (RabbitMQ) or the results store (Redis) of a distributed run cannot be reached.
+
+    The message names the URL, with its password replaced by ``***``, and the cause.
     """
 
 

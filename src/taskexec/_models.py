@@ -172,6 +172,11 @@ class ErrorKind(enum.StrEnum):
     CONFIGURATION = "configuration"
     #: A bug inside taskexec or a provider; the message names the exception.
     INTERNAL = "internal"
+    #: Distributed runs: no live worker served the task's agent within the wait allowed.
+    NO_WORKER = "no_worker"
+    #: Distributed runs: every worker that took the task died with it, up to the delivery
+    #: limit; the task's message was moved to the dead-letter queue instead of running again.
+    DEAD_LETTERED = "dead_lettered"
 
 
 class ExecutionError(_Model):

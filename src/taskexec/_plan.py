@@ -14,7 +14,15 @@ from ._graph import graph_problems
 from ._models import Agent, AgentTask
 from .providers import get_provider
 
-__all__ = ("MAX_YAML_NODES", "Plan", "PlanSettings", "load_plan", "mode_problem", "plan_problems")
+__all__ = (
+    "MAX_YAML_NODES",
+    "Plan",
+    "PlanSettings",
+    "load_agents",
+    "load_plan",
+    "mode_problem",
+    "plan_problems",
+)
 
 #: The most nodes a YAML plan may expand to, aliases followed. A plan of 20,000 tasks is about
 #: 200,000 nodes; a "billion laughs" document of a few lines is billions, refused before it is
@@ -193,6 +201,28 @@ def load_plan(path: str | Path) -> Plan:
             each problem with its field path, and the message names the file.
     """
     source = str(path)
+    return _check(_read(path), source)
+
+
+def load_agents(path: str | Path) -> list[Agent]:
+    """Read the agents of a plan file, or of a file with only ``agents:`` (a worker's file).
+
+    Raises:
+        PlanError: As :func:`load_plan`, and when the file defines no agent.
+    """
+    source = str(path)
+    data = _read(path)
+    if "tasks" not in data:
+        data = {**data, "tasks": []}
+    plan = _check(data, source)
+    if not plan.agents:
+        raise PlanError(["agents: the file defines no agent"], source=source)
+    return plan.agents
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    """Return the top-level mapping of a YAML or JSON file."""
+    source = str(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -220,6 +250,10 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(
             ["(top level): expected a mapping with 'agents' and 'tasks'"], source=source
         )
+    return data
+
+
+def _check(data: dict[str, Any], source: str) -> Plan:
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:

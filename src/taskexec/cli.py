@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import errno
 import io
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, TYPE_CHECKING, ClassVar
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -34,14 +35,17 @@ from rich.progress import (
 from rich.table import Table
 
 from . import flags
-from ._engines import ENGINES, Batch, Engine
+from ._engines import CLUSTER_ENV_VARS, ENGINES, Batch, Engine
 from ._errors import PlanError, TaskexecError
 from ._executor import TaskExecutor
 from ._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from ._modes.script import kill_live_groups
-from ._plan import load_plan
+from ._plan import load_agents, load_plan
 from ._version import __version__
 from .bus import MessageBus
+
+if TYPE_CHECKING:
+    from .distributed import Cluster, WorkersEngine
 
 __all__ = ("main",)
 
@@ -409,6 +413,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     todo = [t.without_done(outputs) for t in plan.tasks if t.id not in previous]
     if kept:
         print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
+    workers = _workers_engine(args, engine)
     output = _open_for_append(output_path) if output_path else None
     started = time.monotonic()
     interrupts = _Interrupts()
@@ -417,7 +422,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             flags.use_engine(engine),
             Reporter(todo, output, sys.stderr, fsync=args.fsync) as report,
         ):
-            runner = ENGINES[engine]
+            runner: Engine = workers or ENGINES[engine]
             bus = MessageBus(maxsize=max(1000, 2 * len(todo)))
             batch = Batch(
                 executor._roster,
@@ -443,9 +448,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
     by_id = {**previous, **report.results}
     results = [by_id[t.id] for t in plan.tasks]
     _print_summary(results, time.monotonic() - started, args.json, args.full_table)
+    if workers is not None and workers.counters:
+        counted = workers.counters
+        print(
+            f"taskexec: run {workers.run_id}: {counted['executions']} task execution(s) on "
+            f"workers, {counted['duplicates']} duplicate result(s) dropped",
+            file=sys.stderr,
+        )
     if not completed:
         return interrupts.exit_code
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _workers_engine(args: argparse.Namespace, engine: flags.Engine) -> WorkersEngine | None:
+    """Return the engine of a distributed run, or None to run in-process.
+
+    Flags win over ``TASKEXEC_BROKER_URL`` / ``TASKEXEC_RESULTS_URL``. The rollback engine
+    (``legacy``) always runs in-process.
+    """
+    if not (args.broker or args.results or any(os.environ.get(v) for v in CLUSTER_ENV_VARS)):
+        if args.run_id:
+            raise UsageError("--run-id needs a distributed run: --broker URL --results URL")
+        return None
+    from .distributed import Cluster, WorkersEngine
+
+    cluster = Cluster.from_env(args.broker, args.results)
+    assert cluster is not None
+    if engine == "legacy":
+        print(
+            "taskexec: the legacy engine runs in-process; the broker is not used", file=sys.stderr
+        )
+        return None
+    from .distributed._dispatch import new_run_id
+
+    workers = WorkersEngine(cluster, args.run_id or new_run_id())
+    print(
+        f"taskexec: run id {workers.run_id} (re-run with --run-id {workers.run_id} to "
+        "keep its stored results)",
+        file=sys.stderr,
+    )
+    return workers
 
 
 def _environment_concurrency() -> int | None:
@@ -500,6 +542,75 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cluster(args: argparse.Namespace) -> Cluster:
+    from .distributed import Cluster
+
+    cluster = Cluster.from_env(args.broker, args.results)
+    if cluster is None:
+        raise UsageError(
+            f"no cluster: pass --broker URL --results URL (or set {CLUSTER_ENV_VARS[0]} and "
+            f"{CLUSTER_ENV_VARS[1]})"
+        )
+    return cluster
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .distributed import Worker
+
+    agents = load_agents(args.agents_file)
+    cluster = _cluster(args)
+    worker = Worker(
+        agents, cluster, concurrency=args.concurrency, name=args.name, grace_s=args.grace
+    )
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in _Interrupts.NAMES:
+            loop.add_signal_handler(signum, stop.set)
+        print(
+            f"taskexec: worker {worker.name} serving {', '.join(sorted(worker.executor.agents))}"
+            f" ({args.concurrency} at once); Ctrl-C or SIGTERM to stop",
+            file=sys.stderr,
+        )
+        await worker.serve(stop)
+
+    # The worker's own entry point: it owns the process's event loop.
+    asyncio.run(serve())
+    print(f"taskexec: worker {worker.name} stopped after {worker.done} task(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from .distributed._status import cluster_status
+
+    cluster = _cluster(args)
+    workers, depths = asyncio.run(cluster_status(cluster))
+    if args.json:
+        data = {"workers": [w.model_dump() for w in workers], "queued": depths}
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    table = Table(title=f"{len(workers)} live worker(s)")
+    for column in ("worker", "host", "pid", "agents", "in flight", "done", "seen"):
+        table.add_column(column)
+    now = time.time()
+    for w in workers:
+        table.add_row(
+            escape(printable(w.name)),
+            escape(printable(w.host)),
+            str(w.pid),
+            escape(printable(", ".join(w.agents))),
+            f"{w.in_flight}/{w.concurrency}",
+            str(w.done),
+            f"{max(0.0, now - w.seen_at):.1f}s ago",
+        )
+    console = Console()
+    console.print(table)
+    for agent, depth in sorted(depths.items()):
+        console.print(f"queue of {escape(printable(agent))}: {depth} task(s) waiting")
+    return EXIT_OK
+
+
 def _faults(value: str) -> list[str]:
     return [f.strip() for f in value.split(",") if f.strip()]
 
@@ -550,7 +661,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fsync --output after every line (survives a machine crash; slower)",
     )
+    run.add_argument(
+        "--broker",
+        metavar="URL",
+        help=f"RabbitMQ URL: run tasks on workers (default: ${CLUSTER_ENV_VARS[0]})",
+    )
+    run.add_argument(
+        "--results",
+        metavar="URL",
+        help=f"Redis URL of a distributed run (default: ${CLUSTER_ENV_VARS[1]})",
+    )
+    run.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="a distributed run's id; a re-run with the same id keeps the results stored under it",
+    )
     run.set_defaults(handler=_cmd_run)
+
+    worker = commands.add_parser(
+        "worker",
+        help="serve agents to distributed runs until Ctrl-C or SIGTERM",
+        description="Take tasks of the agents AGENTS_FILE defines from RabbitMQ, run them, and "
+        "store their results in Redis. Keys come from this process's environment.",
+    )
+    worker.add_argument(
+        "agents_file", metavar="AGENTS_FILE", help="a plan file, or a file with only 'agents:'"
+    )
+    worker.add_argument("--broker", metavar="URL", help=f"default: ${CLUSTER_ENV_VARS[0]}")
+    worker.add_argument("--results", metavar="URL", help=f"default: ${CLUSTER_ENV_VARS[1]}")
+    worker.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=100,
+        help="most tasks running at once (default 100)",
+    )
+    worker.add_argument("--name", help="name in the registry (default: HOST-PID)")
+    worker.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on stop, time for tasks in flight to finish before they are handed back (default 10)",
+    )
+    worker.set_defaults(handler=_cmd_worker)
+
+    workers = commands.add_parser("workers", help="list the live workers of a cluster")
+    workers.add_argument("--broker", metavar="URL", help=f"default: ${CLUSTER_ENV_VARS[0]}")
+    workers.add_argument("--results", metavar="URL", help=f"default: ${CLUSTER_ENV_VARS[1]}")
+    workers.add_argument("--json", action="store_true", help="print JSON, not a table")
+    workers.set_defaults(handler=_cmd_workers)
 
     validate = commands.add_parser("validate", help="check a plan and list every problem")
     validate.add_argument("plan")

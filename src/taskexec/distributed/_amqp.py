@@ -1,0 +1,95 @@
+"""RabbitMQ: the connection, and the queues and exchange a cluster declares.
+
+Each agent has a durable quorum queue. A worker acknowledges a task only after its result is
+stored, so when a worker dies (its connection drops) RabbitMQ hands its unacknowledged tasks to
+another worker at once. The queue's delivery limit and dead-letter queue stop a task that kills
+every worker that takes it.
+
+Both sides declare the same queues with the same arguments (RabbitMQ refuses a declaration that
+differs), and declare them through a robust connection, which re-declares them and restores the
+consumers after a reconnect.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from .._errors import ClusterUnavailableError
+from ._config import Cluster, redact_url
+
+__all__ = ("connect_broker", "declare_agent_queue", "declare_events", "queue_depth")
+
+#: Seconds between reconnection attempts after the broker went away (aio-pika's default is 5).
+RECONNECT_INTERVAL_S = 1.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnection:
+    """Return a robust (reconnecting) connection to the cluster's RabbitMQ.
+
+    Raises:
+        ClusterUnavailableError: The broker cannot be reached or refuses the login; the message
+            names the URL (password redacted) and the cause.
+    """
+    try:
+        return await aio_pika.connect_robust(
+            cluster.broker_url,
+            timeout=CONNECT_TIMEOUT_S,
+            reconnect_interval=RECONNECT_INTERVAL_S,
+            client_properties={"connection_name": name},
+        )
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ValueError) as exc:
+        cause = cluster.redactor()(str(exc) or type(exc).__name__)
+        raise ClusterUnavailableError(
+            f"cannot reach RabbitMQ at {redact_url(cluster.broker_url)}: {cause}"
+        ) from None
+
+
+async def declare_dead_letter_queue(channel: AbstractChannel, cluster: Cluster) -> AbstractQueue:
+    """Declare the queue that rejected and dead-lettered task messages go to."""
+    return await channel.declare_queue(
+        cluster.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+
+
+async def declare_agent_queue(
+    channel: AbstractChannel, cluster: Cluster, agent: str
+) -> AbstractQueue:
+    """Declare the task queue of ``agent`` (and the dead-letter queue it sends to)."""
+    await declare_dead_letter_queue(channel, cluster)
+    return await channel.declare_queue(
+        cluster.queue(agent),
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            # One more delivery than the runs a task may take: the worker that receives it
+            # records the task as dead-lettered and rejects it to the dead-letter queue, so the
+            # run learns why. RabbitMQ's own limit is the backstop should that worker die too.
+            "x-delivery-limit": cluster.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": cluster.dead_letter_queue,
+        },
+    )
+
+
+async def declare_events(channel: AbstractChannel, cluster: Cluster) -> AbstractExchange:
+    """Declare the topic exchange of task events."""
+    return await channel.declare_exchange(
+        cluster.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+
+
+async def queue_depth(channel: AbstractChannel, name: str) -> int | None:
+    """Return how many messages wait in a queue, or None if it does not exist."""
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+    except aio_pika.exceptions.ChannelClosed:
+        return None
+    result = queue.declaration_result
+    return int(result.message_count or 0)

@@ -1,0 +1,191 @@
+"""Where a distributed run's broker and results store are, and how long it waits for things."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .._errors import ConfigurationError
+from .._secrets import Redactor
+
+__all__ = (
+    "BROKER_ENV_VAR",
+    "NAMESPACE_ENV_VAR",
+    "RESULTS_ENV_VAR",
+    "RUN_ID_PATTERN",
+    "Cluster",
+    "check_run_id",
+    "redact_url",
+)
+
+BROKER_ENV_VAR = "TASKEXEC_BROKER_URL"
+RESULTS_ENV_VAR = "TASKEXEC_RESULTS_URL"
+#: Prefix of every queue, exchange and Redis key, so that several deployments (or test runs)
+#: can share one RabbitMQ and one Redis without seeing each other's tasks.
+NAMESPACE_ENV_VAR = "TASKEXEC_NAMESPACE"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "token"})
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password (in the authority or the query) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, colon, _password = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if colon else f"{userinfo}@{host}"
+        query = urlencode(
+            [
+                (k, "***" if k.lower() in _SECRET_QUERY_KEYS else v)
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            ],
+            safe="*",
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The secrets a URL carries: its password, in the authority or the query."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+    except ValueError:
+        return [url]
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY_KEYS and v]
+    # The raw (percent-encoded) form of the password can appear in a library's message too.
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    return found
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it can name a run (1-64 letters, digits, ``_`` or ``-``).
+
+    Raises:
+        ConfigurationError: It cannot.
+    """
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ConfigurationError(
+            f"run id {run_id!r} is not valid: use 1-64 letters, digits, '_' or '-'"
+        )
+    return run_id
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """A RabbitMQ broker and a Redis results store shared by the workers and orchestrators of
+    a deployment, with the settings of the protocol between them.
+
+    Args:
+        broker_url: RabbitMQ, ``amqp://user:password@host:5672/vhost`` (or ``amqps://``).
+        results_url: Redis, ``redis://[:password@]host:6379/0`` (or ``rediss://``).
+        namespace: Prefix of every queue, exchange and key (``TASKEXEC_NAMESPACE``).
+        delivery_limit: How many times a task is handed to a worker before, when every one of
+            them died with it, it is dead-lettered and comes back ``failed`` (kind
+            ``dead_lettered``).
+        no_worker_wait_s: How long a task waits for a live worker that serves its agent before
+            it comes back ``failed`` (kind ``no_worker``).
+        heartbeat_s: How often workers renew their registration; a worker that misses three
+            renewals is no longer counted as live.
+        result_ttl_s: How long results stay in Redis (for ``--run-id`` re-runs).
+        poll_s: How often an orchestrator reads Redis for results whose event it may have
+            missed (a broker reconnect), and checks that its tasks' agents still have workers.
+    """
+
+    broker_url: str = field(repr=False)
+    results_url: str = field(repr=False)
+    namespace: str = "taskexec"
+    delivery_limit: int = 3
+    no_worker_wait_s: float = 30.0
+    heartbeat_s: float = 2.0
+    result_ttl_s: int = 7 * 24 * 3600
+    poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.broker_url.startswith(("amqp://", "amqps://")):
+            raise ConfigurationError(
+                f"broker URL {redact_url(self.broker_url)!r} is not a RabbitMQ URL; "
+                "use amqp://user:password@host:5672/"
+            )
+        if not self.results_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                f"results URL {redact_url(self.results_url)!r} is not a Redis URL; "
+                "use redis://host:6379/0"
+            )
+        if not _NAMESPACE_PATTERN.match(self.namespace):
+            raise ConfigurationError(
+                f"namespace {self.namespace!r} is not valid: use 1-64 letters, digits, '_' or '-'"
+            )
+        if self.delivery_limit < 1:
+            raise ConfigurationError("delivery_limit must be >= 1")
+        for name in ("no_worker_wait_s", "heartbeat_s", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0")
+        if self.result_ttl_s < 1:
+            raise ConfigurationError("result_ttl_s must be >= 1")
+
+    def __repr__(self) -> str:
+        return (
+            f"Cluster(broker_url={redact_url(self.broker_url)!r}, "
+            f"results_url={redact_url(self.results_url)!r}, namespace={self.namespace!r})"
+        )
+
+    @classmethod
+    def from_env(
+        cls, broker_url: str | None = None, results_url: str | None = None
+    ) -> Cluster | None:
+        """Return the cluster the arguments, else the environment, name; None if neither does.
+
+        Arguments win over ``TASKEXEC_BROKER_URL`` and ``TASKEXEC_RESULTS_URL``.
+
+        Raises:
+            ConfigurationError: Only one of the two is set, or one is not a URL of its kind.
+        """
+        broker = broker_url or os.environ.get(BROKER_ENV_VAR, "").strip() or None
+        results = results_url or os.environ.get(RESULTS_ENV_VAR, "").strip() or None
+        if broker is None and results is None:
+            return None
+        if broker is None or results is None:
+            missing = (
+                "--broker / " + BROKER_ENV_VAR
+                if broker is None
+                else ("--results / " + RESULTS_ENV_VAR)
+            )
+            raise ConfigurationError(
+                f"a distributed run needs both a broker and a results store; {missing} is not "
+                "set (unset both to run in-process)"
+            )
+        namespace = os.environ.get(NAMESPACE_ENV_VAR, "").strip() or "taskexec"
+        return cls(broker, results, namespace=namespace)
+
+    def redactor(self) -> Redactor:
+        """Return a redactor of both URLs' passwords, for messages that may quote them."""
+        return Redactor([*_url_secrets(self.broker_url), *_url_secrets(self.results_url)])
+
+    # Names of everything the cluster uses, in one place.
+
+    def queue(self, agent: str) -> str:
+        """The quorum queue of the tasks of ``agent``."""
+        return f"{self.namespace}.agent.{agent}"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        """Where rejected and dead-lettered task messages end up, for an operator to read."""
+        return f"{self.namespace}.dead"
+
+    @property
+    def events_exchange(self) -> str:
+        """The topic exchange of task events (``run.<run>.task.<task>.<state>``)."""
+        return f"{self.namespace}.events"
+
+    def key(self, *parts: str) -> str:
+        """A Redis key in the namespace."""
+        return ":".join((self.namespace, *parts))

@@ -1,0 +1,261 @@
+"""An orchestrator's side of a distributed run: sends ready tasks to workers, collects results.
+
+Results come back two ways. A worker publishes a ``finished`` event (with the result, when its
+result was the run's first) on the events exchange, which is the fast path. Every ``poll_s``,
+the dispatcher also reads Redis for the tasks it still waits on, which covers events lost while
+the broker connection was down, and checks that each waiting task's agent still has a live
+worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from .._models import AgentTask, ExecutionResult, Mode
+from ._amqp import connect_broker, declare_agent_queue, declare_events
+from ._config import Cluster
+from ._store import ResultStore, connect_redis
+from ._wire import CONTENT_TYPE, TASK_HEADER, TASK_VERSION, TaskEvent, TaskMessage, failure
+
+__all__ = ("Dispatcher", "new_run_id")
+
+log = logging.getLogger("taskexec")
+#: How long a publish is retried while the broker connection is being restored.
+PUBLISH_RETRY_S = 60.0
+_SEEN_EVENTS = 10_000
+
+
+def new_run_id() -> str:
+    """Return a fresh run id."""
+    return uuid.uuid4().hex[:16]
+
+
+class Dispatcher:
+    """Sends the tasks of one run to the cluster's workers and hands back their results.
+
+    Use as ``async with Dispatcher(cluster, run_id) as dispatcher``.
+
+    Args:
+        cluster: The broker and results store.
+        run_id: The run; results stored under it earlier are found by :meth:`stored`.
+        on_started: Called with a task id when a worker starts running it.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        run_id: str,
+        on_started: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.run_id = run_id
+        self.on_started = on_started
+        #: Tasks sent and not yet back: (future, agent, mode, when sent).
+        self._pending: dict[str, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
+        self._served: set[str] = set()
+        self._unserved_since: dict[str, float] = {}
+        self._declared: set[str] = set()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._redis: Redis | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._fetches: set[asyncio.Task[None]] = set()
+        self.store: ResultStore
+
+    async def __aenter__(self) -> Dispatcher:
+        self._redis = await connect_redis(self.cluster)
+        self.store = ResultStore(self._redis, self.cluster)
+        try:
+            self._connection = await connect_broker(self.cluster, f"taskexec run {self.run_id}")
+            self._channel = channel = await self._connection.channel()
+            events = await declare_events(channel, self.cluster)
+            # Named here (not by the server), so that the robust connection can declare it again
+            # after a reconnect; exclusive and auto-deleted, so it goes when this run does.
+            queue = await channel.declare_queue(
+                f"{self.cluster.namespace}.run.{self.run_id}.{uuid.uuid4().hex[:8]}",
+                exclusive=True,
+                auto_delete=True,
+            )
+            await queue.bind(events, routing_key=f"run.{self.run_id}.#")
+            await queue.consume(self._on_event, no_ack=True)
+            self._served = await self.store.served_agents()
+        except BaseException:
+            await self.aclose()
+            raise
+        self._poller = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connections."""
+        for task in [self._poller, *self._fetches]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def stored(self, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
+        """Return the results the run already has (a re-run with the same run id)."""
+        return await self.store.get_many(self.run_id, task_ids)
+
+    async def run(
+        self,
+        task: AgentTask,
+        agent: str,
+        mode: Mode,
+        outputs: dict[str, str | None] | None = None,
+    ) -> ExecutionResult:
+        """Send a task to a worker that serves ``agent``; return the run's result for it."""
+        loop = asyncio.get_running_loop()
+        if not await self._wait_for_worker(agent):
+            return await self._fail(task.id, agent, mode, "no_worker", self._no_worker(agent))
+        future: asyncio.Future[ExecutionResult] = loop.create_future()
+        self._pending[task.id] = (future, agent, mode, loop.time())
+        try:
+            message = TaskMessage(
+                run_id=self.run_id, agent=agent, mode=mode, task=task, outputs=outputs
+            )
+            if not await self._publish(message):
+                reason = "the broker did not take the task (its connection is down)"
+                return await self._fail(task.id, agent, mode, "connection", reason)
+            return await future
+        finally:
+            self._pending.pop(task.id, None)
+
+    def _no_worker(self, agent: str) -> str:
+        return (
+            f"no live worker serves agent {agent!r} (waited {self.cluster.no_worker_wait_s:g} s); "
+            f"start one with: taskexec worker AGENTS_FILE (a file that defines {agent!r})"
+        )
+
+    async def _wait_for_worker(self, agent: str) -> bool:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.cluster.no_worker_wait_s
+        while agent not in self._served:
+            left = give_up - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(self.cluster.poll_s, left))
+            self._served = await self.store.served_agents()
+        return True
+
+    async def _publish(self, message: TaskMessage) -> bool:
+        assert self._channel is not None
+        body = aio_pika.Message(
+            message.encode(),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={TASK_HEADER: TASK_VERSION},
+            message_id=f"{message.run_id}:{message.task.id}",
+        )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + PUBLISH_RETRY_S
+        while True:
+            try:
+                if message.agent not in self._declared:
+                    await declare_agent_queue(self._channel, self.cluster, message.agent)
+                    self._declared.add(message.agent)
+                # With publisher confirms (aio-pika's default), this returns once RabbitMQ
+                # has the message, persisted in the quorum queue.
+                await self._channel.default_exchange.publish(
+                    body, routing_key=self.cluster.queue(message.agent)
+                )
+                return True
+            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                if loop.time() >= give_up:
+                    log.error(
+                        "run %s: cannot publish task %s: %s", self.run_id, message.task.id, exc
+                    )
+                    return False
+                # The robust connection is reconnecting; try again in a moment.
+                await asyncio.sleep(0.5)
+
+    async def _fail(
+        self, task_id: str, agent: str, mode: Mode, kind: str, message: str
+    ) -> ExecutionResult:
+        """Record a failure the orchestrator itself saw; a worker's result, if first, wins."""
+        result = failure(task_id, agent, mode, kind, message, run_id=self.run_id)
+        return await self.store.put_first(self.run_id, result)
+
+    def _resolve(self, task_id: str, result: ExecutionResult) -> None:
+        entry = self._pending.get(task_id)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(result)
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = TaskEvent.model_validate_json(message.body)
+        except ValidationError:
+            log.warning("run %s: ignored an event that is not a taskexec event", self.run_id)
+            return
+        if event.id in self._seen or event.run_id != self.run_id:
+            return
+        self._seen[event.id] = None
+        if len(self._seen) > _SEEN_EVENTS:
+            self._seen.popitem(last=False)
+        if event.state == "started":
+            if self.on_started is not None:
+                self.on_started(event.task_id)
+            return
+        if event.task_id not in self._pending:
+            return
+        if event.result is not None:
+            self._resolve(event.task_id, event.result)
+            return
+        # A duplicate: another result was first; read the one that counts.
+        fetch = asyncio.create_task(self._fetch([event.task_id]))
+        self._fetches.add(fetch)
+        fetch.add_done_callback(self._fetches.discard)
+
+    async def _fetch(self, task_ids: Sequence[str]) -> None:
+        for task_id, result in (await self.stored(task_ids)).items():
+            self._resolve(task_id, result)
+
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cluster.poll_s)
+            try:
+                await self._poll_once(loop.time())
+            except Exception as exc:  # Redis away for a moment: the next round tries again
+                log.warning("run %s: polling Redis failed: %s", self.run_id, exc)
+
+    async def _poll_once(self, now: float) -> None:
+        # Results whose event was missed (sent while this connection was down).
+        waiting = [t for t, entry in self._pending.items() if now - entry[3] >= self.cluster.poll_s]
+        if waiting:
+            await self._fetch(waiting)
+        # Tasks whose agent lost its last worker: fail them after the allowed wait.
+        self._served = served = await self.store.served_agents()
+        agents = {entry[1] for entry in self._pending.values()}
+        for agent in agents:
+            if agent in served:
+                self._unserved_since.pop(agent, None)
+                continue
+            since = self._unserved_since.setdefault(agent, now)
+            if now - since < self.cluster.no_worker_wait_s:
+                continue
+            for task_id, (future, task_agent, mode, _) in list(self._pending.items()):
+                if task_agent == agent and not future.done():
+                    failed = await self._fail(
+                        task_id, agent, mode, "no_worker", self._no_worker(agent)
+                    )
+                    self._resolve(task_id, failed)

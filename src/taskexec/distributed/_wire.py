@@ -1,0 +1,121 @@
+"""What travels through RabbitMQ: task messages to workers, and events about tasks.
+
+A task message names an agent and carries the task, never an agent definition or a key: a worker
+runs only the agents its own file defines, with keys from its own environment. Anything that is
+not a well-formed task message of this version is refused before a worker looks at it further.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus, Mode
+from ._config import RUN_ID_PATTERN
+
+__all__ = (
+    "CONTENT_TYPE",
+    "TASK_HEADER",
+    "BadMessage",
+    "TaskEvent",
+    "TaskMessage",
+    "decode_task",
+    "failure",
+    "routing_key",
+)
+
+#: The header every task message carries, with the protocol version as its value.
+TASK_HEADER = "x-taskexec"
+TASK_VERSION = "task/1"
+CONTENT_TYPE = "application/json"
+#: A task message larger than this is not a taskexec task (prompts are text, not payloads).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class BadMessage(ValueError):
+    """A message on a task queue that is not a taskexec task of this version."""
+
+
+class TaskMessage(BaseModel):
+    """One task of one run, for a worker that serves ``agent``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN.pattern)
+    agent: str
+    mode: Mode
+    task: AgentTask
+    #: The outputs of the task's dependencies, for its ``{{dep}}`` placeholders.
+    outputs: dict[str, str | None] | None = None
+
+    def encode(self) -> bytes:
+        """Return the message body."""
+        return self.model_dump_json(exclude_defaults=True).encode()
+
+
+def decode_task(body: bytes, headers: object, content_type: str | None) -> TaskMessage:
+    """Return the task a message carries.
+
+    Raises:
+        BadMessage: The message is not a taskexec task of this version.
+    """
+    if not isinstance(headers, dict) or headers.get(TASK_HEADER) != TASK_VERSION:
+        raise BadMessage(f"no {TASK_HEADER}: {TASK_VERSION} header")
+    if content_type != CONTENT_TYPE:
+        raise BadMessage(f"content type {content_type!r}, not {CONTENT_TYPE}")
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise BadMessage(f"{len(body)} bytes, more than a task may have")
+    try:
+        return TaskMessage.model_validate_json(body)
+    except ValidationError as exc:
+        raise BadMessage(f"invalid task: {exc.error_count()} problem(s)") from None
+
+
+State = Literal["started", "finished"]
+
+
+class TaskEvent(BaseModel):
+    """Something that happened to a task of a run, on the events exchange.
+
+    ``id`` is unique per event, so a consumer that sees one twice (a redelivery) can drop it.
+    A ``finished`` event carries the result when the worker's was the run's first result for
+    the task; otherwise ``duplicate`` is true and the stored result is the one that counts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    run_id: str
+    task_id: str
+    state: State
+    worker: str
+    result: ExecutionResult | None = None
+    duplicate: bool = False
+
+
+def routing_key(run_id: str, task_id: str, state: State) -> str:
+    """The topic of an event: ``run.<run_id>.task.<task_id>.<state>``."""
+    return f"run.{run_id}.task.{task_id}.{state}"
+
+
+def failure(
+    task_id: str, agent: str, mode: Mode, kind: str, message: str, **metadata: Any
+) -> ExecutionResult:
+    """Return the ``failed`` result of a task that the cluster could not run (it never started)."""
+    now = datetime.now(UTC)
+    return ExecutionResult(
+        task_id=task_id,
+        status=ExecutionStatus.FAILED,
+        error=ExecutionError(kind=kind, message=message),
+        agent=agent,
+        mode=mode,
+        engine="async",
+        attempts=0,
+        started_at=now,
+        finished_at=now,
+        duration_s=0.0,
+        metadata=metadata,
+    )

@@ -1,0 +1,316 @@
+"""A worker: takes tasks of the agents it defines from RabbitMQ, runs them, stores the results.
+
+The order of one task's steps is what makes a crash lose nothing:
+
+1. A message that is not a taskexec task, or names an agent this worker does not define, is
+   rejected to the dead-letter queue and never run.
+2. A task whose result is already stored (it ran before a crash) or whose run was cancelled is
+   acknowledged without running.
+3. A task delivered more often than the cluster's delivery limit (every worker that took it
+   died) is recorded as ``failed`` (kind ``dead_lettered``) and rejected to the dead-letter queue.
+4. Otherwise it runs on this process's async engine, its result is stored (the first result per
+   task wins), an event is published, and only then is the message acknowledged. A worker that
+   dies before the acknowledgement leaves the message to RabbitMQ, which hands it to another
+   worker the moment the connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+
+from .._async_engine import execute_task
+from .._calls import Roster
+from .._executor import TaskExecutor
+from .._models import Agent, ExecutionResult
+from ._amqp import connect_broker, declare_agent_queue, declare_events
+from ._config import Cluster
+from ._store import STORED, ResultStore, WorkerInfo, connect_redis, worker_info
+from ._wire import BadMessage, TaskEvent, TaskMessage, decode_task, failure, routing_key
+
+__all__ = ("Worker",)
+
+log = logging.getLogger("taskexec.worker")
+
+
+class Worker:
+    """Serves the agents it is given to every run of a cluster, many tasks at once.
+
+    Args:
+        agents: The agents this worker runs; a task message can name only these. Keys come
+            from this process's environment (or the agents' own ``api_key``).
+        cluster: The broker and results store.
+        concurrency: The most tasks running at once (also the broker's prefetch, so that it
+            never hands this worker more than it runs).
+        name: The worker's name in the registry (default: ``<host>-<pid>``).
+        grace_s: On stop, how long tasks in flight may take to finish before they are handed
+            back (unacknowledged, so another worker runs them).
+    """
+
+    def __init__(
+        self,
+        agents: Iterable[Agent],
+        cluster: Cluster,
+        *,
+        concurrency: int = 100,
+        name: str | None = None,
+        grace_s: float = 10.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.executor = TaskExecutor(agents)
+        if not self.executor.agents:
+            raise ValueError("a worker needs at least one agent to serve")
+        # As an orchestrator does: the pool admits as many connections as tasks run at once.
+        self.executor._pool.reserve(concurrency)
+        self.cluster = cluster
+        self.concurrency = concurrency
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.grace_s = grace_s
+        self.done = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._store: ResultStore | None = None
+        self._events: AbstractExchange | None = None
+        self._started_at = time.time()
+        #: Set once the worker consumes from every queue (tests and tools wait on it).
+        self.ready = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        """How many tasks are running now."""
+        return len(self._in_flight)
+
+    @property
+    def _roster(self) -> Roster:
+        return self.executor._roster
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Take and run tasks until ``stop`` is set; then stop taking tasks, give the ones in
+        flight ``grace_s`` to finish, hand back the rest, and return.
+
+        Raises:
+            ClusterUnavailableError: RabbitMQ or Redis cannot be reached at the start.
+        """
+        redis = await connect_redis(self.cluster)
+        try:
+            connection = await connect_broker(self.cluster, f"taskexec worker {self.name}")
+        except BaseException:
+            await redis.aclose()
+            raise
+        self._store = store = ResultStore(redis, self.cluster)
+        heartbeat = asyncio.create_task(self._heartbeat(store))
+        try:
+            channel = await connection.channel()
+            # The prefetch is the concurrency: RabbitMQ never hands this worker a task it would
+            # have to hold without running (which another worker could be running meanwhile).
+            await channel.set_qos(prefetch_count=self.concurrency)
+            self._events = await declare_events(channel, self.cluster)
+            consumers: list[tuple[AbstractQueue, str]] = []
+            for agent in sorted(self._roster.agents):
+                queue = await declare_agent_queue(channel, self.cluster, agent)
+                consumers.append((queue, await queue.consume(self._on_message)))
+            await store.register(self._info())
+            self.ready.set()
+            log.info("worker %s serving %s", self.name, ", ".join(sorted(self._roster.agents)))
+            await stop.wait()
+            # Stop taking tasks first, then let the ones in flight finish (or hand them back).
+            for queue, tag in consumers:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            for task in list(self._in_flight):
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            # Closing the connection hands every unacknowledged task back to RabbitMQ.
+            with contextlib.suppress(Exception):
+                await connection.close()
+            with contextlib.suppress(Exception):
+                await store.unregister(self.name)
+            await redis.aclose()
+            await self.executor.aclose()
+
+    async def _drain(self) -> None:
+        if not self._in_flight:
+            return
+        log.info(
+            "worker %s: %d task(s) in flight, waiting up to %ss",
+            self.name,
+            len(self._in_flight),
+            self.grace_s,
+        )
+        await asyncio.wait(set(self._in_flight), timeout=self.grace_s)
+
+    def _info(self) -> WorkerInfo:
+        return worker_info(
+            self.name,
+            socket.gethostname(),
+            os.getpid(),
+            self._roster.agents,
+            self.concurrency,
+            len(self._in_flight),
+            self.done,
+            self._started_at,
+        )
+
+    async def _heartbeat(self, store: ResultStore) -> None:
+        while True:
+            await asyncio.sleep(self.cluster.heartbeat_s)
+            try:
+                await store.register(self._info())
+            except Exception as exc:  # Redis is away for a moment: try again next beat
+                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            task = decode_task(message.body, message.headers, message.content_type)
+            if task.agent not in self._roster.agents:
+                raise BadMessage(f"agent {task.agent!r} is not defined by this worker")
+        except BadMessage as exc:
+            log.warning(
+                "worker %s: rejected a message to the dead-letter queue: %s", self.name, exc
+            )
+            await _settle(message.reject(requeue=False))
+            return
+        # Quorum queues count earlier deliveries of this message (0 or absent on the first).
+        count = message.headers.get("x-delivery-count")
+        deliveries = count if isinstance(count, int) else 0
+        job = asyncio.create_task(self._handle(message, task, deliveries))
+        self._in_flight.add(job)
+        job.add_done_callback(self._in_flight.discard)
+
+    async def _handle(
+        self, message: AbstractIncomingMessage, msg: TaskMessage, deliveries: int
+    ) -> None:
+        assert self._store is not None
+        store, run_id, task = self._store, msg.run_id, msg.task
+        try:
+            reason = await store.skip_reason(run_id, task.id)
+            if reason is not None:
+                log.info(
+                    "worker %s: task %s of run %s not run: %s", self.name, task.id, run_id, reason
+                )
+                if reason == STORED:  # whoever waits on it learns at once, not at its next poll
+                    await self._publish(
+                        TaskEvent(
+                            run_id=run_id,
+                            task_id=task.id,
+                            state="finished",
+                            worker=self.name,
+                            duplicate=True,
+                        )
+                    )
+                await _settle(message.ack())
+                return
+            if deliveries >= self.cluster.delivery_limit:
+                result = self._dead_lettered(msg, deliveries)
+                counted = await store.put_first(run_id, result)
+                await self._publish(
+                    TaskEvent(
+                        run_id=run_id,
+                        task_id=task.id,
+                        state="finished",
+                        worker=self.name,
+                        result=counted if counted is result else None,
+                        duplicate=counted is not result,
+                    )
+                )
+                await _settle(message.reject(requeue=False))
+                return
+            await self._publish(
+                TaskEvent(run_id=run_id, task_id=task.id, state="started", worker=self.name)
+            )
+            await store.count_execution(run_id)
+            result = await execute_task(
+                self._roster, self.executor._settings, task, msg.agent, msg.mode, msg.outputs
+            )
+            result = result.model_copy(
+                update={"metadata": {**result.metadata, "worker": self.name, "run_id": run_id}}
+            )
+            counted = await store.put_first(run_id, result)
+            won = counted is result
+            await self._publish(
+                TaskEvent(
+                    run_id=run_id,
+                    task_id=task.id,
+                    state="finished",
+                    worker=self.name,
+                    result=result if won else None,
+                    duplicate=not won,
+                )
+            )
+            self.done += 1
+            await _settle(message.ack())
+        except asyncio.CancelledError:
+            raise  # stopping: the message stays unacknowledged and goes back to the queue
+        except Exception as exc:
+            # Redis went away mid-task, say: give the task back to run again later.
+            log.error(
+                "worker %s: task %s of run %s: %s: %s",
+                self.name,
+                task.id,
+                run_id,
+                type(exc).__name__,
+                self._roster_redact(str(exc)),
+            )
+            await _settle(message.nack(requeue=True))
+
+    def _roster_redact(self, text: str) -> str:
+        from ..providers import secret_redactor
+
+        return secret_redactor(self._roster.agents.values())(self.cluster.redactor()(text))
+
+    def _dead_lettered(self, msg: TaskMessage, deliveries: int) -> ExecutionResult:
+        message = (
+            f"task {msg.task.id!r} was handed to a worker {deliveries} times and no worker "
+            "finished it (each one died or lost its connection while running it); its message "
+            f"is in the dead-letter queue {self.cluster.dead_letter_queue!r}"
+        )
+        return failure(
+            msg.task.id,
+            msg.agent,
+            msg.mode,
+            "dead_lettered",
+            message,
+            worker=self.name,
+            run_id=msg.run_id,
+            deliveries=deliveries,
+        )
+
+    async def _publish(self, event: TaskEvent) -> None:
+        """Publish an event; events are advisory (results are in Redis), so a failure is logged."""
+        assert self._events is not None
+        body = aio_pika.Message(
+            event.model_dump_json(exclude_defaults=True).encode(),
+            content_type="application/json",
+            message_id=event.id,
+        )
+        try:
+            await self._events.publish(body, routing_key(event.run_id, event.task_id, event.state))
+        except Exception as exc:
+            log.warning("worker %s: could not publish a %s event: %s", self.name, event.state, exc)
+
+
+async def _settle(acknowledgement: object) -> None:
+    """Acknowledge or reject a message, tolerating a channel that reconnected meanwhile.
+
+    After a reconnect the delivery tag belongs to a channel that is gone, and RabbitMQ has
+    already requeued the message (its result, if any, is stored, so the next delivery is
+    acknowledged without running). aio-pika raises here; a worker that let this escape would stop
+    taking tasks (taskiq-aio-pika issue #46).
+    """
+    try:
+        await acknowledgement  # type: ignore[misc]
+    except Exception as exc:
+        log.info("could not settle a delivery (the channel reconnected?): %s", exc)
