@@ -49,6 +49,9 @@ def _no_vendor_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         "GEMINI_BASE_URL",
         "TASKEXEC_ENGINE",
         "TASKEXEC_WARN_SYNC",
+        "TASKEXEC_BROKER_URL",
+        "TASKEXEC_RESULTS_URL",
+        "TASKEXEC_NAMESPACE",
     ):
         monkeypatch.delenv(var, raising=False)
 

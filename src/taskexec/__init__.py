@@ -26,6 +26,7 @@ from ._models import Usage as Usage
 from ._orchestrator import ProjectOrchestrator as ProjectOrchestrator
 from ._plan import Plan as Plan
 from ._plan import PlanSettings as PlanSettings
+from ._plan import load_agents as load_agents
 from ._plan import load_plan as load_plan
 from ._retry import RetryPolicy as RetryPolicy
 from ._version import __version__ as __version__
@@ -61,5 +62,6 @@ __all__ = (
     "UnsupportedModeError",
     "Usage",
     "__version__",
+    "load_agents",
     "load_plan",
 )

@@ -1,0 +1,483 @@
+"""Distributed runs on the real RabbitMQ and Redis: workers as real processes, real SIGKILL,
+connections cut under a running plan, poison and foreign messages, and keys that never travel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import yaml
+
+import taskexec.sync
+from taskexec import AgentTask, ExecutionStatus, MessageBus, ProjectOrchestrator, TaskExecutor
+from taskexec._engines import Batch
+from taskexec.cli import main
+from taskexec.distributed import Cluster, WorkersEngine
+from taskexec.distributed._dispatch import Dispatcher
+from taskexec.distributed._wire import TASK_HEADER, TASK_VERSION, TaskMessage
+from taskexec.testing import MockServer, mock_server_in_thread
+
+from .cluster import (
+    CuttableProxy,
+    WorkerProcess,
+    cluster_env,
+    drop_cluster,
+    new_cluster,
+    queue_depth,
+    require_services,
+    store_of,
+    workers,
+)
+from .conftest import eventually
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # script-mode agents
+
+AGENTS = ("writer", "reviewer", "killer", "other")
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    """A cluster in a namespace of its own on the machine's RabbitMQ and Redis."""
+    require_services()
+    made = new_cluster()
+    yield made
+    await drop_cluster(made, AGENTS)
+
+
+@pytest.fixture
+def use_cluster(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+    """The cluster, also named by the environment, so that every entry point uses it."""
+    for name, value in cluster_env(cluster).items():
+        if name.startswith("TASKEXEC_"):
+            monkeypatch.setenv(name, value)
+    return cluster
+
+
+@pytest.fixture
+def slow_server() -> Iterator[MockServer]:
+    """A mock LLM server that takes a minute to answer: tasks sent to it stay in flight."""
+    with mock_server_in_thread(latency_s=60.0) as server:
+        yield server
+
+
+def write_agents(
+    path: Path, agents: list[dict[str, Any]], tasks: list[dict[str, Any]] | None = None
+) -> Path:
+    data: dict[str, Any] = {"agents": agents}
+    if tasks is not None:
+        data["tasks"] = tasks
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def plan_tasks(count: int) -> list[dict[str, Any]]:
+    """Tasks over two agents, each third one depending on the one before it (placeholder too)."""
+    tasks: list[dict[str, Any]] = []
+    for i in range(count):
+        task: dict[str, Any] = {
+            "id": f"t{i}",
+            "prompt": f"step {i}",
+            "agent": "writer" if i % 2 else "reviewer",
+        }
+        if i % 3 == 2:
+            task["depends_on"] = [f"t{i - 1}"]
+            task["prompt"] = f"step {i} after {{{{t{i - 1}}}}}"
+        tasks.append(task)
+    return tasks
+
+
+OFFLINE = [{"name": "writer"}, {"name": "reviewer", "model": "m2"}]
+
+
+async def test_a_plan_on_two_workers_gets_the_in_process_results(
+    use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, plan_tasks(30))
+    plan = taskexec.load_plan(plan_file)
+    with workers(
+        [WorkerProcess(plan_file, use_cluster, f"w{i}", concurrency=4) for i in (1, 2)]
+    ) as ws:
+        for w in ws:
+            await w.registered()
+        distributed = await ProjectOrchestrator().run(plan)
+        async with store_of(use_cluster) as store:
+            names = {w.name for w in await store.workers()}
+    monkeypatch.delenv("TASKEXEC_BROKER_URL")
+    monkeypatch.delenv("TASKEXEC_RESULTS_URL")
+    in_process = await ProjectOrchestrator().run(plan)
+
+    def same(r: taskexec.ExecutionResult) -> tuple[object, ...]:
+        return (r.task_id, r.status, r.output, r.agent, r.mode, r.engine, r.error)
+
+    assert [same(r) for r in distributed] == [same(r) for r in in_process]
+    assert all(r.status is ExecutionStatus.SUCCESS for r in distributed)
+    assert {r.metadata["worker"] for r in distributed} <= names == {"w1", "w2"}
+    assert "worker" not in in_process[0].metadata
+
+
+async def test_the_sync_shim_runs_on_workers(use_cluster: Cluster, tmp_path: Path) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    tasks = [AgentTask(id=f"s{i}", prompt=f"p{i}", agent="writer") for i in range(5)]
+    with workers([WorkerProcess(agents_file, use_cluster, "ws")]) as (worker,):
+        await worker.registered()
+
+        def blocking() -> list[taskexec.ExecutionResult]:
+            executor = taskexec.sync.TaskExecutor(taskexec.load_agents(agents_file))
+            with taskexec.sync.ProjectOrchestrator(executor) as orchestrator:
+                return orchestrator.execute_tasks(tasks)
+
+        results = await asyncio.to_thread(blocking)
+    assert [r.task_id for r in results] == [t.id for t in tasks]
+    assert all(r.ok and r.metadata["worker"] == "ws" for r in results)
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+async def test_a_stopped_worker_loses_no_task(
+    use_cluster: Cluster,
+    tmp_path: Path,
+    slow_server: MockServer,
+    mock_server: MockServer,
+    stop: str,
+) -> None:
+    """Tasks in flight on a worker that is killed (or told to stop) run on another worker."""
+
+    def agents(server: MockServer) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": "writer",
+                "provider": "openai",
+                "base_url": server.openai_base_url,
+                "api_key": "sk-test",
+                "max_retries": 0,
+            }
+        ]
+
+    slow_file = write_agents(tmp_path / "slow.yaml", agents(slow_server))
+    fast_file = write_agents(tmp_path / "fast.yaml", agents(mock_server))
+    tasks = [AgentTask(id=f"k{i}", prompt=f"p{i}") for i in range(10)]
+    with workers([WorkerProcess(slow_file, use_cluster, "slow", concurrency=10, grace_s=0.1)]) as (
+        slow,
+    ):
+        await slow.registered()
+        orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(fast_file)))
+        run = asyncio.create_task(orchestrator.execute_tasks(tasks))
+        await eventually(lambda: slow_server.stats.chat_requests == 10, timeout_s=30)
+        if stop == "SIGKILL":
+            slow.kill()
+        else:
+            assert slow.terminate() == 0  # hands its tasks back and exits cleanly
+        with workers([WorkerProcess(fast_file, use_cluster, "fast", concurrency=10)]):
+            results = await asyncio.wait_for(run, 60)
+    assert [r.task_id for r in results] == [t.id for t in tasks]
+    assert all(r.ok and r.metadata["worker"] == "fast" for r in results)
+    assert mock_server.stats.chat_requests == 10
+    async with store_of(use_cluster) as store:
+        stored = await store.get_many(results[0].metadata["run_id"], [t.id for t in tasks])
+    assert {t: r.output for t, r in stored.items()} == {r.task_id: r.output for r in results}
+
+
+async def test_a_task_that_kills_every_worker_is_dead_lettered(
+    use_cluster: Cluster, tmp_path: Path
+) -> None:
+    killer = {
+        "name": "killer",
+        "mode": "script",
+        "command": [
+            sys.executable,
+            "-c",
+            "import os, signal; os.kill(os.getppid(), signal.SIGKILL)",
+        ],
+    }
+    agents_file = write_agents(tmp_path / "agents.yaml", [killer])
+    orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(agents_file)))
+    run = asyncio.create_task(orchestrator.execute_tasks([AgentTask(id="boom", prompt="x")]))
+    started: list[WorkerProcess] = []
+    with workers(started):
+        # Every worker that takes the task dies; the next one records it as dead-lettered.
+        for attempt in range(use_cluster.delivery_limit + 1):
+            worker = WorkerProcess(agents_file, use_cluster, f"k{attempt}")
+            started.append(worker)
+            exit_code = await asyncio.to_thread(_wait_or_done, worker, run)
+            if run.done():
+                break
+            assert exit_code == -9
+        (result,) = await asyncio.wait_for(run, 30)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None and result.error.kind == "dead_lettered"
+    assert f"{use_cluster.delivery_limit} times" in result.error.message
+    assert len(started) == use_cluster.delivery_limit + 1
+    assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 1
+    async with store_of(use_cluster) as store:
+        counted = await store.counters(result.metadata["run_id"])
+    assert counted == {"executions": use_cluster.delivery_limit, "duplicates": 0}
+
+
+def _wait_or_done(worker: WorkerProcess, run: asyncio.Task[Any]) -> int | None:
+    """Wait until the worker exits, or the run finished (polled: the run is on another thread)."""
+    while not run.done():
+        try:
+            return worker.process.wait(0.1)
+        except Exception:
+            continue
+    return worker.process.poll()
+
+
+async def test_messages_that_are_not_tasks_go_to_the_dead_letter_queue_unrun(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    good = TaskMessage(run_id="r1", agent="writer", mode="llm", task=AgentTask(id="a", prompt="p"))
+    foreign = TaskMessage(
+        run_id="r1", agent="other", mode="llm", task=AgentTask(id="b", prompt="p")
+    )
+    header = {TASK_HEADER: TASK_VERSION}
+    bad = [
+        aio_pika.Message(b"rm -rf /"),  # no header, no content type
+        aio_pika.Message(b"{not json", headers=header, content_type="application/json"),
+        aio_pika.Message(
+            good.encode(), headers={TASK_HEADER: "task/99"}, content_type="application/json"
+        ),
+        # A well-formed task for an agent this worker does not define, on its queue.
+        aio_pika.Message(foreign.encode(), headers=header, content_type="application/json"),
+    ]
+    with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+        await worker.registered()
+        connection = await aio_pika.connect(cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            for message in bad:
+                await channel.default_exchange.publish(message, routing_key=cluster.queue("writer"))
+        finally:
+            await connection.close()
+        for _ in range(200):
+            if await queue_depth(cluster, cluster.dead_letter_queue) == len(bad):
+                break
+            await asyncio.sleep(0.05)
+        assert await queue_depth(cluster, cluster.dead_letter_queue) == len(bad)
+        async with store_of(cluster) as store:
+            assert await store.counters("r1") == {"executions": 0, "duplicates": 0}
+        assert worker.process.poll() is None  # still serving
+
+
+async def test_a_cancelled_runs_queued_tasks_are_dropped_unrun(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    message = TaskMessage(
+        run_id="gone", agent="writer", mode="llm", task=AgentTask(id="a", prompt="p")
+    )
+    async with store_of(cluster) as store:
+        await store.set_cancelled("gone", True)
+        connection = await aio_pika.connect(cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            queue = await _declare(channel, cluster, "writer")
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    message.encode(),
+                    headers={TASK_HEADER: TASK_VERSION},
+                    content_type="application/json",
+                ),
+                routing_key=queue.name,
+            )
+            with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+                await worker.registered()
+                for _ in range(200):
+                    if await queue_depth(cluster, queue.name) == 0:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await connection.close()
+        assert await queue_depth(cluster, cluster.queue("writer")) == 0
+        assert await queue_depth(cluster, cluster.dead_letter_queue) == 0
+        assert await store.counters("gone") == {"executions": 0, "duplicates": 0}
+        assert await store.get_many("gone", ["a"]) == {}
+
+
+async def _declare(channel: Any, cluster: Cluster, agent: str) -> Any:
+    from taskexec.distributed._amqp import declare_agent_queue
+
+    return await declare_agent_queue(channel, cluster, agent)
+
+
+async def test_no_key_travels_through_the_broker(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret, env_secret = "sk-plan-" + "Q" * 24, "sk-env-" + "Z" * 24
+    monkeypatch.setenv("OPENAI_API_KEY", env_secret)
+    agent = taskexec.Agent(name="writer", provider="openai", api_key=secret, system_prompt="s")
+    async with store_of(cluster) as store:
+        # A live worker for the agent, as far as the registry knows (none takes the task).
+        from taskexec.distributed._store import worker_info
+
+        await store.register(worker_info("fake", "h", 1, ["writer"], 1, 0, 0, 0.0))
+        async with Dispatcher(cluster, "keys") as dispatcher:
+            sent = asyncio.create_task(
+                dispatcher.run(AgentTask(id="a", prompt="hello"), agent.name, "llm")
+            )
+            connection = await aio_pika.connect(cluster.broker_url)
+            try:
+                channel = await connection.channel()
+                queue = await _declare(channel, cluster, "writer")
+                message = None
+                for _ in range(200):
+                    message = await queue.get(no_ack=True, fail=False)
+                    if message is not None:
+                        break
+                    await asyncio.sleep(0.02)
+            finally:
+                await connection.close()
+            sent.cancel()
+    assert message is not None
+    raw = message.body + json.dumps(message.headers, default=str).encode()
+    for value in (secret, env_secret, "sk-plan", "sk-env", "system_prompt"):
+        assert value.encode() not in raw
+    decoded = TaskMessage.model_validate_json(message.body)
+    assert (decoded.agent, decoded.task.prompt) == ("writer", "hello")
+
+
+async def test_a_task_without_a_live_worker_fails_after_the_wait(cluster: Cluster) -> None:
+    quick = Cluster(
+        cluster.broker_url,
+        cluster.results_url,
+        namespace=cluster.namespace,
+        no_worker_wait_s=0.3,
+        poll_s=0.05,
+    )
+    executor = TaskExecutor([taskexec.Agent(name="writer")])
+    batch = Batch(
+        executor._roster,
+        executor._settings,
+        [AgentTask(id="a", prompt="p"), AgentTask(id="b", prompt="{{a}}", depends_on=["a"])],
+        False,
+        8,
+        MessageBus(),
+    )
+    first, second = await WorkersEngine(quick).execute_tasks(batch)
+    assert first.status is ExecutionStatus.FAILED
+    assert first.error is not None and first.error.kind == "no_worker"
+    assert "taskexec worker" in first.error.message and "'writer'" in first.error.message
+    assert second.status is ExecutionStatus.SKIPPED
+
+
+async def test_the_orchestrator_survives_a_cut_broker_connection(
+    use_cluster: Cluster, tmp_path: Path, mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection to RabbitMQ drops mid-run (workers' and orchestrator's): nothing is lost."""
+    agents = [
+        {
+            "name": "writer",
+            "provider": "openai",
+            "base_url": mock_server.openai_base_url,
+            "api_key": "sk-test",
+        }
+    ]
+    agents_file = write_agents(tmp_path / "agents.yaml", agents)
+    tasks = [AgentTask(id=f"c{i}", prompt=f"[[latency=0.3]] p{i}") for i in range(40)]
+    async with CuttableProxy("127.0.0.1", 5672) as proxy:
+        via_proxy = proxy.url(use_cluster.broker_url)
+        monkeypatch.setenv("TASKEXEC_BROKER_URL", via_proxy)
+        with workers(
+            [WorkerProcess(agents_file, use_cluster, "w", concurrency=8, broker_url=via_proxy)]
+        ) as (worker,):
+            await worker.registered()
+            orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(agents_file)))
+            run = asyncio.create_task(orchestrator.execute_tasks(tasks))
+            await eventually(lambda: mock_server.stats.chat_requests >= 8, timeout_s=30)
+            proxy.cut()
+            await eventually(lambda: proxy.connections >= 2, timeout_s=30)  # both reconnected
+            results = await asyncio.wait_for(run, 90)
+    assert [r.task_id for r in results] == [t.id for t in tasks]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert proxy.cuts == 1
+
+
+def test_a_rerun_with_the_same_run_id_keeps_stored_results(
+    use_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, plan_tasks(6))
+    out = tmp_path / "out.jsonl"
+    with workers([WorkerProcess(plan_file, use_cluster, "w")]) as (worker,):
+        asyncio.run(worker.registered())
+        argv = ["run", str(plan_file), "--run-id", "again", "--output", str(out)]
+        assert main(argv) == 0
+        assert "run id again" in capsys.readouterr().err
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+    assert "0 task execution(s)" not in err and "6 task execution(s)" in err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 12
+    first, second = lines[:6], lines[6:]
+    assert sorted((r["task_id"], r["output"]) for r in first) == sorted(
+        (r["task_id"], r["output"]) for r in second
+    )
+
+
+def test_the_workers_command_lists_live_workers(
+    use_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    with workers([WorkerProcess(agents_file, use_cluster, "lister", concurrency=7)]) as (worker,):
+        asyncio.run(worker.registered())
+        assert main(["workers", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert main(["workers"]) == 0
+        table = capsys.readouterr().out
+    (listed,) = data["workers"]
+    assert (listed["name"], listed["agents"], listed["concurrency"]) == (
+        "lister",
+        ["reviewer", "writer"],
+        7,
+    )
+    assert listed["pid"] == worker.pid
+    assert data["queued"] == {"reviewer": 0, "writer": 0}
+    assert "lister" in table and "reviewer, writer" in table
+
+
+@pytest.mark.parametrize(
+    ("option", "url", "shown"),
+    [
+        ("--broker", "amqp://guest:hunter2hunter2@127.0.0.1:{port}/", "amqp://guest:***@127.0.0.1"),
+        ("--results", "redis://:hunter2hunter2@127.0.0.1:{port}/0", "redis://:***@127.0.0.1"),
+        ("--broker", "amqp://guest:hunter2hunter2@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1"),
+    ],
+    ids=["broker-down", "redis-down", "broker-wrong-password"],
+)
+@pytest.mark.parametrize("command", ["run", "worker", "workers"])
+def test_an_unreachable_service_exits_2_naming_the_url_without_its_password(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    unused_tcp_port: int,
+    option: str,
+    url: str,
+    shown: str,
+    command: str,
+) -> None:
+    require_services()
+    plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, plan_tasks(2))
+    urls = {
+        "--broker": "amqp://guest:guest@127.0.0.1:5672/",
+        "--results": "redis://127.0.0.1:6379/0",
+    }
+    urls[option] = url.format(port=unused_tcp_port)
+    argv = [command, *([str(plan_file)] if command != "workers" else [])]
+    for name, value in urls.items():
+        argv += [name, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert shown in err
+    assert "hunter2" not in err
+
+
+def test_run_id_without_a_broker_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, plan_tasks(1))
+    assert main(["run", str(plan_file), "--run-id", "x"]) == 2
+    assert "--run-id needs a distributed run" in capsys.readouterr().err
