@@ -209,7 +209,8 @@ async def test_a_task_that_kills_every_worker_is_dead_lettered(
             assert exit_code == -9
         (result,) = await asyncio.wait_for(run, 30)
     assert result.status is ExecutionStatus.FAILED
-    assert result.error is not None and result.error.kind == "dead_lettered"
+    assert result.error is not None
+    assert result.error.kind == "dead_lettered"
     assert f"{use_cluster.delivery_limit} times" in result.error.message
     assert len(started) == use_cluster.delivery_limit + 1
     assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 1
@@ -361,8 +362,10 @@ async def test_a_task_without_a_live_worker_fails_after_the_wait(cluster: Cluste
     )
     first, second = await WorkersEngine(quick).execute_tasks(batch)
     assert first.status is ExecutionStatus.FAILED
-    assert first.error is not None and first.error.kind == "no_worker"
-    assert "taskexec worker" in first.error.message and "'writer'" in first.error.message
+    assert first.error is not None
+    assert first.error.kind == "no_worker"
+    assert "taskexec worker" in first.error.message
+    assert "'writer'" in first.error.message
     assert second.status is ExecutionStatus.SKIPPED
 
 
@@ -410,7 +413,8 @@ def test_a_rerun_with_the_same_run_id_keeps_stored_results(
         assert "run id again" in capsys.readouterr().err
         assert main(argv) == 0
         err = capsys.readouterr().err
-    assert "0 task execution(s)" not in err and "6 task execution(s)" in err
+    assert "0 task execution(s)" not in err
+    assert "6 task execution(s)" in err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 12
     first, second = lines[:6], lines[6:]
@@ -437,7 +441,8 @@ def test_the_workers_command_lists_live_workers(
     )
     assert listed["pid"] == worker.pid
     assert data["queued"] == {"reviewer": 0, "writer": 0}
-    assert "lister" in table and "reviewer, writer" in table
+    assert "lister" in table
+    assert "reviewer, writer" in table
 
 
 @pytest.mark.parametrize(

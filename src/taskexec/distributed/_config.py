@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError
 from .._secrets import Redactor
@@ -59,10 +59,8 @@ def _url_secrets(url: str) -> list[str]:
     except ValueError:
         return [url]
     found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY_KEYS and v]
-    # The raw (percent-encoded) form of the password can appear in a library's message too.
-    userinfo = parts.netloc.rpartition("@")[0]
-    if ":" in userinfo:
-        found.append(userinfo.partition(":")[2])
+    # Both the raw (percent-encoded) and the decoded form can appear in a library's message.
+    found += [unquote(s) for s in found]
     return found
 
 

@@ -1,0 +1,191 @@
+"""The parts of distributed runs that need no server: URLs, settings, the wire format."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskexec import AgentTask, ClusterUnavailableError, ConfigurationError
+from taskexec._engines import CLUSTER_ENV_VARS, AsyncEngine, LegacyEngine, current_engine
+from taskexec.distributed import (
+    BROKER_ENV_VAR,
+    NAMESPACE_ENV_VAR,
+    RESULTS_ENV_VAR,
+    Cluster,
+    WorkersEngine,
+    redact_url,
+)
+from taskexec.distributed._config import check_run_id
+from taskexec.distributed._wire import (
+    TASK_HEADER,
+    TASK_VERSION,
+    BadMessage,
+    TaskMessage,
+    decode_task,
+    routing_key,
+)
+from taskexec.flags import use_engine
+
+BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+RESULTS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://user:pa55word@host:5672/vh", "amqp://user:***@host:5672/vh"),
+        ("redis://:pa55word@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://host:6379/0?password=pa55word&db=1", "redis://host:6379/0?password=***&db=1"),
+        ("amqp://user@host/", "amqp://user@host/"),
+        ("amqp://host/", "amqp://host/"),
+        ("amqp://us%40er:p%3Ass@host/", "amqp://us%40er:***@host/"),
+        ("amqp://[::1/", "<a URL that cannot be parsed>"),
+    ],
+)
+def test_redact_url_hides_the_password(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=8))
+def test_no_password_survives_redaction_or_repr(password: str) -> None:
+    from urllib.parse import quote
+
+    encoded = quote(password, safe="")
+    cluster = Cluster(f"amqp://u:{encoded}@h:5672/", f"redis://:{encoded}@h:6379/0")
+    for text in (repr(cluster), redact_url(cluster.broker_url), redact_url(cluster.results_url)):
+        assert encoded not in text
+    redact = cluster.redactor()
+    assert password not in redact(f"login failed for {password}!")
+    assert encoded not in redact(f"url amqp://u:{encoded}@h")
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"broker_url": "http://x/"}, "not a RabbitMQ URL"),
+        ({"results_url": "postgres://x/"}, "not a Redis URL"),
+        ({"namespace": "a b"}, "namespace"),
+        ({"delivery_limit": 0}, "delivery_limit"),
+        ({"no_worker_wait_s": 0}, "no_worker_wait_s"),
+        ({"heartbeat_s": -1}, "heartbeat_s"),
+        ({"result_ttl_s": 0}, "result_ttl_s"),
+    ],
+)
+def test_bad_cluster_settings_name_the_setting(fields: dict[str, object], problem: str) -> None:
+    values: dict[str, object] = {"broker_url": BROKER, "results_url": RESULTS, **fields}
+    with pytest.raises(ConfigurationError, match=problem):
+        Cluster(**values)  # type: ignore[arg-type]
+
+
+def test_a_bad_url_in_an_error_is_redacted() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Cluster("http://u:topsecret99@h/", RESULTS)
+    assert "topsecret99" not in str(caught.value)
+
+
+def test_the_environment_names_the_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Cluster.from_env() is None
+    monkeypatch.setenv(BROKER_ENV_VAR, BROKER)
+    with pytest.raises(ConfigurationError, match=RESULTS_ENV_VAR):
+        Cluster.from_env()
+    monkeypatch.setenv(RESULTS_ENV_VAR, RESULTS)
+    monkeypatch.setenv(NAMESPACE_ENV_VAR, "team-a")
+    cluster = Cluster.from_env()
+    assert cluster is not None
+    assert (cluster.broker_url, cluster.results_url, cluster.namespace) == (
+        BROKER,
+        RESULTS,
+        "team-a",
+    )
+    # Arguments win over the environment.
+    other = Cluster.from_env("amqp://other/", None)
+    assert other is not None
+    assert other.broker_url == "amqp://other/"
+    monkeypatch.delenv(BROKER_ENV_VAR)
+    with pytest.raises(ConfigurationError, match=BROKER_ENV_VAR):
+        Cluster.from_env()
+
+
+def test_the_dispatch_point_picks_workers_only_when_a_cluster_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert CLUSTER_ENV_VARS == (BROKER_ENV_VAR, RESULTS_ENV_VAR)
+    assert isinstance(current_engine(), AsyncEngine)
+    monkeypatch.setenv(BROKER_ENV_VAR, BROKER)
+    monkeypatch.setenv(RESULTS_ENV_VAR, RESULTS)
+    assert isinstance(current_engine(), WorkersEngine)
+    with use_engine("legacy"):  # the rollback flag wins: in-process, whatever else is set
+        assert isinstance(current_engine(), LegacyEngine)
+
+
+def test_names_are_namespaced() -> None:
+    cluster = Cluster(BROKER, RESULTS, namespace="ns")
+    assert cluster.queue("writer") == "ns.agent.writer"
+    assert cluster.dead_letter_queue == "ns.dead"
+    assert cluster.events_exchange == "ns.events"
+    assert cluster.key("run", "r", "result", "t") == "ns:run:r:result:t"
+    assert routing_key("r", "t.1", "finished") == "run.r.task.t.1.finished"
+
+
+@pytest.mark.parametrize("run_id", ["", "a b", "x" * 65, "../etc", "run:1"])
+def test_bad_run_ids_are_refused(run_id: str) -> None:
+    with pytest.raises(ConfigurationError, match="run id"):
+        check_run_id(run_id)
+    with pytest.raises(ConfigurationError, match="run id"):
+        WorkersEngine(Cluster(BROKER, RESULTS), run_id)
+
+
+def test_a_task_message_round_trips() -> None:
+    message = TaskMessage(
+        run_id="r1",
+        agent="writer",
+        mode="llm",
+        task=AgentTask(id="b", prompt="{{a}}", depends_on=["a"]),
+        outputs={"a": "out"},
+    )
+    headers = {TASK_HEADER: TASK_VERSION}
+    assert decode_task(message.encode(), headers, "application/json") == message
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "content_type", "problem"),
+    [
+        (b"{}", {}, "application/json", "header"),
+        (b"{}", None, "application/json", "header"),
+        (b"{}", {TASK_HEADER: TASK_VERSION}, "text/plain", "content type"),
+        (b"[]", {TASK_HEADER: TASK_VERSION}, "application/json", "invalid task"),
+        (
+            b'{"run_id":"r","agent":"a","mode":"llm","task":{"id":"t","prompt":"p"},"cmd":"x"}',
+            {TASK_HEADER: TASK_VERSION},
+            "application/json",
+            "invalid task",
+        ),
+        (
+            b'{"run_id":"r","agent":"a","mode":"shell","task":{"id":"t","prompt":"p"}}',
+            {TASK_HEADER: TASK_VERSION},
+            "application/json",
+            "invalid task",
+        ),
+    ],
+    ids=["no-header", "no-headers", "content-type", "not-an-object", "extra-field", "bad-mode"],
+)
+def test_what_is_not_a_task_is_refused(
+    body: bytes, headers: object, content_type: str, problem: str
+) -> None:
+    with pytest.raises(BadMessage, match=problem):
+        decode_task(body, headers, content_type)
+
+
+def test_an_oversized_message_is_refused() -> None:
+    from taskexec.distributed._wire import MAX_MESSAGE_BYTES
+
+    with pytest.raises(BadMessage, match="bytes"):
+        decode_task(b" " * (MAX_MESSAGE_BYTES + 1), {TASK_HEADER: TASK_VERSION}, "application/json")
+
+
+def test_cluster_unavailable_pickles() -> None:
+    error = ClusterUnavailableError("cannot reach Redis at redis://:***@h:6379/0: refused")
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
