@@ -10,8 +10,10 @@ suite never binds a port a user may be using.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import pytest
 
 from taskexec.testing import mock_server_in_thread
 
+from .cluster import new_cluster, require_services
 from .conftest import ROOT
 
 DOCS = [
@@ -29,6 +32,7 @@ DOCS = [
     "docs/ROLLBACK.md",
     "docs/PROVIDERS.md",
     "docs/TESTING.md",
+    "docs/DISTRIBUTED.md",
 ]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
@@ -67,6 +71,10 @@ def test_every_block_runs(name: str, tmp_path: Path, docs_server: str) -> None:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
+    if name == "docs/DISTRIBUTED.md":
+        # The real RabbitMQ and Redis, in a namespace of this test's own.
+        require_services()
+        env["TASKEXEC_NAMESPACE"] = new_cluster().namespace
     for index, (lang, body) in enumerate(found):
         body = body.replace(f":{DOCS_PORT}", f":{docs_server}")
         if lang == "python":
@@ -77,12 +85,26 @@ def test_every_block_runs(name: str, tmp_path: Path, docs_server: str) -> None:
             continue
         if "python -m pytest" in body:
             continue  # the README's test command: this is it, running now
-        completed = subprocess.run(
-            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        # In a session of its own, so that whatever a block left running (a worker it started
+        # in the background, if the block failed before stopping it) is ended with it.
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
-        assert completed.returncode == 0, (
-            f"{name} block {index} ({lang}) failed:\n{body}\n--- stdout\n{completed.stdout}"
-            f"\n--- stderr\n{completed.stderr}"
+        try:
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert process.returncode == 0, (
+            f"{name} block {index} ({lang}) failed:\n{body}\n--- stdout\n{stdout}"
+            f"\n--- stderr\n{stderr}"
         )
 
 
