@@ -12,9 +12,10 @@ from typing import Any
 class ServerProcess:
     """``taskexec mock-server`` on a free port, in a child process."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency_s: float = 0.0) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "taskexec", "mock-server", "--port", "0"],
+            [sys.executable, "-m", "taskexec", "mock-server", "--port", "0",
+             "--latency", str(latency_s)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
