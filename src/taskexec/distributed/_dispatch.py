@@ -17,13 +17,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from .._models import AgentTask, ExecutionResult, Mode
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
+from ._loops import repeat, settle
 from ._store import ResultStore, connect_redis
 from ._wire import CONTENT_TYPE, TASK_HEADER, TASK_VERSION, TaskEvent, TaskMessage, failure
 
@@ -33,6 +39,7 @@ log = logging.getLogger("taskexec")
 #: How long a publish is retried while the broker connection is being restored.
 PUBLISH_RETRY_S = 60.0
 _SEEN_EVENTS = 10_000
+CLOSE_TIMEOUT_S = 5.0
 
 
 def new_run_id() -> str:
@@ -64,13 +71,14 @@ class Dispatcher:
         self._pending: dict[str, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
         self._served: set[str] = set()
         self._unserved_since: dict[str, float] = {}
-        self._declared: set[str] = set()
+        self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._redis: Redis | None = None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._poller: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
         self.store: ResultStore
 
     async def __aenter__(self) -> Dispatcher:
@@ -101,14 +109,12 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         """Stop listening and close the connections."""
-        for task in [self._poller, *self._fetches]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        self._closing.set()
+        await settle([self._poller, *self._fetches], CLOSE_TIMEOUT_S)
         if self._connection is not None:
+            # Bounded: closing must not keep a finished run waiting on a broker that went away.
             with contextlib.suppress(Exception):
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -170,9 +176,7 @@ class Dispatcher:
         give_up = loop.time() + PUBLISH_RETRY_S
         while True:
             try:
-                if message.agent not in self._declared:
-                    await declare_agent_queue(self._channel, self.cluster, message.agent)
-                    self._declared.add(message.agent)
+                await self._declare(message.agent)
                 # With publisher confirms (aio-pika's default), this returns once RabbitMQ
                 # has the message, persisted in the quorum queue.
                 await self._channel.default_exchange.publish(
@@ -187,6 +191,17 @@ class Dispatcher:
                     return False
                 # The robust connection is reconnecting; try again in a moment.
                 await asyncio.sleep(0.5)
+
+    async def _declare(self, agent: str) -> None:
+        """Declare an agent's queue once, however many tasks are sent to it at once."""
+        declared = self._declared.get(agent)
+        if declared is None or (declared.done() and declared.exception() is not None):
+            assert self._channel is not None
+            declared = asyncio.ensure_future(
+                declare_agent_queue(self._channel, self.cluster, agent)
+            )
+            self._declared[agent] = declared
+        await asyncio.shield(declared)
 
     async def _fail(
         self, task_id: str, agent: str, mode: Mode, kind: str, message: str
@@ -231,12 +246,11 @@ class Dispatcher:
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.cluster.poll_s)
-            try:
-                await self._poll_once(loop.time())
-            except Exception as exc:  # Redis away for a moment: the next round tries again
-                log.warning("run %s: polling Redis failed: %s", self.run_id, exc)
+
+        async def step() -> None:
+            await self._poll_once(loop.time())
+
+        await repeat(self.cluster.poll_s, self._closing, step, f"run {self.run_id}: polling Redis")
 
     async def _poll_once(self, now: float) -> None:
         # Results whose event was missed (sent while this connection was down).

@@ -33,12 +33,15 @@ from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
+from ._loops import repeat, settle
 from ._store import STORED, ResultStore, WorkerInfo, connect_redis, worker_info
 from ._wire import BadMessage, TaskEvent, TaskMessage, decode_task, failure, routing_key
 
 __all__ = ("Worker",)
 
 log = logging.getLogger("taskexec.worker")
+#: How long stopping waits for a background step (a heartbeat's Redis write) to end.
+STOP_TIMEOUT_S = 5.0
 
 
 class Worker:
@@ -106,13 +109,23 @@ class Worker:
             await redis.aclose()
             raise
         self._store = store = ResultStore(redis, self.cluster)
-        heartbeat = asyncio.create_task(self._heartbeat(store))
+        beating = asyncio.Event()  # set: the heartbeat stops after its current beat
+
+        async def beat() -> None:
+            await store.register(self._info())
+
+        heartbeat = asyncio.create_task(
+            repeat(self.cluster.heartbeat_s, beating, beat, f"worker {self.name}: heartbeat")
+        )
         try:
             channel = await connection.channel()
             # The prefetch is the concurrency: RabbitMQ never hands this worker a task it would
             # have to hold without running (which another worker could be running meanwhile).
             await channel.set_qos(prefetch_count=self.concurrency)
-            self._events = await declare_events(channel, self.cluster)
+            # Events are advisory (the result is in Redis, and the orchestrator reads it there if
+            # an event is lost), so they go without publisher confirms: no round trip per event.
+            events_channel = await connection.channel(publisher_confirms=False)
+            self._events = await declare_events(events_channel, self.cluster)
             consumers: list[tuple[AbstractQueue, str]] = []
             for agent in sorted(self._roster.agents):
                 queue = await declare_agent_queue(channel, self.cluster, agent)
@@ -127,9 +140,8 @@ class Worker:
                     await queue.cancel(tag)
             await self._drain()
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            beating.set()
+            await settle([heartbeat], STOP_TIMEOUT_S)
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
@@ -164,14 +176,6 @@ class Worker:
             self._started_at,
         )
 
-    async def _heartbeat(self, store: ResultStore) -> None:
-        while True:
-            await asyncio.sleep(self.cluster.heartbeat_s)
-            try:
-                await store.register(self._info())
-            except Exception as exc:  # Redis is away for a moment: try again next beat
-                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
-
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             task = decode_task(message.body, message.headers, message.content_type)
@@ -196,42 +200,16 @@ class Worker:
         assert self._store is not None
         store, run_id, task = self._store, msg.run_id, msg.task
         try:
-            reason = await store.skip_reason(run_id, task.id)
-            if reason is not None:
-                log.info(
-                    "worker %s: task %s of run %s not run: %s", self.name, task.id, run_id, reason
-                )
-                if reason == STORED:  # whoever waits on it learns at once, not at its next poll
-                    await self._publish(
-                        TaskEvent(
-                            run_id=run_id,
-                            task_id=task.id,
-                            state="finished",
-                            worker=self.name,
-                            duplicate=True,
-                        )
-                    )
-                await _settle(message.ack())
-                return
             if deliveries >= self.cluster.delivery_limit:
-                result = self._dead_lettered(msg, deliveries)
-                counted = await store.put_first(run_id, result)
-                await self._publish(
-                    TaskEvent(
-                        run_id=run_id,
-                        task_id=task.id,
-                        state="finished",
-                        worker=self.name,
-                        result=counted if counted is result else None,
-                        duplicate=counted is not result,
-                    )
-                )
-                await _settle(message.reject(requeue=False))
+                await self._dead_letter(message, msg, deliveries)
+                return
+            reason = await store.claim(run_id, task.id)  # counts the execution if it runs
+            if reason is not None:
+                await self._skip(message, msg, reason)
                 return
             await self._publish(
                 TaskEvent(run_id=run_id, task_id=task.id, state="started", worker=self.name)
             )
-            await store.count_execution(run_id)
             result = await execute_task(
                 self._roster, self.executor._settings, task, msg.agent, msg.mode, msg.outputs
             )
@@ -265,6 +243,46 @@ class Worker:
                 self._roster_redact(str(exc)),
             )
             await _settle(message.nack(requeue=True))
+
+    async def _skip(self, message: AbstractIncomingMessage, msg: TaskMessage, reason: str) -> None:
+        log.info(
+            "worker %s: task %s of run %s not run: %s", self.name, msg.task.id, msg.run_id, reason
+        )
+        if reason == STORED:  # whoever waits on it learns at once, not at its next poll
+            await self._publish(
+                TaskEvent(
+                    run_id=msg.run_id,
+                    task_id=msg.task.id,
+                    state="finished",
+                    worker=self.name,
+                    duplicate=True,
+                )
+            )
+        await _settle(message.ack())
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, msg: TaskMessage, deliveries: int
+    ) -> None:
+        """Record a task every earlier taker died with, and move its message aside."""
+        assert self._store is not None
+        reason = await self._store.skip_reason(msg.run_id, msg.task.id)
+        if reason is not None:
+            await self._skip(message, msg, reason)
+            return
+        result = self._dead_lettered(msg, deliveries)
+        counted = await self._store.put_first(msg.run_id, result)
+        won = counted is result
+        await self._publish(
+            TaskEvent(
+                run_id=msg.run_id,
+                task_id=msg.task.id,
+                state="finished",
+                worker=self.name,
+                result=result if won else None,
+                duplicate=not won,
+            )
+        )
+        await _settle(message.reject(requeue=False))
 
     def _roster_redact(self, text: str) -> str:
         from ..providers import secret_redactor
