@@ -14,8 +14,16 @@ class ServerProcess:
 
     def __init__(self, latency_s: float = 0.0) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "taskexec", "mock-server", "--port", "0",
-             "--latency", str(latency_s)],
+            [
+                sys.executable,
+                "-m",
+                "taskexec",
+                "mock-server",
+                "--port",
+                "0",
+                "--latency",
+                str(latency_s),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -74,14 +74,20 @@ def _cluster() -> Iterator[Cluster]:
         asyncio.run(drop_cluster(cluster, [AGENT]))
 
 
-def _start(folder: Path, agents: Path, cluster: Cluster, names: list[str], concurrency: int) -> list[WorkerProcess]:
-    started = [WorkerProcess(agents, cluster, n, concurrency=concurrency, log_dir=folder) for n in names]
+def _start(
+    folder: Path, agents: Path, cluster: Cluster, names: list[str], concurrency: int
+) -> list[WorkerProcess]:
+    started = [
+        WorkerProcess(agents, cluster, n, concurrency=concurrency, log_dir=folder) for n in names
+    ]
     for w in started:
         asyncio.run(w.registered())
     return started
 
 
-async def _orchestrate(agent: Agent, tasks: list[AgentTask], concurrency: int) -> tuple[float, list[Any]]:
+async def _orchestrate(
+    agent: Agent, tasks: list[AgentTask], concurrency: int
+) -> tuple[float, list[Any]]:
     async with TaskExecutor([agent]) as executor:
         orchestrator = ProjectOrchestrator(executor, max_concurrency=concurrency)
         start = time.perf_counter()
@@ -101,7 +107,13 @@ def _check(results: list[Any], tasks: list[AgentTask]) -> None:
 def workers_against_in_process(server: ServerProcess, n: int, repeats: int) -> dict[str, Any]:
     """``n`` llm tasks at 200 ms: in-process, and on 2 workers of concurrency 500."""
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i} [[latency=0.2]]") for i in range(n)]
-    agent = Agent(name=AGENT, provider="openai", base_url=server.openai_base_url, api_key="sk-bench", max_retries=0)
+    agent = Agent(
+        name=AGENT,
+        provider="openai",
+        base_url=server.openai_base_url,
+        api_key="sk-bench",
+        max_retries=0,
+    )
     # The orchestrator's bound is the workers' total capacity in both cases, so that both may
     # have the same number of tasks out at once.
     concurrency = 1000
@@ -146,8 +158,11 @@ def dispatch_overhead(n: int, sequential: int, repeats: int) -> dict[str, Any]:
     """Offline tasks (no I/O of their own) through the queue, on 2 workers."""
     agent = Agent(name=AGENT, max_retries=0)
     out: dict[str, list[float]] = {
-        "sequential p50 ms": [], "sequential p99 ms": [],
-        "loaded p50 ms": [], "loaded p99 ms": [], "tasks/s": [],
+        "sequential p50 ms": [],
+        "sequential p99 ms": [],
+        "loaded p50 ms": [],
+        "loaded p99 ms": [],
+        "tasks/s": [],
     }
     with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
         folder = Path(tmp)
@@ -163,7 +178,9 @@ def dispatch_overhead(n: int, sequential: int, repeats: int) -> dict[str, Any]:
                         elapsed, results = asyncio.run(_orchestrate(agent, [task], 1))
                         _check(results, [task])
                     q = statistics.quantiles(_TimedDispatcher.latencies, n=100)
-                    out["sequential p50 ms"].append(statistics.median(_TimedDispatcher.latencies) * 1e3)
+                    out["sequential p50 ms"].append(
+                        statistics.median(_TimedDispatcher.latencies) * 1e3
+                    )
                     out["sequential p99 ms"].append(q[98] * 1e3)
                     # Many at once, at the orchestrator's default bound (64).
                     _TimedDispatcher.latencies = []
@@ -184,10 +201,16 @@ def dispatch_overhead(n: int, sequential: int, repeats: int) -> dict[str, Any]:
 # -- 7.3 recovery after SIGKILL -----------------------------------------------------------------
 
 
-def recovery(fast: ServerProcess, slow: ServerProcess, in_flight: int, repeats: int) -> dict[str, Any]:
+def recovery(
+    fast: ServerProcess, slow: ServerProcess, in_flight: int, repeats: int
+) -> dict[str, Any]:
     """Kill a worker holding ``in_flight`` tasks; time until another worker runs all of them."""
-    out: dict[str, list[float]] = {"recovery s": [], "lost": [], "duplicated in plan": [],
-                                   "duplicate executions": []}
+    out: dict[str, list[float]] = {
+        "recovery s": [],
+        "lost": [],
+        "duplicated in plan": [],
+        "duplicate executions": [],
+    }
     agent = Agent(name=AGENT, max_retries=0)
     for r in range(repeats):
         with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
@@ -261,7 +284,9 @@ def chaos(server: ServerProcess, n: int, every_s: float) -> dict[str, Any]:
                     index = kills % len(workers)
                     workers[index].kill()
                     kills += 1
-                    replacement = WorkerProcess(agents, cluster, f"w{index}-{kills}", concurrency=100, log_dir=folder)
+                    replacement = WorkerProcess(
+                        agents, cluster, f"w{index}-{kills}", concurrency=100, log_dir=folder
+                    )
                     workers[index] = replacement
                 return await asyncio.wait_for(run, 300)
 
@@ -302,7 +327,9 @@ def run_all(quick: bool, repeats: int) -> dict[str, Any]:
     with ServerProcess() as server:
         results["throughput"] = workers_against_in_process(server, n, repeats)
         print(f"distributed throughput: {results['throughput']}", file=sys.stderr)
-        results["dispatch"] = dispatch_overhead(500 if quick else 5000, 50 if quick else 300, repeats)
+        results["dispatch"] = dispatch_overhead(
+            500 if quick else 5000, 50 if quick else 300, repeats
+        )
         print(f"distributed dispatch: {results['dispatch']}", file=sys.stderr)
         with ServerProcess(latency_s=600.0) as slow:
             results["recovery"] = recovery(server, slow, 100, 1 if quick else repeats)

@@ -27,6 +27,8 @@ def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
         "## 4. Framework",
         "## 5. The sync path",
         "## 6. The command line at scale",
+        "## 7. Beyond one process",
+        "### 7.4 Chaos",
     ):
         assert heading in report
     assert (tmp_path / "scale.png").stat().st_size > 0

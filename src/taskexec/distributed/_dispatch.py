@@ -14,7 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import aio_pika
 from aio_pika.abc import (
@@ -55,18 +55,15 @@ class Dispatcher:
     Args:
         cluster: The broker and results store.
         run_id: The run; results stored under it earlier are found by :meth:`stored`.
-        on_started: Called with a task id when a worker starts running it.
     """
 
     def __init__(
         self,
         cluster: Cluster,
         run_id: str,
-        on_started: Callable[[str], None] | None = None,
     ) -> None:
         self.cluster = cluster
         self.run_id = run_id
-        self.on_started = on_started
         #: Tasks sent and not yet back: (future, agent, mode, when sent).
         self._pending: dict[str, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
         self._served: set[str] = set()
@@ -226,10 +223,6 @@ class Dispatcher:
         self._seen[event.id] = None
         if len(self._seen) > _SEEN_EVENTS:
             self._seen.popitem(last=False)
-        if event.state == "started":
-            if self.on_started is not None:
-                self.on_started(event.task_id)
-            return
         if event.task_id not in self._pending:
             return
         if event.result is not None:

@@ -9,7 +9,7 @@ Redis. So a plan gets the same results on workers as in-process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import ClassVar
 
 from .._async_engine import run_batch
@@ -29,7 +29,6 @@ class WorkersEngine(Engine):
         cluster: The broker and results store.
         run_id: The run's id (default: a new one per call). Results already stored under it
             are used instead of running their tasks again.
-        on_started: Called with a task id when a worker starts running it.
     """
 
     #: Workers run tasks on the async engine, so results say ``engine="async"``.
@@ -39,11 +38,9 @@ class WorkersEngine(Engine):
         self,
         cluster: Cluster,
         run_id: str | None = None,
-        on_started: Callable[[str], None] | None = None,
     ) -> None:
         self.cluster = cluster
         self.run_id = check_run_id(run_id) if run_id is not None else None
-        self.on_started = on_started
         #: After a batch: how many task executions the workers counted, and how many results
         #: lost the first-writer race (tasks that ran twice after a crash).
         self.counters: dict[str, int] = {}
@@ -59,7 +56,7 @@ class WorkersEngine(Engine):
     async def execute_tasks(self, batch: Batch) -> list[ExecutionResult]:
         batch.check()
         run_id = self.run_id or new_run_id()
-        async with Dispatcher(self.cluster, run_id, self.on_started) as dispatcher:
+        async with Dispatcher(self.cluster, run_id) as dispatcher:
             stored = await dispatcher.stored([t.id for t in batch.tasks])
             # A re-run of a run id clears its cancellation, so that its tasks run again.
             await dispatcher.store.set_cancelled(run_id, False)

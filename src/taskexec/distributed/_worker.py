@@ -207,9 +207,6 @@ class Worker:
             if reason is not None:
                 await self._skip(message, msg, reason)
                 return
-            await self._publish(
-                TaskEvent(run_id=run_id, task_id=task.id, state="started", worker=self.name)
-            )
             result = await execute_task(
                 self._roster, self.executor._settings, task, msg.agent, msg.mode, msg.outputs
             )
