@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -118,24 +118,59 @@ def workers_against_in_process(server: ServerProcess, n: int, repeats: int) -> d
     # have the same number of tasks out at once.
     concurrency = 1000
     samples: dict[str, list[float]] = {"in-process": [], "2 workers": []}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
         folder = Path(tmp)
         agents = _agents_file(folder, server.openai_base_url)
         workers = _start(folder, agents, cluster, ["a", "b"], 500)
+        processes = {
+            "RabbitMQ": _pids("beam.smp"),
+            "Redis": _pids("redis-server"),
+            "workers": [w.pid for w in workers],
+            "mock server": [server.process.pid],
+            "orchestrator": [os.getpid()],
+        }
         try:
             for _ in range(repeats):
                 with _environment(None):
                     elapsed, results = asyncio.run(_orchestrate(agent, tasks, concurrency))
                 _check(results, tasks)
                 samples["in-process"].append(elapsed)
+                before = {k: _cpu_s(v) for k, v in processes.items()}
                 with _environment(cluster):
                     elapsed, results = asyncio.run(_orchestrate(agent, tasks, concurrency))
                 _check(results, tasks)
                 samples["2 workers"].append(elapsed)
+                for k, v in processes.items():
+                    cpu.setdefault(k, []).append(_cpu_s(v) - before[k])
         finally:
             for w in workers:
                 w.stop()
-    return {"tasks": n, "concurrency": concurrency, "samples": samples}
+    return {"tasks": n, "concurrency": concurrency, "samples": samples, "cpu_s": cpu}
+
+
+def _pids(name: str) -> list[int]:
+    """The processes whose command line names ``name`` (Linux /proc; none elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if name in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User plus system CPU seconds the processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- 7.2 dispatch overhead ----------------------------------------------------------------------
@@ -144,7 +179,7 @@ def workers_against_in_process(server: ServerProcess, n: int, repeats: int) -> d
 class _TimedDispatcher(Dispatcher):
     """Records, per task, the time from dispatch to the orchestrator holding its result."""
 
-    latencies: list[float] = []
+    latencies: ClassVar[list[float]] = []
 
     async def run(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -201,6 +236,48 @@ def dispatch_overhead(n: int, sequential: int, repeats: int) -> dict[str, Any]:
 # -- 7.3 recovery after SIGKILL -----------------------------------------------------------------
 
 
+def _counters(cluster: Cluster, run_id: str) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        async with store_of(cluster) as store:
+            return await store.counters(run_id)
+
+    return asyncio.run(read())
+
+
+async def _until(predicate: Any) -> None:
+    """Wait for another process's counter (read over HTTP) to reach a value."""
+    while not predicate():  # noqa: ASYNC110 - the state is in another process
+        await asyncio.sleep(0.01)
+
+
+async def _kill_and_recover(
+    cluster: Cluster,
+    folder: Path,
+    fast: ServerProcess,
+    slow: ServerProcess,
+    victim: WorkerProcess,
+    rescuer_name: str,
+    tasks: list[AgentTask],
+) -> tuple[float, list[Any]]:
+    agent = Agent(name=AGENT, max_retries=0)
+    fast_file = _agents_file(folder, fast.openai_base_url, "fast.yaml")
+    with _environment(cluster):
+        run = asyncio.create_task(_orchestrate(agent, tasks, len(tasks)))
+        await _until(lambda: slow.stats()["chat_requests"] >= len(tasks))
+        (rescuer,) = await asyncio.to_thread(
+            _start, folder, fast_file, cluster, [rescuer_name], len(tasks)
+        )
+        try:
+            killed = time.perf_counter()
+            victim.kill()
+            await _until(lambda: fast.stats()["chat_requests"] >= len(tasks))
+            recovered = time.perf_counter() - killed
+            _, results = await run
+        finally:
+            rescuer.stop()
+    return recovered, results
+
+
 def recovery(
     fast: ServerProcess, slow: ServerProcess, in_flight: int, repeats: int
 ) -> dict[str, Any]:
@@ -211,48 +288,22 @@ def recovery(
         "duplicated in plan": [],
         "duplicate executions": [],
     }
-    agent = Agent(name=AGENT, max_retries=0)
     for r in range(repeats):
         with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
             folder = Path(tmp)
             slow_file = _agents_file(folder, slow.openai_base_url, "slow.yaml")
-            fast_file = _agents_file(folder, fast.openai_base_url, "fast.yaml")
             # No latency directive: the slow server is slow by itself, the fast one answers at once.
             tasks = [AgentTask(id=f"r{i}", prompt=f"task {i}") for i in range(in_flight)]
             (victim,) = _start(folder, slow_file, cluster, [f"victim{r}"], in_flight)
             fast.reset()
             slow.reset()
-
-            async def scenario() -> tuple[float, list[Any]]:
-                with _environment(cluster):
-                    run = asyncio.create_task(_orchestrate(agent, tasks, in_flight))
-                    while slow.stats()["chat_requests"] < in_flight:
-                        await asyncio.sleep(0.01)
-                    (rescuer,) = await asyncio.to_thread(
-                        _start, folder, fast_file, cluster, [f"rescuer{r}"], in_flight
-                    )
-                    try:
-                        killed = time.perf_counter()
-                        victim.kill()
-                        while fast.stats()["chat_requests"] < in_flight:
-                            await asyncio.sleep(0.01)
-                        recovered = time.perf_counter() - killed
-                        _, results = await run
-                    finally:
-                        rescuer.stop()
-                    return recovered, results
-
             try:
-                recovered, results = asyncio.run(scenario())
+                recovered, results = asyncio.run(
+                    _kill_and_recover(cluster, folder, fast, slow, victim, f"rescuer{r}", tasks)
+                )
             finally:
                 victim.stop()
-            run_id = results[0].metadata["run_id"]
-
-            async def counters() -> dict[str, int]:
-                async with store_of(cluster) as store:
-                    return await store.counters(run_id)
-
-            counted = asyncio.run(counters())
+            counted = _counters(cluster, results[0].metadata["run_id"])
             out["recovery s"].append(recovered)
             out["lost"].append(in_flight - len({x.task_id for x in results if x.ok}))
             out["duplicated in plan"].append(len(results) - len({x.task_id for x in results}))
@@ -295,13 +346,7 @@ def chaos(server: ServerProcess, n: int, every_s: float) -> dict[str, Any]:
         finally:
             for w in workers:
                 w.stop()
-        run_id = results[0].metadata["run_id"]
-
-        async def counters() -> dict[str, int]:
-            async with store_of(cluster) as store:
-                return await store.counters(run_id)
-
-        counted = asyncio.run(counters())
+        counted = _counters(cluster, results[0].metadata["run_id"])
     ids = [r.task_id for r in results]
     return {
         "tasks": n,

@@ -486,3 +486,46 @@ def test_run_id_without_a_broker_is_a_usage_error(
     plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, plan_tasks(1))
     assert main(["run", str(plan_file), "--run-id", "x"]) == 2
     assert "--run-id needs a distributed run" in capsys.readouterr().err
+
+
+async def test_a_single_execute_runs_on_a_worker(use_cluster: Cluster, tmp_path: Path) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    with workers([WorkerProcess(agents_file, use_cluster, "single")]) as (worker,):
+        await worker.registered()
+        async with TaskExecutor(taskexec.load_agents(agents_file)) as executor:
+            result = await executor.execute(AgentTask(id="one", prompt="p"), agent="reviewer")
+    assert result.ok
+    assert (result.agent, result.metadata["worker"]) == ("reviewer", "single")
+
+
+async def test_fail_fast_cancels_the_run_for_its_workers_too(
+    use_cluster: Cluster, tmp_path: Path, slow_server: MockServer
+) -> None:
+    """After a failure with fail_fast, the run is marked cancelled: workers drop its tasks."""
+    failing = {
+        "name": "failing",
+        "mode": "script",
+        "command": [sys.executable, "-c", "raise SystemExit(3)"],
+    }
+    slow = {
+        "name": "writer",
+        "provider": "openai",
+        "base_url": slow_server.openai_base_url,
+        "api_key": "sk-test",
+    }
+    agents_file = write_agents(tmp_path / "agents.yaml", [slow, failing])
+    tasks = [
+        *(AgentTask(id=f"q{i}", prompt="p", agent="writer") for i in range(3)),
+        AgentTask(id="bad", prompt="x", agent="failing"),
+    ]
+    with workers([WorkerProcess(agents_file, use_cluster, "ff", concurrency=8, grace_s=0.1)]) as (
+        worker,
+    ):
+        await worker.registered()
+        orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(agents_file)))
+        results = await orchestrator.execute_tasks(tasks, fail_fast=True)
+        run_id = results[3].metadata["run_id"]
+        async with store_of(use_cluster) as store:
+            assert await store.skip_reason(run_id, "q0") == "its run was cancelled"
+    assert results[3].status is ExecutionStatus.FAILED
+    assert [r.status for r in results[:3]] == [ExecutionStatus.CANCELLED] * 3
