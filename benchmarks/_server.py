@@ -12,18 +12,17 @@ from typing import Any
 class ServerProcess:
     """``taskexec mock-server`` on a free port, in a child process."""
 
-    def __init__(self, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        rate_limit: int | None = None,
+        token_limit: int | None = None,
+    ) -> None:
+        limits = [] if rate_limit is None else ["--rate-limit", str(rate_limit)]
+        limits += [] if token_limit is None else ["--token-limit", str(token_limit)]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "taskexec",
-                "mock-server",
-                "--port",
-                "0",
-                "--latency",
-                str(latency_s),
-            ],
+            [sys.executable, "-m", "taskexec", "mock-server", "--port", "0"]
+            + ["--latency", str(latency_s), *limits],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -272,6 +272,21 @@ class Agent(_Model):
     max_retries: int = Field(default=2, ge=0)
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0)
+    #: Requests per minute this agent's key and model may send (spaced, never a burst).
+    rpm: int | None = Field(default=None, gt=0)
+    #: Tokens per minute (prompt estimate plus ``max_tokens``, corrected by the reply's usage).
+    tpm: int | None = Field(default=None, gt=0)
+    #: Requests of this agent's key and model out at once, in one process.
+    max_in_flight: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _tpm_fits_one_request(self) -> Agent:
+        if self.tpm is not None and self.max_tokens is not None and self.tpm < self.max_tokens:
+            raise ValueError(
+                f"tpm ({self.tpm}) is smaller than max_tokens ({self.max_tokens}): a single "
+                "request could never be sent; raise tpm or lower max_tokens"
+            )
+        return self
 
     @field_validator("command")
     @classmethod

@@ -516,7 +516,14 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
     from .testing import MockServer
 
     async def serve() -> None:
-        server = MockServer(args.host, args.port, latency_s=args.latency, faults=args.faults)
+        server = MockServer(
+            args.host,
+            args.port,
+            latency_s=args.latency,
+            faults=args.faults,
+            rate_limit=args.rate_limit,
+            token_limit=args.token_limit,
+        )
         await server.start()
         print(f"taskexec mock server listening on {server.url}", flush=True)
         print(f"  OpenAI-compatible base_url: {server.openai_base_url}", flush=True)
@@ -729,6 +736,18 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--port", type=int, default=8765)
     mock.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
     mock.add_argument("--faults", type=_faults, default=[], help="e.g. 429,500,reset")
+    mock.add_argument(
+        "--rate-limit",
+        type=_positive_int,
+        metavar="N",
+        help="at most N chat requests in any second (429 beyond)",
+    )
+    mock.add_argument(
+        "--token-limit",
+        type=_positive_int,
+        metavar="N",
+        help="at most N tokens in any second (429 beyond)",
+    )
     mock.set_defaults(handler=_cmd_mock_server)
     return parser
 

@@ -77,6 +77,12 @@ Faults: 429 (Retry-After: 0), 429:<seconds>, 429ms:<millis> (retry-after-ms),
   of padding), 408, 409, 500, 503, reset (connection dropped), malformed (200, not JSON),
   stall (half a body, then nothing).
 
+Provider-style limits (a request beyond the limit in any one-second window gets a 429 with
+Retry-After: 1, as real providers quantise their per-minute limits; rejected requests do not
+count against the window):
+  --rate-limit N        at most N chat requests in any second
+  --token-limit N       at most N tokens (prompt words plus reply words) in any second
+
 Directives in a prompt (they apply to every request that carries them):
   [[fault=500]]         that fault
   [[latency=0.5]]       that latency instead of --latency
@@ -114,6 +120,7 @@ class MockStats:
     client_disconnects: int = 0
     idle_closes: int = 0
     faults_served: int = 0
+    rate_limited: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
 
@@ -164,6 +171,10 @@ class MockServer:
         latency_s: Wait before answering each chat request.
         faults: Initial fault schedule, one entry per chat request.
         record: How many recent chat requests to keep in :attr:`recorded`.
+        rate_limit: At most this many chat requests in any one-second window; more get a 429
+            with ``Retry-After: 1`` (None: no limit).
+        token_limit: At most this many tokens (prompt plus reply words) in any one-second
+            window (None: no limit).
         idle_timeout_s: Close a keep-alive connection idle this long (None: never), as real
             servers do; counted in ``stats.idle_closes``.
     """
@@ -177,8 +188,14 @@ class MockServer:
         faults: Iterable[str] = (),
         record: int = 1000,
         idle_timeout_s: float | None = None,
+        rate_limit: int | None = None,
+        token_limit: int | None = None,
     ) -> None:
         self.host = host
+        self.rate_limit = rate_limit
+        self.token_limit = token_limit
+        #: Accepted chat requests of the last second: (arrival, tokens).
+        self._window: deque[tuple[float, int]] = deque()
         self.port = port
         self.latency_s = latency_s
         self.idle_timeout_s = idle_timeout_s
@@ -358,6 +375,11 @@ class MockServer:
             fault = directives.get("fault")
             if fault is None and self.faults:
                 fault = self.faults.popleft()
+            if not self._admit(prompt):
+                stats.rate_limited += 1
+                return web.json_response(
+                    _error("rate limit exceeded"), status=429, headers={"retry-after": "1"}
+                )
             latency = float(directives.get("latency", self.latency_s))
             if "barrier" in directives and not await self._barrier(directives["barrier"]):
                 return web.json_response(
@@ -378,6 +400,23 @@ class MockServer:
             raise
         finally:
             stats.in_flight -= 1
+
+    def _admit(self, prompt: str) -> bool:
+        """Count a request against the one-second window; False if it is over a limit."""
+        if self.rate_limit is None and self.token_limit is None:
+            return True
+        now = time.monotonic()
+        window = self._window
+        while window and window[0][0] <= now - 1.0:
+            window.popleft()
+        words = len(prompt.split())
+        tokens = words + words + 3  # the reply is "mock reply to: <prompt>"
+        if self.rate_limit is not None and len(window) >= self.rate_limit:
+            return False
+        if self.token_limit is not None and sum(t for _, t in window) + tokens > self.token_limit:
+            return False
+        window.append((now, tokens))
+        return True
 
     async def _barrier(self, spec: str) -> bool:
         """Hold this reply until ``n`` requests with the same barrier are held (then release

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from .._models import ExecutionError
-from .._retry import run_attempts
-from ..providers import get_provider
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from .._limits import LimitWaitTooLong, RateHeaders, estimate_tokens, limiter_for
+from .._models import Agent, ExecutionError
+from .._retry import AttemptFailed, run_attempts
+from ..providers import Provider, get_provider
 from ..providers.base import ChatReply
 from . import Call, Outcome
 from .script import run_script
@@ -25,16 +31,53 @@ async def run_llm(call: Call) -> Outcome:
             )
             return outcome
         config_error = ExecutionError(kind="configuration", message=unavailable.message)
-        metadata = {"execution_mode": "llm", "provider": agent.provider}
-        return Outcome(error=config_error, metadata=metadata)
+        return Outcome(
+            error=config_error, metadata={"execution_mode": "llm", "provider": agent.provider}
+        )
+
+    limiter = limiter_for(agent, provider.name, _endpoint(provider, agent), provider.api_key(agent))
+    waited = 0.0
 
     async def attempt(timeout_s: float | None) -> ChatReply:
-        return await provider.complete(agent, call.prompt, call.pool, timeout_s)
+        nonlocal waited
+        if limiter is None:
+            return await provider.complete(agent, call.prompt, call.pool, timeout_s)
+        estimate = estimate_tokens(agent, call.prompt)
+        loop = asyncio.get_running_loop()
+        # The limiter's clock is time.monotonic(); the deadline is on the loop's clock.
+        deadline = call.deadline - loop.time() + time.monotonic()
+        try:
+            waited += await limiter.acquire(estimate, deadline)
+        except LimitWaitTooLong as exc:
+            message = (
+                f"task {call.task_id!r} would wait {exc.wait_s:.1f} s for agent "
+                f"{agent.name!r}'s rate limit (rpm {agent.rpm}, tpm {agent.tpm}), past its deadline"
+            )
+            raise AttemptFailed(ExecutionError(kind="timeout", message=message)) from None
+        async with limiter.in_flight or contextlib.nullcontext():
+            try:
+                reply = await provider.complete(agent, call.prompt, call.pool, timeout_s)
+            except AttemptFailed as failed:
+                if failed.error.status_code == 429:
+                    # One 429 pauses the agent, not one task (the Retry-After, else a second).
+                    await limiter.pause(failed.retry_after_s or 1.0)
+                raise
+        await limiter.correct(estimate, reply.usage.input_tokens + reply.usage.output_tokens)
+        await limiter.tighten(RateHeaders.parse(reply.headers))
+        return reply
 
     reply, error = await run_attempts(call, attempt)
-    metadata = {"execution_mode": "llm", "provider": agent.provider}
+    metadata: dict[str, Any] = {"execution_mode": "llm", "provider": agent.provider}
     if agent.model:
         metadata["model"] = agent.model
+    if limiter is not None:
+        metadata["rate_limit_wait_s"] = round(waited, 6)
     if reply is None:
         return Outcome(error=error, metadata=metadata)
     return Outcome(output=reply.text, usage=reply.usage, metadata=metadata)
+
+
+def _endpoint(provider: Provider, agent: Agent) -> str:
+    """Where the provider sends the agent's requests (part of the limit's identity)."""
+    base_url = getattr(provider, "base_url", None)
+    return str(base_url(agent)) if callable(base_url) else agent.base_url or ""

@@ -10,8 +10,8 @@ import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from .._http import ClientPool, TransportError
@@ -30,6 +30,8 @@ class ChatReply:
 
     text: str
     usage: Usage
+    #: The reply's HTTP headers (rate-limit headers tighten the agent's limiter).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +208,7 @@ class HttpProvider(Provider):
                 )
             raise failure
         try:
-            return self.parse(json.loads(response.body))
+            reply = self.parse(json.loads(response.body))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             snippet = body_snippet(redact, response.body, 200)
             message = (
@@ -214,6 +216,7 @@ class HttpProvider(Provider):
                 f"({exc!r}): {snippet}"
             )
             raise AttemptFailed(ExecutionError(kind="bad_response", message=message)) from None
+        return replace(reply, headers=response.headers)
 
     def _withheld_hint(self) -> str:
         names = " or ".join(self.key_env_vars)

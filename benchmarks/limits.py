@@ -1,0 +1,202 @@
+"""Section 8: provider rate limits, against the mock server's provider-style limits.
+
+The mock server answers a request beyond its limit in any one-second window with a 429 and
+``Retry-After: 1``, as real providers quantise per-minute limits. Each scenario runs with the
+limiter and, beside it, without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from taskexec import Agent, AgentTask, ProjectOrchestrator, TaskExecutor
+from taskexec._limits import LocalLimiter
+from taskexec.distributed._limits import RedisLimiter
+
+from ._server import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _agent(server: ServerProcess, **limits: Any) -> Agent:
+    return Agent(
+        name="limited",
+        provider="openai",
+        base_url=server.openai_base_url,
+        api_key="sk-bench",
+        max_retries=10,
+        **limits,
+    )
+
+
+async def _run(agent: Agent, tasks: list[AgentTask]) -> tuple[float, int]:
+    async with TaskExecutor([agent]) as executor:
+        orchestrator = ProjectOrchestrator(executor, max_concurrency=len(tasks))
+        start = time.perf_counter()
+        results = await orchestrator.execute_tasks(tasks)
+        elapsed = time.perf_counter() - start
+    return elapsed, sum(r.ok for r in results)
+
+
+def _tasks(n: int, prefix: str, words: int = 1) -> list[AgentTask]:
+    body = " ".join(["tok"] * words)
+    return [AgentTask(id=f"{prefix}{i}", prompt=f"{body} {i}") for i in range(n)]
+
+
+def requests_per_second(n: int, limit: int) -> dict[str, Any]:
+    """``n`` tasks against a server that allows ``limit`` requests in any second."""
+    out: dict[str, Any] = {"tasks": n, "server limit per s": limit, "ideal s": n / limit}
+    with ServerProcess(rate_limit=limit) as server:
+        for name, limits in (("with rpm", {"rpm": limit * 60}), ("without", {})):
+            server.reset()
+            # The benchmark's own entry point: one fresh top-level loop per measurement.
+            elapsed, ok = asyncio.run(_run(_agent(server, **limits), _tasks(n, name[:2])))
+            stats = server.stats()
+            out[name] = {
+                "wall s": elapsed,
+                "succeeded": ok,
+                "requests": stats["chat_requests"],
+                "429s": stats.get("rate_limited", 0),
+            }
+    return out
+
+
+_PROCESS = """
+import asyncio, json, sys
+sys.path.insert(0, {root!r})
+from benchmarks.limits import _agent_for, _run, _tasks
+agent = _agent_for({url!r}, {rpm})
+print(json.dumps(asyncio.run(_run(agent, _tasks({n}, {prefix!r})))))
+"""
+
+
+def _agent_for(url: str, rpm: int) -> Agent:
+    return Agent(
+        name="limited", provider="openai", base_url=url, api_key="sk-bench", max_retries=10, rpm=rpm
+    )
+
+
+def shared_across_processes(n: int, limit: int, results_url: str) -> dict[str, Any]:
+    """Two processes with ``n / 2`` tasks each, one agent, the limit shared through Redis."""
+    out: dict[str, Any] = {
+        "tasks": n,
+        "processes": 2,
+        "server limit per s": limit,
+        "ideal s": n / limit,
+    }
+    with ServerProcess(rate_limit=limit) as server:
+        for name, env_url in (("shared in Redis", results_url), ("per process", "")):
+            server.reset()
+            env = {**os.environ, "TASKEXEC_LIMITER_URL": env_url, "TASKEXEC_RESULTS_URL": ""}
+            start = time.perf_counter()
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        _PROCESS.format(
+                            root=str(ROOT),
+                            url=server.openai_base_url,
+                            rpm=limit * 60,
+                            n=n // 2,
+                            prefix=f"p{k}-",
+                        ),
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for k in range(2)
+            ]
+            outputs = [p.communicate(timeout=600)[0] for p in procs]
+            elapsed = time.perf_counter() - start
+            stats = server.stats()
+            import json
+
+            out[name] = {
+                "wall s": elapsed,
+                "succeeded": sum(json.loads(o)[1] for o in outputs),
+                "requests": stats["chat_requests"],
+                "429s": stats.get("rate_limited", 0),
+            }
+    return out
+
+
+def tokens_per_second(n: int, token_limit: int, words: int) -> dict[str, Any]:
+    """Tasks of known size against a server token limit: 429s, and throughput against it."""
+    per_task = 2 * (words + 1) + 3  # the mock's count: prompt words plus reply words
+    out: dict[str, Any] = {
+        "tasks": n,
+        "server tokens per s": token_limit,
+        "tokens per task": per_task,
+        "ideal s": n * per_task / token_limit,
+    }
+    with ServerProcess(token_limit=token_limit) as server:
+        for name, limits in (
+            ("with tpm", {"tpm": token_limit * 60, "max_tokens": words + 4}),
+            ("without", {"max_tokens": words + 4}),
+        ):
+            server.reset()
+            elapsed, ok = asyncio.run(_run(_agent(server, **limits), _tasks(n, name[:2], words)))
+            stats = server.stats()
+            out[name] = {
+                "wall s": elapsed,
+                "succeeded": ok,
+                "requests": stats["chat_requests"],
+                "429s": stats.get("rate_limited", 0),
+                "tokens/s": ok * per_task / elapsed,
+            }
+    return out
+
+
+async def _acquisitions(limiter: Any, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await limiter.acquire(1, time.monotonic() + 60)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def acquisition_cost(n: int, results_url: str | None) -> dict[str, Any]:
+    """The limiter's own cost per acquisition, with a limit high enough never to wait."""
+    out: dict[str, Any] = {"acquisitions": n}
+    contenders: dict[str, Any] = {"in-process": LocalLimiter(10**9, 10**12, None)}
+    if results_url:
+        contenders["Redis"] = RedisLimiter(results_url, f"bench-{os.getpid()}", 10**9, 10**12, None)
+    for name, limiter in contenders.items():
+        samples = sorted(asyncio.run(_acquisitions(limiter, n)))
+        out[name] = {
+            "p50 us": statistics.median(samples) * 1e6,
+            "p99 us": samples[int(len(samples) * 0.99) - 1] * 1e6,
+        }
+    return out
+
+
+def run_all(quick: bool, results_url: str | None) -> dict[str, Any]:
+    """Every rate-limit scenario."""
+    results: dict[str, Any] = {}
+    n = 60 if quick else 300
+    results["rpm"] = requests_per_second(n, 20)
+    print(f"limits rpm: {results['rpm']}", file=sys.stderr)
+    if results_url:
+        results["shared"] = shared_across_processes(n, 20, results_url)
+        print(f"limits shared: {results['shared']}", file=sys.stderr)
+    results["tpm"] = tokens_per_second(60 if quick else 200, 400, 20)
+    print(f"limits tpm: {results['tpm']}", file=sys.stderr)
+    results["cost"] = acquisition_cost(200 if quick else 2000, results_url)
+    print(f"limits cost: {results['cost']}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run_all("--quick" in sys.argv, "redis://127.0.0.1:6379/0"), indent=2))

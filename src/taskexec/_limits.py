@@ -1,0 +1,286 @@
+"""Provider rate limits: requests and tokens per minute, and requests in flight, per agent.
+
+Providers enforce requests per minute (RPM) and tokens per minute (TPM) per key and model, and
+quantise them to short windows: a 600 RPM limit may be enforced as 10 requests in any second. So
+requests are *spaced*, never sent as a burst at the start of a minute: each acquisition takes
+the next free slot of a virtual schedule (the generic cell rate algorithm with no burst), one
+slot ``60 / rpm`` seconds after the last, and advances the token schedule by the request's
+estimated tokens. The reply's usage then corrects the token schedule.
+
+A 429 pauses the whole agent: its ``Retry-After`` (or the provider's reset headers) moves every
+waiting task past it, so the herd does not retry at once. The provider's
+``x-ratelimit-remaining-*`` / ``anthropic-ratelimit-*`` headers tighten the schedule when they
+say less is left than the limiter thought.
+
+The schedule lives in this process (:class:`LocalLimiter`), or in Redis (:class:`RedisLimiter`,
+one atomic script per acquisition) so that every process that uses the same key and model
+shares it. Time spent waiting counts against the task's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import re
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ._models import Agent
+
+__all__ = (
+    "HEADROOM",
+    "LIMITER_ENV_VAR",
+    "LimitWaitTooLong",
+    "Limiter",
+    "LocalLimiter",
+    "RateHeaders",
+    "estimate_tokens",
+    "limiter_for",
+    "waiting_now",
+)
+
+#: The share of a limit that taskexec uses. Requests are spaced evenly, but the moment each
+#: reaches the provider varies by a few milliseconds (scheduling, the network); spaced at exactly
+#: the limit, half of the provider's one-second windows would then see one request too many.
+HEADROOM = 0.97
+#: Redis for limits shared across processes (default: ``TASKEXEC_RESULTS_URL``).
+LIMITER_ENV_VAR = "TASKEXEC_LIMITER_URL"
+#: Completion tokens assumed for a request that sets no ``max_tokens``.
+DEFAULT_COMPLETION_TOKENS = 1024
+
+
+class LimitWaitTooLong(Exception):
+    """The limiter's next slot is after the task's deadline (nothing was reserved)."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"the rate limit's next free slot is {wait_s:.1f} s away")
+        self.wait_s = wait_s
+
+
+def estimate_tokens(agent: Agent, prompt: str) -> int:
+    """Estimate a request's tokens before sending it: about four characters per token of the
+    prompt and system prompt, plus the completion it may ask for (``max_tokens``)."""
+    text = len(prompt) + len(agent.system_prompt or "")
+    return math.ceil(text / 4) + (agent.max_tokens or DEFAULT_COMPLETION_TOKENS)
+
+
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """What a provider's reply says is left of its limits, and when each resets (seconds)."""
+
+    requests_left: int | None = None
+    requests_reset_s: float | None = None
+    tokens_left: int | None = None
+    tokens_reset_s: float | None = None
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str], now: datetime | None = None) -> RateHeaders:
+        """Read OpenAI's ``x-ratelimit-*`` or Anthropic's ``anthropic-ratelimit-*`` headers."""
+        lower = {k.lower(): v for k, v in headers.items()}
+
+        def pick(*names: str) -> str | None:
+            return next((lower[n] for n in names if n in lower), None)
+
+        return cls(
+            requests_left=_int(
+                pick("x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining")
+            ),
+            requests_reset_s=_reset(
+                pick("x-ratelimit-reset-requests", "anthropic-ratelimit-requests-reset"), now
+            ),
+            tokens_left=_int(
+                pick("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining")
+            ),
+            tokens_reset_s=_reset(
+                pick("x-ratelimit-reset-tokens", "anthropic-ratelimit-tokens-reset"), now
+            ),
+        )
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _reset(value: str | None, now: datetime | None) -> float | None:
+    """A reset as seconds from now: OpenAI's ``6m0s`` / ``1.5s`` / ``20ms``, or Anthropic's
+    RFC 3339 time."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value.strip():
+        return sum(float(n) * _UNIT_S[u] for n, u in parts)
+    try:
+        at = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if at.tzinfo is None:
+        return None
+    return max(0.0, (at - (now or datetime.now(UTC))).total_seconds())
+
+
+class Limiter(ABC):
+    """The limits of one key and model: where requests wait for their slot."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, max_in_flight: int | None) -> None:
+        self.request_interval_s = 60.0 / (rpm * HEADROOM) if rpm else 0.0
+        self.token_interval_s = 60.0 / (tpm * HEADROOM) if tpm else 0.0
+        #: Requests of this key and model out at once, in this process.
+        self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        #: Tasks waiting for a slot now (for the progress line).
+        self.waiting = 0
+
+    @abstractmethod
+    async def _reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+        """Take the next slot; return (seconds until it, the pause epoch). Raise
+        :class:`LimitWaitTooLong` (reserving nothing) if it is more than ``max_wait_s`` away."""
+
+    @abstractmethod
+    async def _epoch(self) -> int:
+        """The pause epoch now: it changes whenever the agent is paused."""
+
+    @abstractmethod
+    async def pause(self, seconds: float) -> None:
+        """Hold every request of this key and model for ``seconds`` (after a 429)."""
+
+    @abstractmethod
+    async def correct(self, estimated: int, actual: int) -> None:
+        """Move the token schedule by what a reply really used, less what was charged."""
+
+    @abstractmethod
+    async def tighten(self, headers: RateHeaders) -> None:
+        """Spread what the provider says is left over the time until its reset."""
+
+    async def acquire(self, tokens: int, deadline: float) -> float:
+        """Wait for a slot for a request of about ``tokens`` tokens; return the seconds waited.
+
+        ``deadline`` is a ``time.monotonic()``; a slot after it is not taken.
+
+        Raises:
+            LimitWaitTooLong: The next slot is after the deadline.
+        """
+        started = time.monotonic()
+        if not (self.request_interval_s or self.token_interval_s):
+            return 0.0
+        while True:
+            wait, epoch = await self._reserve(tokens, deadline - time.monotonic())
+            if wait <= 0:
+                return time.monotonic() - started
+            self.waiting += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.waiting -= 1
+            # A 429 while this task slept moved the schedule past the pause: its slot is void.
+            if await self._epoch() == epoch:
+                return time.monotonic() - started
+
+
+class LocalLimiter(Limiter):
+    """The schedule in this process (on ``time.monotonic()``)."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, max_in_flight: int | None) -> None:
+        super().__init__(rpm, tpm, max_in_flight)
+        self._next_request = 0.0
+        self._next_tokens = 0.0
+        self._paused_until = 0.0
+        self._pauses = 0
+
+    async def _reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+        now = time.monotonic()
+        start = max(now, self._next_request, self._next_tokens, self._paused_until)
+        if start - now > max_wait_s:
+            raise LimitWaitTooLong(start - now)
+        self._next_request = start + self.request_interval_s
+        self._next_tokens = start + tokens * self.token_interval_s
+        return start - now, self._pauses
+
+    async def _epoch(self) -> int:
+        return self._pauses
+
+    async def pause(self, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._next_request = max(self._next_request, until)
+            self._next_tokens = max(self._next_tokens, until)
+            self._pauses += 1
+
+    async def correct(self, estimated: int, actual: int) -> None:
+        moved = self._next_tokens + (actual - estimated) * self.token_interval_s
+        self._next_tokens = max(moved, time.monotonic())
+
+    async def tighten(self, headers: RateHeaders) -> None:
+        now = time.monotonic()
+        for left, reset, attr in (
+            (headers.requests_left, headers.requests_reset_s, "_next_request"),
+            (headers.tokens_left, headers.tokens_reset_s, "_next_tokens"),
+        ):
+            if left is None or reset is None:
+                continue
+            if left <= 0:
+                await self.pause(reset)
+            elif attr == "_next_request" and reset / left > self.request_interval_s:
+                # Fewer requests left than this schedule would send before the reset.
+                self._next_request = max(self._next_request, now + reset / left)
+
+
+#: Every limiter of this process, per event loop and per (key, model, limits).
+_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Limiter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def identity(agent: Agent, provider: str, base_url: str, key: str | None) -> str:
+    """A name for the limit a request counts against: the provider's endpoint, the key and the
+    model. The key enters only through a one-way hash, so no part of it is in the name."""
+    material = "\0".join([provider, base_url, key or "", agent.model or ""])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> Limiter | None:
+    """Return the limiter of an agent's requests on this loop, or None if it sets no limit.
+
+    With ``TASKEXEC_LIMITER_URL`` or ``TASKEXEC_RESULTS_URL`` set, the limit is shared in Redis
+    by every process that uses the same key and model; otherwise it holds in this process.
+    """
+    if not (agent.rpm or agent.tpm or agent.max_in_flight):
+        return None
+    loop = asyncio.get_running_loop()
+    name = (
+        f"{identity(agent, provider, base_url, key)}:{agent.rpm}:{agent.tpm}:{agent.max_in_flight}"
+    )
+    limits = (agent.rpm, agent.tpm, agent.max_in_flight)
+    limiters = _LIMITERS.setdefault(loop, {})
+    found = limiters.get(name)
+    if found is None:
+        url = os.environ.get(LIMITER_ENV_VAR) or os.environ.get("TASKEXEC_RESULTS_URL")
+        if url:
+            from .distributed._limits import RedisLimiter
+
+            found = RedisLimiter(url, name, *limits)
+        else:
+            found = LocalLimiter(*limits)
+        limiters[name] = found
+    return found
+
+
+def waiting_now() -> int:
+    """How many tasks of this loop wait for a rate limit now (the progress line's count)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return 0
+    return sum(limiter.waiting for limiter in _LIMITERS.get(loop, {}).values())

@@ -1,0 +1,132 @@
+"""Rate limits shared in Redis by every process that uses the same key and model.
+
+The schedule of :class:`~taskexec._limits.LocalLimiter`, kept in Redis on Redis's clock (so that
+machines whose clocks differ agree), and changed only by server-side scripts: an acquisition is
+one round trip, atomic however many processes acquire at once.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from .._limits import Limiter, LimitWaitTooLong, RateHeaders
+
+__all__ = ("RedisLimiter",)
+
+#: Keys of a limit live at least this long past the end of its schedule.
+_TTL_MS = 120_000
+#: A connection or two per limiter and loop: each acquisition is one short script.
+_CONNECTIONS = 8
+
+_NOW = f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local ttl = {_TTL_MS}
+"""
+# KEYS: next request, next tokens, paused until, pause epoch.
+# ARGV: request interval ms, tokens ms, most wait ms. Returns {taken (1/0), wait ms, epoch}.
+_RESERVE = (
+    _NOW
+    + """
+local start = now
+for i = 1, 3 do
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if v > start then start = v end
+end
+local epoch = redis.call('GET', KEYS[4]) or '0'
+if start - now > tonumber(ARGV[3]) then return {0, tostring(start - now), epoch} end
+local px = math.ceil(start - now + tonumber(ARGV[1]) + tonumber(ARGV[2])) + ttl
+redis.call('SET', KEYS[1], tostring(start + tonumber(ARGV[1])), 'PX', px)
+redis.call('SET', KEYS[2], tostring(start + tonumber(ARGV[2])), 'PX', px)
+return {1, tostring(start - now), epoch}
+"""
+)
+# KEYS: paused until, pause epoch, next request, next tokens. ARGV: pause ms.
+_PAUSE = (
+    _NOW
+    + """
+local untl = now + tonumber(ARGV[1])
+if untl <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
+local px = math.ceil(tonumber(ARGV[1])) + ttl
+redis.call('SET', KEYS[1], tostring(untl), 'PX', px)
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], px)
+for i = 3, 4 do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') < untl then
+    redis.call('SET', KEYS[i], tostring(untl), 'PX', px)
+  end
+end
+return 1
+"""
+)
+# KEYS: one schedule. ARGV: ms to move it by, ms from now it must at least be (or '').
+_MOVE = (
+    _NOW
+    + """
+local v = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+if ARGV[2] ~= '' and v < now + tonumber(ARGV[2]) then v = now + tonumber(ARGV[2]) end
+if v < now then v = now end
+redis.call('SET', KEYS[1], tostring(v), 'PX', math.ceil(v - now) + ttl)
+return 0
+"""
+)
+
+
+class RedisLimiter(Limiter):
+    """A limit kept in Redis under ``taskexec:limit:<name>:*``.
+
+    Args:
+        url: The Redis URL.
+        name: The limit's identity (a hash of endpoint, key and model; no part of the key).
+        rpm: Requests per minute. tpm: Tokens per minute.
+        max_in_flight: Requests out at once (in this process).
+    """
+
+    def __init__(
+        self, url: str, name: str, rpm: int | None, tpm: int | None, max_in_flight: int | None
+    ) -> None:
+        super().__init__(rpm, tpm, max_in_flight)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_CONNECTIONS, timeout=30, socket_connect_timeout=5
+        )
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        prefix = f"taskexec:limit:{name}"
+        self._keys = [f"{prefix}:{part}" for part in ("requests", "tokens", "paused", "epoch")]
+        self._reserve_script = self.client.register_script(_RESERVE)
+        self._pause_script = self.client.register_script(_PAUSE)
+        self._move_script = self.client.register_script(_MOVE)
+
+    async def _reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+        args = [
+            self.request_interval_s * 1000,
+            tokens * self.token_interval_s * 1000,
+            max(0.0, max_wait_s) * 1000,
+        ]
+        taken, wait_ms, epoch = await self._reserve_script(keys=self._keys, args=args)
+        wait_s = float(wait_ms) / 1000
+        if not int(taken):
+            raise LimitWaitTooLong(wait_s)
+        return wait_s, int(epoch)
+
+    async def _epoch(self) -> int:
+        return int(await self.client.get(self._keys[3]) or 0)
+
+    async def pause(self, seconds: float) -> None:
+        keys = [self._keys[2], self._keys[3], self._keys[0], self._keys[1]]
+        await self._pause_script(keys=keys, args=[seconds * 1000])
+
+    async def correct(self, estimated: int, actual: int) -> None:
+        if self.token_interval_s and actual != estimated:
+            delta_ms = (actual - estimated) * self.token_interval_s * 1000
+            await self._move_script(keys=[self._keys[1]], args=[delta_ms, ""])
+
+    async def tighten(self, headers: RateHeaders) -> None:
+        for left, reset in (
+            (headers.requests_left, headers.requests_reset_s),
+            (headers.tokens_left, headers.tokens_reset_s),
+        ):
+            if left is not None and reset is not None and left <= 0:
+                await self.pause(reset)
+        left, reset = headers.requests_left, headers.requests_reset_s
+        if left and reset is not None and reset / left > self.request_interval_s:
+            await self._move_script(keys=[self._keys[0]], args=[0, reset / left * 1000])
