@@ -8,6 +8,8 @@ import sys
 import urllib.request
 from typing import Any
 
+_COMMAND = (sys.executable, "-m", "taskexec", "mock-server", "--port", "0")
+
 
 class ServerProcess:
     """``taskexec mock-server`` on a free port, in a child process."""
@@ -21,8 +23,7 @@ class ServerProcess:
         limits = [] if rate_limit is None else ["--rate-limit", str(rate_limit)]
         limits += [] if token_limit is None else ["--token-limit", str(token_limit)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "taskexec", "mock-server", "--port", "0"]
-            + ["--latency", str(latency_s), *limits],
+            [*_COMMAND, "--latency", str(latency_s), *limits],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

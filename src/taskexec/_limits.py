@@ -27,7 +27,7 @@ import re
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -143,12 +143,15 @@ class Limiter(ABC):
         self.waiting = 0
 
     @abstractmethod
-    async def _reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
-        """Take the next slot; return (seconds until it, the pause epoch). Raise
-        :class:`LimitWaitTooLong` (reserving nothing) if it is more than ``max_wait_s`` away."""
+    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+        """Take the next slot; return (seconds until it, the pause epoch).
+
+        Raises:
+            LimitWaitTooLong: The slot is more than ``max_wait_s`` away (nothing is reserved).
+        """
 
     @abstractmethod
-    async def _epoch(self) -> int:
+    async def epoch(self) -> int:
         """The pause epoch now: it changes whenever the agent is paused."""
 
     @abstractmethod
@@ -175,7 +178,7 @@ class Limiter(ABC):
         if not (self.request_interval_s or self.token_interval_s):
             return 0.0
         while True:
-            wait, epoch = await self._reserve(tokens, deadline - time.monotonic())
+            wait, epoch = await self.reserve(tokens, deadline - time.monotonic())
             if wait <= 0:
                 return time.monotonic() - started
             self.waiting += 1
@@ -184,22 +187,29 @@ class Limiter(ABC):
             finally:
                 self.waiting -= 1
             # A 429 while this task slept moved the schedule past the pause: its slot is void.
-            if await self._epoch() == epoch:
+            if await self.epoch() == epoch:
                 return time.monotonic() - started
 
 
 class LocalLimiter(Limiter):
-    """The schedule in this process (on ``time.monotonic()``)."""
+    """The schedule in this process (on ``clock``, ``time.monotonic`` by default)."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, max_in_flight: int | None) -> None:
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        max_in_flight: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(rpm, tpm, max_in_flight)
+        self._clock = clock
         self._next_request = 0.0
         self._next_tokens = 0.0
         self._paused_until = 0.0
         self._pauses = 0
 
-    async def _reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
-        now = time.monotonic()
+    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+        now = self._clock()
         start = max(now, self._next_request, self._next_tokens, self._paused_until)
         if start - now > max_wait_s:
             raise LimitWaitTooLong(start - now)
@@ -207,11 +217,11 @@ class LocalLimiter(Limiter):
         self._next_tokens = start + tokens * self.token_interval_s
         return start - now, self._pauses
 
-    async def _epoch(self) -> int:
+    async def epoch(self) -> int:
         return self._pauses
 
     async def pause(self, seconds: float) -> None:
-        until = time.monotonic() + seconds
+        until = self._clock() + seconds
         if until > self._paused_until:
             self._paused_until = until
             self._next_request = max(self._next_request, until)
@@ -220,10 +230,10 @@ class LocalLimiter(Limiter):
 
     async def correct(self, estimated: int, actual: int) -> None:
         moved = self._next_tokens + (actual - estimated) * self.token_interval_s
-        self._next_tokens = max(moved, time.monotonic())
+        self._next_tokens = max(moved, self._clock())
 
     async def tighten(self, headers: RateHeaders) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for left, reset, attr in (
             (headers.requests_left, headers.requests_reset_s, "_next_request"),
             (headers.tokens_left, headers.tokens_reset_s, "_next_tokens"),

@@ -38,6 +38,7 @@ from . import flags
 from ._engines import CLUSTER_ENV_VARS, ENGINES, Batch, Engine
 from ._errors import PlanError, TaskexecError
 from ._executor import TaskExecutor
+from ._limits import waiting_now
 from ._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from ._modes.script import kill_live_groups
 from ._plan import load_agents, load_plan
@@ -165,13 +166,19 @@ class Reporter:
         if self._progress is None or self._bar is None:
             return
         elapsed = max(time.monotonic() - self._started, 1e-9)
+        waiting = waiting_now()
+        limited = f"  rate-limited: {waiting} waiting" if waiting else ""
         self._progress.update(
             self._bar,
             completed=len(self.results),
             running=self.running,
             failed=self.failed,
-            rate=f"{len(self.results) / elapsed:.1f}/s",
+            rate=f"{len(self.results) / elapsed:.1f}/s{limited}",
         )
+
+    def tick(self) -> None:
+        """Refresh the progress line between task events (a rate limit's waiting count)."""
+        self._refresh()
 
 
 #: Up to this many tasks, the summary table lists every task; beyond it (unless --full-table),
@@ -347,10 +354,16 @@ async def _run_on_loop(
         async for _ in bus.subscribe("task.started"):
             report.started()
 
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            report.tick()
+
     # Results go to the report the moment each task ends (the batch's on_result), also the
     # "cancelled while running" results of tasks cut off by an interruption.
     runner = asyncio.create_task(engine.execute_tasks(batch))
     watcher = asyncio.create_task(watch_starts())
+    ticker = asyncio.create_task(tick())
     interrupts.on_first = runner.cancel
     for signum in _Interrupts.NAMES:
         loop.add_signal_handler(signum, interrupts, signum)
@@ -363,6 +376,7 @@ async def _run_on_loop(
         for signum in _Interrupts.NAMES:
             loop.remove_signal_handler(signum)
         watcher.cancel()
+        ticker.cancel()
         await bus.aclose()
         await batch.settings.pool.aclose()
 

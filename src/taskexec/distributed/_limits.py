@@ -96,7 +96,7 @@ class RedisLimiter(Limiter):
         self._pause_script = self.client.register_script(_PAUSE)
         self._move_script = self.client.register_script(_MOVE)
 
-    async def _reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
         args = [
             self.request_interval_s * 1000,
             tokens * self.token_interval_s * 1000,
@@ -108,7 +108,7 @@ class RedisLimiter(Limiter):
             raise LimitWaitTooLong(wait_s)
         return wait_s, int(epoch)
 
-    async def _epoch(self) -> int:
+    async def epoch(self) -> int:
         return int(await self.client.get(self._keys[3]) or 0)
 
     async def pause(self, seconds: float) -> None:

@@ -1,0 +1,256 @@
+"""Provider rate limits: the schedule, the shared pause, header tightening, plan errors, and
+the limit shared by two real processes through the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from taskexec import Agent, AgentTask, PlanError, ProjectOrchestrator, TaskExecutor, load_plan
+from taskexec._limits import (
+    HEADROOM,
+    LimitWaitTooLong,
+    LocalLimiter,
+    RateHeaders,
+    estimate_tokens,
+    identity,
+)
+from taskexec.testing import MockServer
+
+from .cluster import RESULTS_URL, require_services
+from .conftest import FAST_RETRY, ROOT
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_requests_are_spaced_evenly_not_sent_as_a_burst() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(rpm=600, tpm=None, max_in_flight=None, clock=clock)
+    waits = [(await limiter.reserve(1, 60))[0] for _ in range(5)]
+    spacing = 60 / (600 * HEADROOM)
+    assert waits == pytest.approx([0, spacing, 2 * spacing, 3 * spacing, 4 * spacing])
+    # However many wait, no one-second window gets more than 600 / 60 of them.
+    assert sum(1 for w in waits if w < 1.0) <= 10
+
+
+async def test_tokens_are_charged_before_and_corrected_after() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(rpm=None, tpm=6000, max_in_flight=None, clock=clock)
+    per_token = 60 / (6000 * HEADROOM)
+    assert (await limiter.reserve(100, 60))[0] == 0
+    assert (await limiter.reserve(100, 60))[0] == pytest.approx(100 * per_token)
+    # The first reply used 40 tokens, not 100: the schedule moves back by 60 tokens' time.
+    await limiter.correct(estimated=100, actual=40)
+    assert (await limiter.reserve(1, 60))[0] == pytest.approx(140 * per_token)
+
+
+async def test_a_pause_holds_every_request_and_voids_earlier_slots() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(rpm=6000, tpm=None, max_in_flight=None, clock=clock)
+    _, epoch = await limiter.reserve(1, 60)
+    await limiter.pause(5.0)
+    assert await limiter.epoch() != epoch  # a task that slept on an older slot takes a new one
+    wait, _ = await limiter.reserve(1, 60)
+    assert wait >= 5.0
+    # A shorter pause does not shorten a longer one.
+    before = await limiter.epoch()
+    await limiter.pause(1.0)
+    assert await limiter.epoch() == before
+
+
+async def test_a_slot_past_the_deadline_is_not_taken() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(rpm=60, tpm=None, max_in_flight=None, clock=clock)
+    await limiter.reserve(1, 60)
+    with pytest.raises(LimitWaitTooLong):
+        await limiter.reserve(1, 0.5)
+    # Nothing was reserved by the refusal: the next caller gets the same slot.
+    assert (await limiter.reserve(1, 60))[0] == pytest.approx(60 / (60 * HEADROOM))
+
+
+async def test_provider_headers_tighten_the_schedule() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(rpm=6000, tpm=None, max_in_flight=None, clock=clock)
+    # The provider says 2 requests are left until its window resets in 10 s: 5 s apart.
+    await limiter.tighten(RateHeaders(requests_left=2, requests_reset_s=10.0))
+    assert (await limiter.reserve(1, 60))[0] == pytest.approx(5.0)
+    # None left: pause until the reset.
+    await limiter.tighten(RateHeaders(tokens_left=0, tokens_reset_s=30.0))
+    assert (await limiter.reserve(1, 60))[0] >= 30.0
+
+
+def test_rate_headers_of_openai_and_anthropic_are_read() -> None:
+    openai = RateHeaders.parse(
+        {
+            "x-ratelimit-remaining-requests": "59",
+            "x-ratelimit-reset-requests": "1s",
+            "x-ratelimit-remaining-tokens": "149000",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    assert openai == RateHeaders(59, 1.0, 149000, 360.0)
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    anthropic = RateHeaders.parse(
+        {
+            "Anthropic-RateLimit-Requests-Remaining": "0",
+            "anthropic-ratelimit-requests-reset": (now + timedelta(seconds=12)).isoformat(),
+        },
+        now=now,
+    )
+    assert anthropic.requests_left == 0
+    assert anthropic.requests_reset_s == pytest.approx(12.0)
+    assert RateHeaders.parse({"x-ratelimit-reset-requests": "soon"}) == RateHeaders()
+    assert RateHeaders.parse({"x-ratelimit-reset-requests": "20ms"}).requests_reset_s == 0.02
+
+
+def test_the_limit_is_named_by_a_hash_not_the_key() -> None:
+    key = "sk-" + "K" * 40
+    agent = Agent(name="a", provider="openai", model="m")
+    name = identity(agent, "openai", "https://api.openai.com/v1", key)
+    assert key not in name
+    assert all(key[i : i + 6] not in name for i in range(len(key) - 6))
+    assert name != identity(agent, "openai", "https://api.openai.com/v1", key + "x")
+    assert name == identity(agent, "openai", "https://api.openai.com/v1", key)
+
+
+def test_estimates_count_the_prompt_and_the_completion() -> None:
+    agent = Agent(name="a", system_prompt="x" * 40, max_tokens=100)
+    assert estimate_tokens(agent, "y" * 400) == 110 + 100
+    assert estimate_tokens(Agent(name="b"), "") == 1024
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"rpm": 0}, "rpm"),
+        ({"tpm": -5}, "tpm"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"tpm": 500, "max_tokens": 1024}, "tpm (500) is smaller than max_tokens (1024)"),
+    ],
+)
+def test_bad_limits_are_plan_errors_that_name_the_field(
+    tmp_path: Path, fields: dict[str, int], problem: str
+) -> None:
+    agent = {"name": "a", **fields}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"agents": [agent], "tasks": [{"id": "t", "prompt": "p"}]}))
+    with pytest.raises(PlanError) as caught:
+        load_plan(plan)
+    assert problem in str(caught.value)
+    assert "agents[0]" in str(caught.value)
+    with pytest.raises(ValidationError):
+        Agent(**agent)  # type: ignore[arg-type]
+
+
+async def test_a_limited_agent_gets_no_429_from_a_limited_server() -> None:
+    """Against a server that allows 10 requests in any second, rpm 600 sends each once."""
+    async with MockServer(rate_limit=10) as server:
+        agent = Agent(
+            name="a",
+            provider="openai",
+            base_url=server.openai_base_url,
+            api_key="sk-t",
+            rpm=600,
+            max_retries=10,
+        )
+        async with TaskExecutor([agent], retry_policy=FAST_RETRY) as executor:
+            tasks = [AgentTask(id=f"t{i}", prompt=f"p{i}") for i in range(15)]
+            results = await ProjectOrchestrator(executor).execute_tasks(tasks)
+        assert all(r.ok for r in results)
+        assert server.stats.rate_limited == 0
+        assert server.stats.chat_requests == 15
+        waited = [r.metadata["rate_limit_wait_s"] for r in results]
+        assert sum(w > 0 for w in waited) >= 13  # all but the first slot or two waited
+
+
+async def test_a_429_pauses_every_task_of_the_agent() -> None:
+    """One 429 with Retry-After: the other tasks wait it out instead of each hitting it."""
+    async with MockServer(faults=["429:1"]) as server:
+        agent = Agent(
+            name="a",
+            provider="openai",
+            base_url=server.openai_base_url,
+            api_key="sk-t",
+            rpm=60_000,
+            max_retries=3,
+        )
+        async with TaskExecutor([agent]) as executor:
+            first = asyncio.create_task(executor.execute(AgentTask(id="first", prompt="p")))
+            await _eventually(lambda: server.stats.faults_served == 1)
+            rest = [AgentTask(id=f"t{i}", prompt=f"p{i}") for i in range(8)]
+            results = await asyncio.gather(first, *(executor.execute(t) for t in rest))
+        assert all(r.ok for r in results)
+        # One 429 in all, and each of the others was sent once: none ran into the limit.
+        assert server.stats.statuses[429] == 1
+        assert server.stats.chat_requests == 1 + 1 + 8
+        assert all(r.metadata["rate_limit_wait_s"] > 0 for r in results[1:])
+
+
+async def _eventually(condition: object) -> None:
+    from .conftest import eventually
+
+    await eventually(condition)  # type: ignore[arg-type]
+
+
+_PROCESS = """
+import asyncio, json, sys
+from taskexec import Agent, AgentTask, ProjectOrchestrator, TaskExecutor
+agent = Agent(name="a", provider="openai", base_url=sys.argv[1], api_key="sk-shared",
+              rpm=int(sys.argv[2]), max_retries=0)
+async def main():
+    async with TaskExecutor([agent]) as executor:
+        tasks = [AgentTask(id=f"{sys.argv[3]}{i}", prompt="p") for i in range(int(sys.argv[4]))]
+        results = await ProjectOrchestrator(executor).execute_tasks(tasks)
+    print(json.dumps([r.ok for r in results]))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-in-redis", "per-process"])
+async def test_two_processes_share_one_limit_through_redis(shared: bool) -> None:
+    """Two processes, one key and model, a server allowing 8 requests in any second."""
+    require_services()
+    async with MockServer(rate_limit=8) as server:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TASKEXEC_RESULTS_URL": ""}
+        env["TASKEXEC_LIMITER_URL"] = RESULTS_URL if shared else ""
+        # A limit unique to this test run, so that no earlier run's schedule is in the way.
+        rpm = 8 * 60 - (os.getpid() % 7)
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _PROCESS,
+                server.openai_base_url,
+                str(rpm),
+                f"p{k}-",
+                "12",
+                env=env,
+                stdout=subprocess.PIPE,
+            )
+            for k in range(2)
+        ]
+        outputs = [json.loads((await p.communicate())[0]) for p in processes]
+    ok = sum(sum(o) for o in outputs)
+    if shared:
+        # One schedule for both: every request admitted, none refused.
+        assert (ok, server.stats.rate_limited) == (24, 0)
+    else:
+        # Each process keeps its own 8 per second: together they send 16, half refused.
+        assert server.stats.rate_limited > 0
+        assert ok < 24
