@@ -60,18 +60,19 @@ async def test_tokens_are_charged_before_and_corrected_after() -> None:
     assert (await limiter.reserve(1, 60))[0] == pytest.approx(140 * per_token)
 
 
-async def test_a_pause_holds_every_request_and_voids_earlier_slots() -> None:
+async def test_a_pause_holds_every_request_and_voids_the_slots_inside_it() -> None:
     clock = Clock()
-    limiter = LocalLimiter(rpm=6000, tpm=None, max_in_flight=None, clock=clock)
-    _, epoch = await limiter.reserve(1, 60)
+    limiter = LocalLimiter(rpm=60, tpm=None, max_in_flight=None, clock=clock)
+    slots = [(await limiter.reserve(1, 60))[1] for _ in range(8)]  # about 1 s apart
     await limiter.pause(5.0)
-    assert await limiter.epoch() != epoch  # a task that slept on an older slot takes a new one
+    until = await limiter.paused_until()
+    # A task that slept on a slot inside the pause takes a new one; later slots stand.
+    assert [s < until for s in slots] == [True] * 5 + [False] * 3
     wait, _ = await limiter.reserve(1, 60)
     assert wait >= 5.0
     # A shorter pause does not shorten a longer one.
-    before = await limiter.epoch()
     await limiter.pause(1.0)
-    assert await limiter.epoch() == before
+    assert await limiter.paused_until() == until
 
 
 async def test_a_slot_past_the_deadline_is_not_taken() -> None:

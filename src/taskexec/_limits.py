@@ -143,16 +143,16 @@ class Limiter(ABC):
         self.waiting = 0
 
     @abstractmethod
-    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
-        """Take the next slot; return (seconds until it, the pause epoch).
+    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, float]:
+        """Take the next slot; return (seconds until it, the slot on the limiter's clock).
 
         Raises:
             LimitWaitTooLong: The slot is more than ``max_wait_s`` away (nothing is reserved).
         """
 
     @abstractmethod
-    async def epoch(self) -> int:
-        """The pause epoch now: it changes whenever the agent is paused."""
+    async def paused_until(self) -> float:
+        """The end of the latest pause, on the limiter's clock (0 if never paused)."""
 
     @abstractmethod
     async def pause(self, seconds: float) -> None:
@@ -178,7 +178,7 @@ class Limiter(ABC):
         if not (self.request_interval_s or self.token_interval_s):
             return 0.0
         while True:
-            wait, epoch = await self.reserve(tokens, deadline - time.monotonic())
+            wait, slot = await self.reserve(tokens, deadline - time.monotonic())
             if wait <= 0:
                 return time.monotonic() - started
             self.waiting += 1
@@ -186,8 +186,9 @@ class Limiter(ABC):
                 await asyncio.sleep(wait)
             finally:
                 self.waiting -= 1
-            # A 429 while this task slept moved the schedule past the pause: its slot is void.
-            if await self.epoch() == epoch:
+            # A 429 while this task slept paused the agent past its slot: take a new one.
+            # Slots after the pause stand, so a pause does not send them all to the back.
+            if await self.paused_until() <= slot:
                 return time.monotonic() - started
 
 
@@ -206,19 +207,18 @@ class LocalLimiter(Limiter):
         self._next_request = 0.0
         self._next_tokens = 0.0
         self._paused_until = 0.0
-        self._pauses = 0
 
-    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, float]:
         now = self._clock()
         start = max(now, self._next_request, self._next_tokens, self._paused_until)
         if start - now > max_wait_s:
             raise LimitWaitTooLong(start - now)
         self._next_request = start + self.request_interval_s
         self._next_tokens = start + tokens * self.token_interval_s
-        return start - now, self._pauses
+        return start - now, start
 
-    async def epoch(self) -> int:
-        return self._pauses
+    async def paused_until(self) -> float:
+        return self._paused_until
 
     async def pause(self, seconds: float) -> None:
         until = self._clock() + seconds
@@ -226,7 +226,6 @@ class LocalLimiter(Limiter):
             self._paused_until = until
             self._next_request = max(self._next_request, until)
             self._next_tokens = max(self._next_tokens, until)
-            self._pauses += 1
 
     async def correct(self, estimated: int, actual: int) -> None:
         moved = self._next_tokens + (actual - estimated) * self.token_interval_s

@@ -23,8 +23,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local ttl = {_TTL_MS}
 """
-# KEYS: next request, next tokens, paused until, pause epoch.
-# ARGV: request interval ms, tokens ms, most wait ms. Returns {taken (1/0), wait ms, epoch}.
+# KEYS: next request, next tokens, paused until.
+# ARGV: request interval ms, tokens ms, most wait ms. Returns {taken (1/0), wait ms, slot ms}.
 _RESERVE = (
     _NOW
     + """
@@ -33,15 +33,14 @@ for i = 1, 3 do
   local v = tonumber(redis.call('GET', KEYS[i]) or '0')
   if v > start then start = v end
 end
-local epoch = redis.call('GET', KEYS[4]) or '0'
-if start - now > tonumber(ARGV[3]) then return {0, tostring(start - now), epoch} end
+if start - now > tonumber(ARGV[3]) then return {0, tostring(start - now), tostring(start)} end
 local px = math.ceil(start - now + tonumber(ARGV[1]) + tonumber(ARGV[2])) + ttl
 redis.call('SET', KEYS[1], tostring(start + tonumber(ARGV[1])), 'PX', px)
 redis.call('SET', KEYS[2], tostring(start + tonumber(ARGV[2])), 'PX', px)
-return {1, tostring(start - now), epoch}
+return {1, tostring(start - now), tostring(start)}
 """
 )
-# KEYS: paused until, pause epoch, next request, next tokens. ARGV: pause ms.
+# KEYS: paused until, next request, next tokens. ARGV: pause ms.
 _PAUSE = (
     _NOW
     + """
@@ -49,9 +48,7 @@ local untl = now + tonumber(ARGV[1])
 if untl <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
 local px = math.ceil(tonumber(ARGV[1])) + ttl
 redis.call('SET', KEYS[1], tostring(untl), 'PX', px)
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], px)
-for i = 3, 4 do
+for i = 2, 3 do
   if tonumber(redis.call('GET', KEYS[i]) or '0') < untl then
     redis.call('SET', KEYS[i], tostring(untl), 'PX', px)
   end
@@ -91,28 +88,28 @@ class RedisLimiter(Limiter):
         )
         self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         prefix = f"taskexec:limit:{name}"
-        self._keys = [f"{prefix}:{part}" for part in ("requests", "tokens", "paused", "epoch")]
+        self._keys = [f"{prefix}:{part}" for part in ("requests", "tokens", "paused")]
         self._reserve_script = self.client.register_script(_RESERVE)
         self._pause_script = self.client.register_script(_PAUSE)
         self._move_script = self.client.register_script(_MOVE)
 
-    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, int]:
+    async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, float]:
         args = [
             self.request_interval_s * 1000,
             tokens * self.token_interval_s * 1000,
             max(0.0, max_wait_s) * 1000,
         ]
-        taken, wait_ms, epoch = await self._reserve_script(keys=self._keys, args=args)
+        taken, wait_ms, slot_ms = await self._reserve_script(keys=self._keys, args=args)
         wait_s = float(wait_ms) / 1000
         if not int(taken):
             raise LimitWaitTooLong(wait_s)
-        return wait_s, int(epoch)
+        return wait_s, float(slot_ms)
 
-    async def epoch(self) -> int:
-        return int(await self.client.get(self._keys[3]) or 0)
+    async def paused_until(self) -> float:
+        return float(await self.client.get(self._keys[2]) or 0)
 
     async def pause(self, seconds: float) -> None:
-        keys = [self._keys[2], self._keys[3], self._keys[0], self._keys[1]]
+        keys = [self._keys[2], self._keys[0], self._keys[1]]
         await self._pause_script(keys=keys, args=[seconds * 1000])
 
     async def correct(self, estimated: int, actual: int) -> None:
