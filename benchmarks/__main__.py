@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed, scenarios
+from . import distributed, limits, scenarios
 from ._server import ServerProcess
 
 HERE = Path(__file__).resolve().parent
+RESULTS_URL = os.environ.get("TASKEXEC_TEST_RESULTS_URL", "redis://127.0.0.1:6379/0")
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -128,6 +129,8 @@ def main() -> int:
     results["cli"] = {"tasks": n_cli, **{k: summary([c[k] for c in clis]) for k in clis[0]}}
     print(f"cli: {results['cli']}", file=sys.stderr)
     results["distributed"] = distributed.run_all(quick, repeats)
+    services = "skipped" not in results["distributed"]
+    results["limits"] = limits.run_all(quick, RESULTS_URL if services else None)
     results["elapsed_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, out / "scale.png")
@@ -328,6 +331,7 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     lines += render_distributed(r["distributed"])
+    lines += render_limits(r["limits"])
     fw = r["framework"]
     fw_ratio = fw["taskexec_us"]["median"] / fw["floor_us"]["median"]
     gaps = []
@@ -434,6 +438,76 @@ def render_distributed(d: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _limit_rows(name: str, row: dict[str, Any], ideal: float) -> str:
+    share = row["429s"] / max(row["requests"], 1)
+    return (
+        f"| {name} | {row['wall s']:.2f} s ({row['wall s'] / ideal:.2f}x ideal) | "
+        f"{row['requests']} | {row['429s']} ({share:.1%}) | {row['succeeded']} |"
+    )
+
+
+def render_limits(d: dict[str, Any]) -> list[str]:
+    header = ["| run | wall time | requests | 429s | succeeded |", "|---|---|---|---|---|"]
+    rpm = d["rpm"]
+    lines = [
+        "## 8. Provider rate limits",
+        "",
+        "The mock server answers a request beyond its limit in any one-second window with a 429 "
+        "and `Retry-After: 1`; every task may retry 10 times.",
+        "",
+        f"### 8.1 {rpm['tasks']} tasks, server limit {rpm['server limit per s']} requests/s, "
+        f"agent `rpm: {rpm['server limit per s'] * 60}`",
+        "",
+        *header,
+        _limit_rows("with the limiter", rpm["with rpm"], rpm["ideal s"]),
+        _limit_rows("without (no rpm)", rpm["without"], rpm["ideal s"]),
+        "",
+        f"Targets: 429s <= 1% of requests, wall time <= 1.1x the ideal ({rpm['ideal s']:.1f} s).",
+        "",
+    ]
+    if "shared" in d:
+        sh = d["shared"]
+        lines += [
+            f"### 8.2 Two processes, {sh['tasks'] // 2} tasks each, one agent, the same limit",
+            "",
+            "Each process is started afresh (interpreter start-up is in the wall time).",
+            "",
+            *header,
+            _limit_rows("shared through Redis", sh["shared in Redis"], sh["ideal s"]),
+            _limit_rows("each process on its own", sh["per process"], sh["ideal s"]),
+            "",
+        ]
+    tpm = d["tpm"]
+    with_tpm, without = tpm["with tpm"], tpm["without"]
+    limit = tpm["server tokens per s"]
+    lines += [
+        f"### 8.3 Tokens: {tpm['tasks']} tasks of {tpm['tokens per task']} tokens, server limit "
+        f"{limit} tokens/s, agent `tpm: {limit * 60}`",
+        "",
+        "| run | wall time | requests | 429s | throughput |",
+        "|---|---|---|---|---|",
+        f"| with the limiter | {with_tpm['wall s']:.2f} s | {with_tpm['requests']} | "
+        f"{with_tpm['429s']} ({with_tpm['429s'] / max(with_tpm['requests'], 1):.1%}) | "
+        f"{with_tpm['tokens/s']:.0f} tokens/s ({with_tpm['tokens/s'] / limit:.0%} of the limit) |",
+        f"| without (no tpm) | {without['wall s']:.2f} s | {without['requests']} | "
+        f"{without['429s']} ({without['429s'] / max(without['requests'], 1):.1%}) | "
+        f"{without['tokens/s']:.0f} tokens/s ({without['tokens/s'] / limit:.0%}) |",
+        "",
+        "Targets: 429s <= 1%, throughput >= 90% of the limit.",
+        "",
+        f"### 8.4 The limiter's own cost per acquisition ({d['cost']['acquisitions']} "
+        "acquisitions that never wait)",
+        "",
+        "| limiter | p50 | p99 |",
+        "|---|---|---|",
+    ]
+    for name in ("in-process", "Redis"):
+        if name in d["cost"]:
+            c = d["cost"][name]
+            lines.append(f"| {name} | {c['p50 us']:.1f} us | {c['p99 us']:.1f} us |")
+    return [*lines, ""]
 
 
 def distributed_gap(d: dict[str, Any], cores: int) -> str:

@@ -29,6 +29,8 @@ def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
         "## 6. The command line at scale",
         "## 7. Beyond one process",
         "### 7.4 Chaos",
+        "## 8. Provider rate limits",
+        "### 8.4 The limiter's own cost",
     ):
         assert heading in report
     assert (tmp_path / "scale.png").stat().st_size > 0

@@ -33,6 +33,7 @@ DOCS = [
     "docs/PROVIDERS.md",
     "docs/TESTING.md",
     "docs/DISTRIBUTED.md",
+    "docs/RATE_LIMITS.md",
 ]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 

@@ -255,3 +255,41 @@ async def test_two_processes_share_one_limit_through_redis(shared: bool) -> None
         # Each process keeps its own 8 per second: together they send 16, half refused.
         assert server.stats.rate_limited > 0
         assert ok < 24
+
+
+async def test_max_in_flight_bounds_the_requests_out_at_once() -> None:
+    async with MockServer() as server:
+        agent = Agent(
+            name="a",
+            provider="openai",
+            base_url=server.openai_base_url,
+            api_key="sk-t",
+            max_in_flight=3,
+        )
+        async with TaskExecutor([agent]) as executor:
+            tasks = [AgentTask(id=f"t{i}", prompt=f"[[latency=0.05]] p{i}") for i in range(12)]
+            results = await ProjectOrchestrator(executor).execute_tasks(tasks)
+    assert all(r.ok for r in results)
+    assert server.stats.max_in_flight == 3
+
+
+async def test_a_wait_past_the_deadline_is_a_timeout_that_says_why() -> None:
+    async with MockServer() as server:
+        agent = Agent(
+            name="a",
+            provider="openai",
+            base_url=server.openai_base_url,
+            api_key="sk-t",
+            rpm=1,
+            timeout_s=5,
+        )
+        async with TaskExecutor([agent]) as executor:
+            first, second = await asyncio.gather(
+                executor.execute(AgentTask(id="one", prompt="p")),
+                executor.execute(AgentTask(id="two", prompt="p")),
+            )
+    assert first.ok
+    assert second.error is not None
+    assert second.error.kind == "timeout"
+    assert "rate limit" in second.error.message
+    assert server.stats.chat_requests == 1
