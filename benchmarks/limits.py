@@ -45,6 +45,20 @@ async def _run(agent: Agent, tasks: list[AgentTask]) -> tuple[float, int]:
     return elapsed, sum(r.ok for r in results)
 
 
+def _measure(server: ServerProcess, agent: Agent, tasks: list[AgentTask]) -> dict[str, Any]:
+    """Run the tasks against a freshly reset server; wall time, successes, requests, 429s."""
+    server.reset()
+    # The benchmark's own entry point: one fresh top-level loop per measurement.
+    elapsed, ok = asyncio.run(_run(agent, tasks))
+    stats = server.stats()
+    return {
+        "wall s": elapsed,
+        "succeeded": ok,
+        "requests": stats["chat_requests"],
+        "429s": stats.get("rate_limited", 0),
+    }
+
+
 def _tasks(n: int, prefix: str, words: int = 1) -> list[AgentTask]:
     body = " ".join(["tok"] * words)
     return [AgentTask(id=f"{prefix}{i}", prompt=f"{body} {i}") for i in range(n)]
@@ -55,16 +69,7 @@ def requests_per_second(n: int, limit: int) -> dict[str, Any]:
     out: dict[str, Any] = {"tasks": n, "server limit per s": limit, "ideal s": n / limit}
     with ServerProcess(rate_limit=limit) as server:
         for name, limits in (("with rpm", {"rpm": limit * 60}), ("without", {})):
-            server.reset()
-            # The benchmark's own entry point: one fresh top-level loop per measurement.
-            elapsed, ok = asyncio.run(_run(_agent(server, **limits), _tasks(n, name[:2])))
-            stats = server.stats()
-            out[name] = {
-                "wall s": elapsed,
-                "succeeded": ok,
-                "requests": stats["chat_requests"],
-                "429s": stats.get("rate_limited", 0),
-            }
+            out[name] = _measure(server, _agent(server, **limits), _tasks(n, name[:2]))
     return out
 
 
@@ -143,16 +148,8 @@ def tokens_per_second(n: int, token_limit: int, words: int) -> dict[str, Any]:
             ("with tpm", {"tpm": token_limit * 60, "max_tokens": words + 4}),
             ("without", {"max_tokens": words + 4}),
         ):
-            server.reset()
-            elapsed, ok = asyncio.run(_run(_agent(server, **limits), _tasks(n, name[:2], words)))
-            stats = server.stats()
-            out[name] = {
-                "wall s": elapsed,
-                "succeeded": ok,
-                "requests": stats["chat_requests"],
-                "429s": stats.get("rate_limited", 0),
-                "tokens/s": ok * per_task / elapsed,
-            }
+            row = _measure(server, _agent(server, **limits), _tasks(n, name[:2], words))
+            out[name] = {**row, "tokens/s": row["succeeded"] * per_task / row["wall s"]}
     return out
 
 

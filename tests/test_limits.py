@@ -29,6 +29,13 @@ from .cluster import RESULTS_URL, require_services
 from .conftest import FAST_RETRY, ROOT
 
 
+def limited_agent(server: MockServer, **fields: int) -> Agent:
+    """An OpenAI-compatible agent of the mock server, with limits."""
+    return Agent(
+        name="a", provider="openai", base_url=server.openai_base_url, api_key="sk-t", **fields
+    )
+
+
 class Clock:
     """A clock the test moves by hand."""
 
@@ -162,14 +169,7 @@ def test_bad_limits_are_plan_errors_that_name_the_field(
 async def test_a_limited_agent_gets_no_429_from_a_limited_server() -> None:
     """Against a server that allows 10 requests in any second, rpm 600 sends each once."""
     async with MockServer(rate_limit=10) as server:
-        agent = Agent(
-            name="a",
-            provider="openai",
-            base_url=server.openai_base_url,
-            api_key="sk-t",
-            rpm=600,
-            max_retries=10,
-        )
+        agent = limited_agent(server, rpm=600, max_retries=10)
         async with TaskExecutor([agent], retry_policy=FAST_RETRY) as executor:
             tasks = [AgentTask(id=f"t{i}", prompt=f"p{i}") for i in range(15)]
             results = await ProjectOrchestrator(executor).execute_tasks(tasks)
@@ -183,14 +183,7 @@ async def test_a_limited_agent_gets_no_429_from_a_limited_server() -> None:
 async def test_a_429_pauses_every_task_of_the_agent() -> None:
     """One 429 with Retry-After: the other tasks wait it out instead of each hitting it."""
     async with MockServer(faults=["429:1"]) as server:
-        agent = Agent(
-            name="a",
-            provider="openai",
-            base_url=server.openai_base_url,
-            api_key="sk-t",
-            rpm=60_000,
-            max_retries=3,
-        )
+        agent = limited_agent(server, rpm=60_000, max_retries=3)
         async with TaskExecutor([agent]) as executor:
             first = asyncio.create_task(executor.execute(AgentTask(id="first", prompt="p")))
             await _eventually(lambda: server.stats.faults_served == 1)
@@ -259,13 +252,7 @@ async def test_two_processes_share_one_limit_through_redis(shared: bool) -> None
 
 async def test_max_in_flight_bounds_the_requests_out_at_once() -> None:
     async with MockServer() as server:
-        agent = Agent(
-            name="a",
-            provider="openai",
-            base_url=server.openai_base_url,
-            api_key="sk-t",
-            max_in_flight=3,
-        )
+        agent = limited_agent(server, max_in_flight=3)
         async with TaskExecutor([agent]) as executor:
             tasks = [AgentTask(id=f"t{i}", prompt=f"[[latency=0.05]] p{i}") for i in range(12)]
             results = await ProjectOrchestrator(executor).execute_tasks(tasks)
@@ -275,14 +262,7 @@ async def test_max_in_flight_bounds_the_requests_out_at_once() -> None:
 
 async def test_a_wait_past_the_deadline_is_a_timeout_that_says_why() -> None:
     async with MockServer() as server:
-        agent = Agent(
-            name="a",
-            provider="openai",
-            base_url=server.openai_base_url,
-            api_key="sk-t",
-            rpm=1,
-            timeout_s=5,
-        )
+        agent = limited_agent(server, rpm=1, timeout_s=5)
         async with TaskExecutor([agent]) as executor:
             first, second = await asyncio.gather(
                 executor.execute(AgentTask(id="one", prompt="p")),

@@ -214,17 +214,7 @@ class Worker:
                 update={"metadata": {**result.metadata, "worker": self.name, "run_id": run_id}}
             )
             counted = await store.put_first(run_id, result)
-            won = counted is result
-            await self._publish(
-                TaskEvent(
-                    run_id=run_id,
-                    task_id=task.id,
-                    state="finished",
-                    worker=self.name,
-                    result=result if won else None,
-                    duplicate=not won,
-                )
-            )
+            await self._finished(msg, result if counted is result else None)
             self.done += 1
             await _settle(message.ack())
         except asyncio.CancelledError:
@@ -246,15 +236,7 @@ class Worker:
             "worker %s: task %s of run %s not run: %s", self.name, msg.task.id, msg.run_id, reason
         )
         if reason == STORED:  # whoever waits on it learns at once, not at its next poll
-            await self._publish(
-                TaskEvent(
-                    run_id=msg.run_id,
-                    task_id=msg.task.id,
-                    state="finished",
-                    worker=self.name,
-                    duplicate=True,
-                )
-            )
+            await self._finished(msg, None)
         await _settle(message.ack())
 
     async def _dead_letter(
@@ -268,18 +250,21 @@ class Worker:
             return
         result = self._dead_lettered(msg, deliveries)
         counted = await self._store.put_first(msg.run_id, result)
-        won = counted is result
-        await self._publish(
-            TaskEvent(
-                run_id=msg.run_id,
-                task_id=msg.task.id,
-                state="finished",
-                worker=self.name,
-                result=result if won else None,
-                duplicate=not won,
-            )
-        )
+        await self._finished(msg, result if counted is result else None)
         await _settle(message.reject(requeue=False))
+
+    async def _finished(self, msg: TaskMessage, first: ExecutionResult | None) -> None:
+        """Announce a task's end: with its result if that was the run's first, else as a
+        duplicate (whoever waits reads the result that counts from Redis)."""
+        event = TaskEvent(
+            run_id=msg.run_id,
+            task_id=msg.task.id,
+            state="finished",
+            worker=self.name,
+            result=first,
+            duplicate=first is None,
+        )
+        await self._publish(event)
 
     def _roster_redact(self, text: str) -> str:
         from ..providers import secret_redactor
