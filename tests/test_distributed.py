@@ -529,3 +529,22 @@ async def test_fail_fast_cancels_the_run_for_its_workers_too(
             assert await store.skip_reason(run_id, "q0") == "its run was cancelled"
     assert results[3].status is ExecutionStatus.FAILED
     assert [r.status for r in results[:3]] == [ExecutionStatus.CANCELLED] * 3
+
+
+async def test_an_agent_the_worker_defines_differently_fails_with_its_reason(
+    use_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The worker's definition is the one that runs: a mode it cannot serve is a failed result
+    (kind configuration), not a task bounced between workers."""
+    worker_file = write_agents(tmp_path / "worker.yaml", OFFLINE)
+    plan_agents = [{"name": "writer", "mode": "script", "command": [sys.executable, "-V"]}]
+    plan_file = write_agents(tmp_path / "plan.yaml", plan_agents)
+    with workers([WorkerProcess(worker_file, use_cluster, "mismatch")]) as (worker,):
+        await worker.registered()
+        orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(plan_file)))
+        (result,) = await orchestrator.execute_tasks([AgentTask(id="s", prompt="p")])
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert result.error.kind == "configuration"
+    assert "worker mismatch" in result.error.message
+    assert "command" in result.error.message

@@ -273,3 +273,50 @@ async def test_a_wait_past_the_deadline_is_a_timeout_that_says_why() -> None:
     assert second.error.kind == "timeout"
     assert "rate limit" in second.error.message
     assert server.stats.chat_requests == 1
+
+
+async def test_the_redis_schedule_spaces_pauses_and_tightens() -> None:
+    """The same schedule as in-process, kept by Redis's scripts on Redis's clock."""
+    require_services()
+    from taskexec.distributed._limits import RedisLimiter
+
+    limiter = RedisLimiter(RESULTS_URL, f"test-{os.getpid()}-{id(object())}", 600, 60_000, None)
+    try:
+        spacing = 60 / (600 * HEADROOM)
+        first = await limiter.reserve(1, 60)
+        second = await limiter.reserve(1, 60)
+        assert second[1] - first[1] == pytest.approx(spacing * 1000, abs=1)  # slots, in ms
+        with pytest.raises(LimitWaitTooLong):
+            await limiter.reserve(1, -1)
+        await limiter.pause(3.0)
+        assert await limiter.paused_until() > second[1]
+        wait, _ = await limiter.reserve(1, 60)
+        assert wait > 2.0
+        await limiter.correct(estimated=100, actual=10)
+        await limiter.tighten(RateHeaders(requests_left=1, requests_reset_s=20.0))
+        assert (await limiter.reserve(1, 60))[0] > 15.0
+        await limiter.tighten(RateHeaders(tokens_left=0, tokens_reset_s=40.0))
+        assert await limiter.paused_until() - second[1] > 35_000
+    finally:
+        await limiter.aclose()
+
+
+def test_a_redis_limiter_is_closed_with_its_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_services()
+    from taskexec._limits import limiter_for
+    from taskexec.distributed._limits import RedisLimiter
+
+    monkeypatch.setenv("TASKEXEC_LIMITER_URL", RESULTS_URL)
+    agent = Agent(name="a", provider="openai", rpm=60_000)
+    seen: list[RedisLimiter] = []
+
+    async def use() -> None:
+        limiter = limiter_for(agent, "openai", f"http://x/{os.getpid()}", "k")
+        assert isinstance(limiter, RedisLimiter)
+        assert limiter_for(agent, "openai", f"http://x/{os.getpid()}", "k") is limiter
+        await limiter.acquire(1, 1e12)
+        seen.append(limiter)
+
+    asyncio.run(use())  # a test's own top-level loop, to see the limiter closed at its end
+    (limiter,) = seen
+    assert limiter.closer is None

@@ -20,6 +20,7 @@ shares it. Time spent waiting counts against the task's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -27,7 +28,7 @@ import re
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -141,6 +142,9 @@ class Limiter(ABC):
         self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         #: Tasks waiting for a slot now (for the progress line).
         self.waiting = 0
+        #: Keeps the generator that closes the limiter with its loop alive (loops hold theirs
+        #: weakly).
+        self.closer: AsyncGenerator[None, None] | None = None
 
     @abstractmethod
     async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, float]:
@@ -165,6 +169,10 @@ class Limiter(ABC):
     @abstractmethod
     async def tighten(self, headers: RateHeaders) -> None:
         """Spread what the provider says is left over the time until its reset."""
+
+    async def aclose(self) -> None:
+        """Release what the limiter holds (a subclass's Redis connection)."""
+        self.closer = None
 
     async def acquire(self, tokens: int, deadline: float) -> float:
         """Wait for a slot for a request of about ``tokens`` tokens; return the seconds waited.
@@ -280,10 +288,27 @@ def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> 
             from .distributed._limits import RedisLimiter
 
             found = RedisLimiter(url, name, *limits)
+            _close_with_loop(found)
         else:
             found = LocalLimiter(*limits)
         limiters[name] = found
     return found
+
+
+def _close_with_loop(limiter: Limiter) -> None:
+    """Close ``limiter`` when the running loop shuts down (``asyncio.run`` closes the async
+    generators it started, while it still runs: this one's ``finally`` closes the limiter)."""
+
+    async def closer() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await limiter.aclose()
+
+    generator = closer()
+    with contextlib.suppress(StopIteration):
+        generator.asend(None).send(None)
+    limiter.closer = generator
 
 
 def waiting_now() -> int:

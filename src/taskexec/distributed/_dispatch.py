@@ -67,6 +67,7 @@ class Dispatcher:
         #: Tasks sent and not yet back: (future, agent, mode, when sent).
         self._pending: dict[str, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
         self._served: set[str] = set()
+        self._served_at = 0.0
         self._unserved_since: dict[str, float] = {}
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -157,7 +158,10 @@ class Dispatcher:
             if left <= 0:
                 return False
             await asyncio.sleep(min(self.cluster.poll_s, left))
-            self._served = await self.store.served_agents()
+            # However many tasks wait, the registry is read once per poll interval.
+            if loop.time() - self._served_at >= self.cluster.poll_s:
+                self._served_at = loop.time()
+                self._served = await self.store.served_agents()
         return True
 
     async def _publish(self, message: TaskMessage) -> bool:

@@ -105,6 +105,10 @@ class RedisLimiter(Limiter):
             raise LimitWaitTooLong(wait_s)
         return wait_s, float(slot_ms)
 
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.client.aclose()
+
     async def paused_until(self) -> float:
         return float(await self.client.get(self._keys[2]) or 0)
 

@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueu
 
 from .._async_engine import execute_task
 from .._calls import Roster
+from .._errors import ConfigurationError
 from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
 from ._amqp import connect_broker, declare_agent_queue, declare_events
@@ -42,6 +43,8 @@ __all__ = ("Worker",)
 log = logging.getLogger("taskexec.worker")
 #: How long stopping waits for a background step (a heartbeat's Redis write) to end.
 STOP_TIMEOUT_S = 5.0
+#: How long a task that failed for want of Redis waits before it goes back to the queue.
+RETRY_PAUSE_S = 1.0
 
 
 class Worker:
@@ -207,9 +210,16 @@ class Worker:
             if reason is not None:
                 await self._skip(message, msg, reason)
                 return
-            result = await execute_task(
-                self._roster, self.executor._settings, task, msg.agent, msg.mode, msg.outputs
-            )
+            try:
+                result = await execute_task(
+                    self._roster, self.executor._settings, task, msg.agent, msg.mode, msg.outputs
+                )
+            except ConfigurationError as exc:
+                # This worker's own definition of the agent cannot serve the task (another mode
+                # than the orchestrator's plan, say): a failed result, not a retry elsewhere.
+                result = failure(
+                    task.id, msg.agent, msg.mode, "configuration", f"worker {self.name}: {exc}"
+                )
             result = result.model_copy(
                 update={"metadata": {**result.metadata, "worker": self.name, "run_id": run_id}}
             )
@@ -229,6 +239,8 @@ class Worker:
                 type(exc).__name__,
                 self._roster_redact(str(exc)),
             )
+            # Not at once: a Redis that is down would otherwise spin the task through the queue.
+            await asyncio.sleep(RETRY_PAUSE_S)
             await _settle(message.nack(requeue=True))
 
     async def _skip(self, message: AbstractIncomingMessage, msg: TaskMessage, reason: str) -> None:
