@@ -320,3 +320,34 @@ def test_a_redis_limiter_is_closed_with_its_loop(monkeypatch: pytest.MonkeyPatch
     asyncio.run(use())  # a test's own top-level loop, to see the limiter closed at its end
     (limiter,) = seen
     assert limiter.closer is None
+
+
+_IN_FLIGHT = """
+import asyncio, sys
+from taskexec import Agent, AgentTask, ProjectOrchestrator, TaskExecutor
+agent = Agent(name="a", provider="openai", base_url=sys.argv[1], api_key="sk-places",
+              max_in_flight=int(sys.argv[2]))
+async def main():
+    async with TaskExecutor([agent]) as executor:
+        tasks = [AgentTask(id=f"t{i}", prompt="[[latency=0.1]] p") for i in range(8)]
+        results = await ProjectOrchestrator(executor).execute_tasks(tasks)
+    assert all(r.ok for r in results), results
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_share_max_in_flight_through_redis() -> None:
+    require_services()
+    async with MockServer() as server:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TASKEXEC_LIMITER_URL": RESULTS_URL}
+        places = 2 + os.getpid() % 3  # a limit unique to this run: no earlier leases apply
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _IN_FLIGHT, server.openai_base_url, str(places), env=env
+            )
+            for _ in range(2)
+        ]
+        codes = [await p.wait() for p in processes]
+    assert codes == [0, 0]
+    assert server.stats.chat_requests == 16
+    assert server.stats.max_in_flight == places

@@ -28,7 +28,7 @@ import re
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -138,8 +138,7 @@ class Limiter(ABC):
     def __init__(self, rpm: int | None, tpm: int | None, max_in_flight: int | None) -> None:
         self.request_interval_s = 60.0 / (rpm * HEADROOM) if rpm else 0.0
         self.token_interval_s = 60.0 / (tpm * HEADROOM) if tpm else 0.0
-        #: Requests of this key and model out at once, in this process.
-        self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self.max_in_flight = max_in_flight
         #: Tasks waiting for a slot now (for the progress line).
         self.waiting = 0
         #: Keeps the generator that closes the limiter with its loop alive (loops hold theirs
@@ -169,6 +168,30 @@ class Limiter(ABC):
     @abstractmethod
     async def tighten(self, headers: RateHeaders) -> None:
         """Spread what the provider says is left over the time until its reset."""
+
+    @contextlib.asynccontextmanager
+    async def request(self, deadline: float) -> AsyncIterator[None]:
+        """Hold one of ``max_in_flight`` places while a request is out (no bound: no wait).
+
+        Raises:
+            LimitWaitTooLong: No place came free before ``deadline`` (a ``time.monotonic()``).
+        """
+        if not self.max_in_flight:
+            yield
+            return
+        token = await self._enter(deadline)
+        try:
+            yield
+        finally:
+            await self._leave(token)
+
+    @abstractmethod
+    async def _enter(self, deadline: float) -> str:
+        """Wait for a place among ``max_in_flight``; return what identifies it."""
+
+    @abstractmethod
+    async def _leave(self, token: str) -> None:
+        """Give a place back."""
 
     async def aclose(self) -> None:
         """Release what the limiter holds (a subclass's Redis connection)."""
@@ -212,6 +235,7 @@ class LocalLimiter(Limiter):
     ) -> None:
         super().__init__(rpm, tpm, max_in_flight)
         self._clock = clock
+        self._places = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._next_request = 0.0
         self._next_tokens = 0.0
         self._paused_until = 0.0
@@ -227,6 +251,19 @@ class LocalLimiter(Limiter):
 
     async def paused_until(self) -> float:
         return self._paused_until
+
+    async def _enter(self, deadline: float) -> str:
+        assert self._places is not None
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await self._places.acquire()
+        except TimeoutError:
+            raise LimitWaitTooLong(deadline - time.monotonic()) from None
+        return ""
+
+    async def _leave(self, token: str) -> None:
+        assert self._places is not None
+        self._places.release()
 
     async def pause(self, seconds: float) -> None:
         until = self._clock() + seconds
@@ -309,6 +346,11 @@ def _close_with_loop(limiter: Limiter) -> None:
     with contextlib.suppress(StopIteration):
         generator.asend(None).send(None)
     limiter.closer = generator
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic()`` deadline on the running loop's clock."""
+    return deadline - time.monotonic() + asyncio.get_running_loop().time()
 
 
 def waiting_now() -> int:

@@ -276,7 +276,7 @@ class Agent(_Model):
     rpm: int | None = Field(default=None, gt=0)
     #: Tokens per minute (prompt estimate plus ``max_tokens``, corrected by the reply's usage).
     tpm: int | None = Field(default=None, gt=0)
-    #: Requests of this agent's key and model out at once, in one process.
+    #: Requests of this agent's key and model out at once (across processes with Redis).
     max_in_flight: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -48,20 +47,21 @@ async def run_llm(call: Call) -> Outcome:
         deadline = call.deadline - loop.time() + time.monotonic()
         try:
             waited += await limiter.acquire(estimate, deadline)
+            async with limiter.request(deadline):
+                try:
+                    reply = await provider.complete(agent, call.prompt, call.pool, timeout_s)
+                except AttemptFailed as failed:
+                    if failed.error.status_code == 429:
+                        # One 429 pauses the agent, not one task (its Retry-After, else 1 s).
+                        await limiter.pause(failed.retry_after_s or 1.0)
+                    raise
         except LimitWaitTooLong as exc:
             message = (
                 f"task {call.task_id!r} would wait {exc.wait_s:.1f} s for agent "
-                f"{agent.name!r}'s rate limit (rpm {agent.rpm}, tpm {agent.tpm}), past its deadline"
+                f"{agent.name!r}'s rate limit (rpm {agent.rpm}, tpm {agent.tpm}, max_in_flight "
+                f"{agent.max_in_flight}), past its deadline"
             )
             raise AttemptFailed(ExecutionError(kind="timeout", message=message)) from None
-        async with limiter.in_flight or contextlib.nullcontext():
-            try:
-                reply = await provider.complete(agent, call.prompt, call.pool, timeout_s)
-            except AttemptFailed as failed:
-                if failed.error.status_code == 429:
-                    # One 429 pauses the agent, not one task (the Retry-After, else a second).
-                    await limiter.pause(failed.retry_after_s or 1.0)
-                raise
         await limiter.correct(estimate, reply.usage.input_tokens + reply.usage.output_tokens)
         await limiter.tighten(RateHeaders.parse(reply.headers))
         return reply

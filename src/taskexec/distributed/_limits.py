@@ -7,6 +7,10 @@ one round trip, atomic however many processes acquire at once.
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+
 import redis.asyncio as aioredis
 
 from .._limits import Limiter, LimitWaitTooLong, RateHeaders
@@ -69,6 +73,22 @@ return 0
 )
 
 
+# KEYS: the places held (a sorted set by lease end). ARGV: most places, holder, lease ms.
+# Returns 1 if the holder took a place (expired leases, of holders that died, are dropped).
+_ENTER = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])) + ttl)
+return 1
+"""
+)
+#: How often a request waiting for a place in flight asks Redis again.
+_PLACE_POLL_S = 0.02
+
+
 class RedisLimiter(Limiter):
     """A limit kept in Redis under ``taskexec:limit:<name>:*``.
 
@@ -76,7 +96,8 @@ class RedisLimiter(Limiter):
         url: The Redis URL.
         name: The limit's identity (a hash of endpoint, key and model; no part of the key).
         rpm: Requests per minute. tpm: Tokens per minute.
-        max_in_flight: Requests out at once (in this process).
+        max_in_flight: Requests out at once, across every process (each holds a lease that
+            ends with its task's deadline, so a process that dies does not keep its places).
     """
 
     def __init__(
@@ -89,9 +110,11 @@ class RedisLimiter(Limiter):
         self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         prefix = f"taskexec:limit:{name}"
         self._keys = [f"{prefix}:{part}" for part in ("requests", "tokens", "paused")]
+        self._places = f"{prefix}:in-flight"
         self._reserve_script = self.client.register_script(_RESERVE)
         self._pause_script = self.client.register_script(_PAUSE)
         self._move_script = self.client.register_script(_MOVE)
+        self._enter_script = self.client.register_script(_ENTER)
 
     async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, float]:
         args = [
@@ -104,6 +127,20 @@ class RedisLimiter(Limiter):
         if not int(taken):
             raise LimitWaitTooLong(wait_s)
         return wait_s, float(slot_ms)
+
+    async def _enter(self, deadline: float) -> str:
+        holder = uuid.uuid4().hex
+        while True:
+            lease_ms = max(1.0, (deadline - time.monotonic()) * 1000)
+            args: list[str | float] = [self.max_in_flight or 0, holder, lease_ms]
+            if int(await self._enter_script(keys=[self._places], args=args)):
+                return holder
+            if time.monotonic() + _PLACE_POLL_S >= deadline:
+                raise LimitWaitTooLong(0.0)
+            await asyncio.sleep(_PLACE_POLL_S)
+
+    async def _leave(self, token: str) -> None:
+        await self.client.zrem(self._places, token)
 
     async def aclose(self) -> None:
         await super().aclose()
