@@ -25,11 +25,16 @@ import time
 from collections.abc import Iterable
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from .._async_engine import execute_task
 from .._calls import Roster
-from .._errors import ConfigurationError
+from .._errors import ClusterUnavailableError, ConfigurationError
 from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
 from ._amqp import connect_broker, declare_agent_queue, declare_events
@@ -43,6 +48,8 @@ __all__ = ("Worker",)
 log = logging.getLogger("taskexec.worker")
 #: How long stopping waits for a background step (a heartbeat's Redis write) to end.
 STOP_TIMEOUT_S = 5.0
+#: How often a worker tries to set up its queues before it gives up.
+SUBSCRIBE_ATTEMPTS = 5
 #: How long a task that failed for want of Redis waits before it goes back to the queue.
 RETRY_PAUSE_S = 1.0
 
@@ -106,12 +113,13 @@ class Worker:
             ClusterUnavailableError: RabbitMQ or Redis cannot be reached at the start.
         """
         redis = await connect_redis(self.cluster)
+        # The store first: a task can arrive the moment the first consumer is attached.
+        self._store = store = ResultStore(redis, self.cluster)
         try:
-            connection = await connect_broker(self.cluster, f"taskexec worker {self.name}")
+            connection, consumers = await self._subscribe()
         except BaseException:
             await redis.aclose()
             raise
-        self._store = store = ResultStore(redis, self.cluster)
         beating = asyncio.Event()  # set: the heartbeat stops after its current beat
 
         async def beat() -> None:
@@ -121,18 +129,6 @@ class Worker:
             repeat(self.cluster.heartbeat_s, beating, beat, f"worker {self.name}: heartbeat")
         )
         try:
-            channel = await connection.channel()
-            # The prefetch is the concurrency: RabbitMQ never hands this worker a task it would
-            # have to hold without running (which another worker could be running meanwhile).
-            await channel.set_qos(prefetch_count=self.concurrency)
-            # Events are advisory (the result is in Redis, and the orchestrator reads it there if
-            # an event is lost), so they go without publisher confirms: no round trip per event.
-            events_channel = await connection.channel(publisher_confirms=False)
-            self._events = await declare_events(events_channel, self.cluster)
-            consumers: list[tuple[AbstractQueue, str]] = []
-            for agent in sorted(self._roster.agents):
-                queue = await declare_agent_queue(channel, self.cluster, agent)
-                consumers.append((queue, await queue.consume(self._on_message)))
             await store.register(self._info())
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(sorted(self._roster.agents)))
@@ -155,6 +151,45 @@ class Worker:
                 await store.unregister(self.name)
             await redis.aclose()
             await self.executor.aclose()
+
+    async def _subscribe(
+        self,
+    ) -> tuple[AbstractRobustConnection, list[tuple[AbstractQueue, str]]]:
+        """Connect, declare the queues and consume from them; retried a few times.
+
+        RabbitMQ 3.10 can close a connection with INTERNAL_ERROR when a consumer attaches to a
+        quorum queue that another client declared a moment before (its Raft member not yet
+        running; seen here with two workers starting at once). Starting again a moment later
+        succeeds.
+        """
+        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+            connection = await connect_broker(self.cluster, f"taskexec worker {self.name}")
+            try:
+                channel = await connection.channel()
+                # The prefetch is the concurrency: RabbitMQ never hands this worker a task it
+                # would have to hold without running (which another worker could run meanwhile).
+                await channel.set_qos(prefetch_count=self.concurrency)
+                # Events are advisory (the result is in Redis, and the orchestrator reads it
+                # there if an event is lost): no publisher confirms, no round trip per event.
+                events_channel = await connection.channel(publisher_confirms=False)
+                self._events = await declare_events(events_channel, self.cluster)
+                consumers: list[tuple[AbstractQueue, str]] = []
+                for agent in sorted(self._roster.agents):
+                    queue = await declare_agent_queue(channel, self.cluster, agent)
+                    consumers.append((queue, await queue.consume(self._on_message)))
+            except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                if attempt == SUBSCRIBE_ATTEMPTS:
+                    raise ClusterUnavailableError(
+                        f"worker {self.name}: RabbitMQ refused its queues {attempt} times: "
+                        f"{self.cluster.redactor()(str(exc) or type(exc).__name__)}"
+                    ) from None
+                log.warning("worker %s: setting up its queues failed (%s); again", self.name, exc)
+                await asyncio.sleep(0.2 * attempt)
+                continue
+            return connection, consumers
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _drain(self) -> None:
         if not self._in_flight:
