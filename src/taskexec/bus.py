@@ -292,7 +292,7 @@ class MessageBus:
             BusTimeoutError: No reply came within ``timeout_s`` (a ``TimeoutError``).
             NoSubscriberError: Nobody subscribes to ``topic`` (a ``LookupError``).
         """
-        reply_topic = f"_reply.{next(self._ids)}"
+        reply_topic = self._reply_topic()
         with self.subscribe(reply_topic, maxsize=1, overflow="drop_newest") as inbox:
             if not await self.publish(topic, message, reply_to=reply_topic):
                 raise NoSubscriberError(f"no subscriber for request topic {topic!r}")
@@ -303,6 +303,10 @@ class MessageBus:
                 raise BusTimeoutError(
                     f"no reply to the request on {topic!r} within {timeout_s:g} s"
                 ) from None
+
+    def _reply_topic(self) -> str:
+        """A topic for the replies of one request, unique on this bus."""
+        return f"_reply.{next(self._ids)}"
 
     async def reply(self, envelope: Envelope, message: BaseModel) -> None:
         if envelope.reply_to is None:

@@ -5,6 +5,8 @@ Without a broker configured (``TASKEXEC_BROKER_URL`` and ``TASKEXEC_RESULTS_URL`
 in-process. See ``docs/DISTRIBUTED.md``.
 """
 
+from ._bus import NetworkBus as NetworkBus
+from ._bus import RemoteMessage as RemoteMessage
 from ._config import BROKER_ENV_VAR as BROKER_ENV_VAR
 from ._config import NAMESPACE_ENV_VAR as NAMESPACE_ENV_VAR
 from ._config import RESULTS_ENV_VAR as RESULTS_ENV_VAR
@@ -19,6 +21,8 @@ __all__ = (
     "NAMESPACE_ENV_VAR",
     "RESULTS_ENV_VAR",
     "Cluster",
+    "NetworkBus",
+    "RemoteMessage",
     "Worker",
     "WorkerInfo",
     "WorkersEngine",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 __all__ = ("repeat", "settle")
 
@@ -33,7 +34,7 @@ async def repeat(
             log.warning("%s failed: %s", what, exc)
 
 
-async def settle(tasks: Iterable[asyncio.Task[None] | None], timeout_s: float) -> None:
+async def settle(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float) -> None:
     """Wait up to ``timeout_s`` for ``tasks`` to end, then cancel those still running."""
     pending = {t for t in tasks if t is not None and not t.done()}
     if pending:
