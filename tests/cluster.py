@@ -45,13 +45,22 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
-def require_services() -> None:
-    """Skip (or, under ``TASKEXEC_REQUIRE_SERVICES=1``, fail) unless RabbitMQ and Redis answer."""
-    missing = [
+def _missing() -> list[str]:
+    return [
         f"{name} at {url.split('@')[-1]}"
         for name, url, port in (("RabbitMQ", BROKER_URL, 5672), ("Redis", RESULTS_URL, 6379))
         if not _reachable(url, port)
     ]
+
+
+def services_up() -> bool:
+    """True if RabbitMQ and Redis answer."""
+    return not _missing()
+
+
+def require_services() -> None:
+    """Skip (or, under ``TASKEXEC_REQUIRE_SERVICES=1``, fail) unless RabbitMQ and Redis answer."""
+    missing = _missing()
     if not missing:
         return
     reason = f"needs {' and '.join(missing)} (start them: see docs/DISTRIBUTED.md)"
