@@ -189,3 +189,19 @@ def test_an_oversized_message_is_refused() -> None:
 def test_cluster_unavailable_pickles() -> None:
     error = ClusterUnavailableError("cannot reach Redis at redis://:***@h:6379/0: refused")
     assert str(pickle.loads(pickle.dumps(error))) == str(error)
+
+
+def test_the_wait_for_a_worker_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BROKER_ENV_VAR, BROKER)
+    monkeypatch.setenv(RESULTS_ENV_VAR, RESULTS)
+    cluster = Cluster.from_env()
+    assert cluster is not None
+    assert cluster.no_worker_wait_s == 30.0
+    monkeypatch.setenv("TASKEXEC_NO_WORKER_WAIT_S", "2.5")
+    cluster = Cluster.from_env()
+    assert cluster is not None
+    assert cluster.no_worker_wait_s == 2.5
+    for bad in ("0", "soon", "-1"):
+        monkeypatch.setenv("TASKEXEC_NO_WORKER_WAIT_S", bad)
+        with pytest.raises(ConfigurationError, match="TASKEXEC_NO_WORKER_WAIT_S"):
+            Cluster.from_env()

@@ -13,6 +13,7 @@ from .._secrets import Redactor
 __all__ = (
     "BROKER_ENV_VAR",
     "NAMESPACE_ENV_VAR",
+    "NO_WORKER_WAIT_ENV_VAR",
     "RESULTS_ENV_VAR",
     "RUN_ID_PATTERN",
     "Cluster",
@@ -25,6 +26,8 @@ RESULTS_ENV_VAR = "TASKEXEC_RESULTS_URL"
 #: Prefix of every queue, exchange and Redis key, so that several deployments (or test runs)
 #: can share one RabbitMQ and one Redis without seeing each other's tasks.
 NAMESPACE_ENV_VAR = "TASKEXEC_NAMESPACE"
+#: How long a task waits for a live worker of its agent (seconds; default 30).
+NO_WORKER_WAIT_ENV_VAR = "TASKEXEC_NO_WORKER_WAIT_S"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "token"})
@@ -162,7 +165,18 @@ class Cluster:
                 "set (unset both to run in-process)"
             )
         namespace = os.environ.get(NAMESPACE_ENV_VAR, "").strip() or "taskexec"
-        return cls(broker, results, namespace=namespace)
+        raw_wait = os.environ.get(NO_WORKER_WAIT_ENV_VAR, "").strip()
+        if not raw_wait:
+            return cls(broker, results, namespace=namespace)
+        try:
+            wait = float(raw_wait)
+        except ValueError:
+            wait = 0.0
+        if not wait > 0:
+            raise ConfigurationError(
+                f"{NO_WORKER_WAIT_ENV_VAR}={raw_wait!r} is not a number of seconds > 0"
+            )
+        return cls(broker, results, namespace=namespace, no_worker_wait_s=wait)
 
     def redactor(self) -> Redactor:
         """Return a redactor of both URLs' passwords, for messages that may quote them."""
