@@ -548,3 +548,49 @@ async def test_an_agent_the_worker_defines_differently_fails_with_its_reason(
     assert result.error.kind == "configuration"
     assert "worker mismatch" in result.error.message
     assert "command" in result.error.message
+
+
+@pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+async def test_an_interrupted_distributed_run_cancels_cleanly(
+    use_cluster: Cluster, tmp_path: Path, slow_server: MockServer, signum: int, code: int
+) -> None:
+    """Ctrl-C or SIGTERM on `taskexec run` against workers: one `cancelled` line per task, the
+    usual exit code, and the run marked cancelled so that workers drop what is still queued."""
+    agents = [
+        {
+            "name": "writer",
+            "provider": "openai",
+            "base_url": slow_server.openai_base_url,
+            "api_key": "sk-test",
+        }
+    ]
+    tasks = [{"id": f"i{i}", "prompt": f"p{i}"} for i in range(6)]
+    plan_file = write_agents(tmp_path / "plan.yaml", agents, tasks)
+    out = tmp_path / "out.jsonl"
+    with workers(
+        [WorkerProcess(plan_file, use_cluster, "slowpoke", concurrency=3, grace_s=0.1)]
+    ) as (worker,):
+        await worker.registered()
+        run = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "taskexec",
+            "run",
+            str(plan_file),
+            "--run-id",
+            "halt",
+            "--output",
+            str(out),
+            env=cluster_env(use_cluster),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await eventually(lambda: slow_server.stats.chat_requests == 3, timeout_s=30)
+        run.send_signal(signum)
+        _, err = await asyncio.wait_for(run.communicate(), 60)
+        async with store_of(use_cluster) as store:
+            assert await store.skip_reason("halt", "i5") == "its run was cancelled"
+    assert run.returncode == code, err.decode()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["task_id"] for r in lines) == [f"i{i}" for i in range(6)]
+    assert {r["status"] for r in lines} == {"cancelled"}
