@@ -82,9 +82,10 @@ async def drop_cluster(cluster: Cluster, agents: Sequence[str]) -> None:
             channel = await connection.channel()
             with contextlib.suppress(Exception):
                 await channel.queue_delete(name)
-        channel = await connection.channel()
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(cluster.events_exchange)
+        for exchange in (cluster.events_exchange, f"{cluster.namespace}.bus"):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)
     finally:
         await connection.close()
     client = aioredis.from_url(cluster.results_url)

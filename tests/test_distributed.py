@@ -38,7 +38,7 @@ from .conftest import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # script-mode agents
 
-AGENTS = ("writer", "reviewer", "killer", "other")
+AGENTS = ("writer", "reviewer", "killer", "other", "failing")
 
 
 @pytest.fixture

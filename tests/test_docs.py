@@ -10,6 +10,7 @@ suite never binds a port a user may be using.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -23,7 +24,7 @@ import pytest
 
 from taskexec.testing import mock_server_in_thread
 
-from .cluster import new_cluster, require_services
+from .cluster import drop_cluster, new_cluster, require_services
 from .conftest import ROOT
 
 DOCS = [
@@ -72,10 +73,26 @@ def test_every_block_runs(name: str, tmp_path: Path, docs_server: str) -> None:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
+    cluster = None
     if name == "docs/DISTRIBUTED.md":
-        # The real RabbitMQ and Redis, in a namespace of this test's own.
+        # The real RabbitMQ and Redis, in a namespace of this test's own, dropped afterwards.
         require_services()
-        env["TASKEXEC_NAMESPACE"] = new_cluster().namespace
+        cluster = new_cluster()
+        env["TASKEXEC_NAMESPACE"] = cluster.namespace
+    try:
+        _run_blocks(name, found, tmp_path, env, docs_server)
+    finally:
+        if cluster is not None:
+            asyncio.run(drop_cluster(cluster, DOCS_AGENTS))
+
+
+#: The agents the blocks of docs/DISTRIBUTED.md serve on workers.
+DOCS_AGENTS = ("architect", "developer", "reviewer", "writer")
+
+
+def _run_blocks(
+    name: str, found: list[tuple[str, str]], tmp_path: Path, env: dict[str, str], docs_server: str
+) -> None:
     for index, (lang, body) in enumerate(found):
         body = body.replace(f":{DOCS_PORT}", f":{docs_server}")
         if lang == "python":
