@@ -42,6 +42,7 @@ __all__ = (
     "LocalLimiter",
     "RateHeaders",
     "estimate_tokens",
+    "has_limits",
     "limiter_for",
     "waiting_now",
 )
@@ -304,13 +305,18 @@ def identity(agent: Agent, provider: str, base_url: str, key: str | None) -> str
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
+def has_limits(agent: Agent) -> bool:
+    """True if the agent sets any rate limit (most do not: they pay nothing for limits)."""
+    return bool(agent.rpm or agent.tpm or agent.max_in_flight)
+
+
 def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> Limiter | None:
     """Return the limiter of an agent's requests on this loop, or None if it sets no limit.
 
     With ``TASKEXEC_LIMITER_URL`` or ``TASKEXEC_RESULTS_URL`` set, the limit is shared in Redis
     by every process that uses the same key and model; otherwise it holds in this process.
     """
-    if not (agent.rpm or agent.tpm or agent.max_in_flight):
+    if not has_limits(agent):
         return None
     loop = asyncio.get_running_loop()
     name = (

@@ -6,7 +6,13 @@ import asyncio
 import time
 from typing import Any
 
-from .._limits import LimitWaitTooLong, RateHeaders, estimate_tokens, limiter_for
+from .._limits import (
+    LimitWaitTooLong,
+    RateHeaders,
+    estimate_tokens,
+    has_limits,
+    limiter_for,
+)
 from .._models import Agent, ExecutionError
 from .._retry import AttemptFailed, run_attempts
 from ..providers import Provider, get_provider
@@ -34,7 +40,12 @@ async def run_llm(call: Call) -> Outcome:
             error=config_error, metadata={"execution_mode": "llm", "provider": agent.provider}
         )
 
-    limiter = limiter_for(agent, provider.name, _endpoint(provider, agent), provider.api_key(agent))
+    # The key and endpoint name the limit; an agent without limits does not look them up.
+    limiter = (
+        limiter_for(agent, provider.name, _endpoint(provider, agent), provider.api_key(agent))
+        if has_limits(agent)
+        else None
+    )
     waited = 0.0
 
     async def attempt(timeout_s: float | None) -> ChatReply:
