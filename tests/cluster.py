@@ -219,7 +219,6 @@ class CuttableProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
-        self.cuts = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -247,7 +246,6 @@ class CuttableProxy:
 
     def cut(self) -> None:
         """Drop every connection through the proxy at once (both directions)."""
-        self.cuts += 1
         self._drop()
 
     def _drop(self) -> None:
