@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from taskexec import AgentTask, ClusterUnavailableError, ConfigurationError
@@ -49,17 +49,36 @@ def test_redact_url_hides_the_password(url: str, expected: str) -> None:
     assert redact_url(url) == expected
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=8))
-def test_no_password_survives_redaction_or_repr(password: str) -> None:
+def _renderings(password: str) -> list[str]:
+    """Every text a cluster made with ``password`` shows: its repr, its redacted URLs, and
+    what its redactor makes of a message and a URL that carry the password."""
     from urllib.parse import quote
 
     encoded = quote(password, safe="")
     cluster = Cluster(f"amqp://u:{encoded}@h:5672/", f"redis://:{encoded}@h:6379/0")
-    for text in (repr(cluster), redact_url(cluster.broker_url), redact_url(cluster.results_url)):
-        assert encoded not in text
     redact = cluster.redactor()
-    assert password not in redact(f"login failed for {password}!")
-    assert encoded not in redact(f"url amqp://u:{encoded}@h")
+    return [
+        repr(cluster),
+        redact_url(cluster.broker_url),
+        redact_url(cluster.results_url),
+        redact(f"login failed for {password}!"),
+        redact(f"url amqp://u:{encoded}@h"),
+    ]
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=8))
+def test_no_password_survives_redaction_or_repr(password: str) -> None:
+    from urllib.parse import quote
+
+    forms = {password, quote(password, safe="")}
+    # A password that is part of the fixed text (the default namespace 'taskexec', a field name
+    # such as 'delivery') shows there whatever the redaction does: such a password cannot be
+    # told apart, so it is left out. The same renderings without it are the reference.
+    reference = _renderings("0" * 8)
+    assume(not any(form in text for form in forms for text in reference))
+    for text in _renderings(password):
+        for form in forms:
+            assert form not in text
 
 
 @pytest.mark.parametrize(
