@@ -187,9 +187,9 @@ class WorkerProcess:
         self.process.kill()
         self.process.wait(10)
 
-    def terminate(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM, and the exit code."""
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self, signum: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        """SIGTERM (or ``signum``), and the exit code."""
+        self.process.send_signal(signum)
         return self.process.wait(timeout_s)
 
     def stop(self) -> None:

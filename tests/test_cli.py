@@ -231,7 +231,12 @@ def test_a_plan_cannot_send_the_operators_key_to_its_own_host(
     assert "authorization" not in mock_server.recorded[0].headers
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+#: The signals a run cancels cleanly on, their exit codes and the names results give them.
+INTERRUPTS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+@pytest.mark.parametrize(("signum", "code"), INTERRUPTS)
 def test_ctrl_c_and_sigterm_cancel_cleanly(tmp_path: Path, signum: int, code: int) -> None:
     pidfiles = [tmp_path / f"pids{i}" for i in range(3)]
     agents = "\n".join(
@@ -281,7 +286,7 @@ def test_ctrl_c_and_sigterm_cancel_cleanly(tmp_path: Path, signum: int, code: in
         assert results[ran].error is not None
         assert results[ran].error.message == "cancelled while running"
     assert (results["after"].attempts, results["after"].duration_s) == (0, 0)
-    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    name = SIGNAL_NAMES[signum]
     assert results["after"].error is not None
     assert results["after"].error.message == f"cancelled: the run was interrupted ({name})"
     assert "4 cancelled" in stdout
@@ -360,6 +365,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
         (signal.SIGINT, signal.SIGINT, 130),
         (signal.SIGTERM, signal.SIGTERM, 143),
         (signal.SIGINT, signal.SIGTERM, 130),
+        (signal.SIGHUP, signal.SIGHUP, 129),
     ],
 )
 def test_a_second_signal_exits_at_once_and_leaves_no_child(
@@ -403,7 +409,7 @@ def test_a_second_signal_exits_at_once_and_leaves_no_child(
     wait_until(lambda: not pid_alive(script), "the script is gone", timeout_s=5)
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("signum", "code"), INTERRUPTS)
 def test_ctrl_c_and_sigterm_on_the_legacy_engine(tmp_path: Path, signum: int, code: int) -> None:
     pidfile = tmp_path / "pids"
     plan = write_plan(
@@ -439,6 +445,86 @@ def test_ctrl_c_and_sigterm_on_the_legacy_engine(tmp_path: Path, signum: int, co
     assert (results["a"].attempts, results["b"].attempts) == (1, 0)
     assert results["a"].duration_s > 0
     assert "2 cancelled" in stdout
+
+
+def test_under_nohup_a_hangup_leaves_the_run_going(tmp_path: Path) -> None:
+    gate = tmp_path / "go"
+    plan = write_plan(
+        tmp_path,
+        f"agents: [{{name: s, mode: script, "
+        f'command: ["{sys.executable}", "{AGENTS_DIR / "gated.py"}", "{gate}"]}}]\n'
+        "tasks: [{id: t, prompt: x}]\n",
+    )
+    out = tmp_path / "r.jsonl"
+    # As nohup starts it: SIGHUP ignored from the start.
+    starter = (
+        "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+        "from taskexec.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-W", "ignore::DeprecationWarning", "-c", starter),
+            *("run", str(plan), "--output", str(out)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _children(process.pid), "the script started")
+        process.send_signal(signal.SIGHUP)  # ignored: the kernel discards it at once
+        gate.touch()
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert [(r.task_id, r.status, r.output) for r in lines(out)] == [
+        ("t", ExecutionStatus.SUCCESS, "done")
+    ]
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr", "both"])
+def test_a_closed_stdout_or_stderr_loses_no_result(tmp_path: Path, closed: str) -> None:
+    """A reader that went away (``| head``, a terminal that hung up) ends neither the run nor
+    its results: every task still gets its line, and the exit code is the run's."""
+    tasks = "\n".join(f"  - {{id: t{i}, prompt: task {i}}}" for i in range(30))
+    plan = write_plan(tmp_path, f"agents: [{{name: a}}]\ntasks:\n{tasks}\n")
+    out = tmp_path / "r.jsonl"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to this pipe fails with EPIPE, from the first one on
+    try:
+        streams = {
+            "stdout": write_end if closed in ("stdout", "both") else subprocess.PIPE,
+            "stderr": write_end if closed in ("stderr", "both") else subprocess.PIPE,
+        }
+        completed = subprocess.run(
+            [sys.executable, "-m", "taskexec", "run", str(plan), "--output", str(out)],
+            **streams,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(r.task_id for r in lines(out)) == sorted(f"t{i}" for i in range(30))
+    if closed == "stdout":
+        assert "[30/30] success" in completed.stderr  # the stream that is open still works
+    if closed == "stderr":
+        assert "30 tasks: 30 success" in completed.stdout
 
 
 # -- files and settings that are not what they should be ---------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -137,7 +138,7 @@ async def test_the_sync_shim_runs_on_workers(use_cluster: Cluster, tmp_path: Pat
     assert all(r.ok and r.metadata["worker"] == "ws" for r in results)
 
 
-@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM", "SIGHUP", "SIGTERM twice"])
 async def test_a_stopped_worker_loses_no_task(
     use_cluster: Cluster,
     tmp_path: Path,
@@ -161,17 +162,25 @@ async def test_a_stopped_worker_loses_no_task(
     slow_file = write_agents(tmp_path / "slow.yaml", agents(slow_server))
     fast_file = write_agents(tmp_path / "fast.yaml", agents(mock_server))
     tasks = [AgentTask(id=f"k{i}", prompt=f"p{i}") for i in range(10)]
-    with workers([WorkerProcess(slow_file, use_cluster, "slow", concurrency=10, grace_s=0.1)]) as (
-        slow,
-    ):
+    # Told twice, a worker hands its tasks back at once, however long its grace.
+    grace_s = 600.0 if stop == "SIGTERM twice" else 0.1
+    with workers(
+        [WorkerProcess(slow_file, use_cluster, "slow", concurrency=10, grace_s=grace_s)]
+    ) as (slow,):
         await slow.registered()
         orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(fast_file)))
         run = asyncio.create_task(orchestrator.execute_tasks(tasks))
         await eventually(lambda: slow_server.stats.chat_requests == 10, timeout_s=30)
         if stop == "SIGKILL":
             slow.kill()
+        elif stop == "SIGTERM twice":
+            slow.process.send_signal(signal.SIGTERM)
+            await eventually(lambda: "stopping" in slow.log.read_text(), timeout_s=30)
+            assert slow.terminate() == 0  # the second SIGTERM; its wait is bounded at 30 s
+            assert "handing back 10 task(s) now" in slow.log.read_text()
         else:
-            assert slow.terminate() == 0  # hands its tasks back and exits cleanly
+            # Hands its tasks back and exits cleanly (SIGHUP: its terminal closed).
+            assert slow.terminate(getattr(signal, stop)) == 0
         with workers([WorkerProcess(fast_file, use_cluster, "fast", concurrency=10)]):
             results = await asyncio.wait_for(run, 60)
     assert [r.task_id for r in results] == [t.id for t in tasks]

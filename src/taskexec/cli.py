@@ -1,13 +1,14 @@
 """The ``taskexec`` command: run a plan, validate it, or serve the mock LLM server.
 
-Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error, 130 Ctrl-C,
-143 SIGTERM.
+Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error, 129 SIGHUP
+(the terminal closed), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import io
 import json
@@ -72,6 +73,61 @@ def _escape_char(match: re.Match[str]) -> str:
         return " "
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class _BestEffortStream(io.TextIOBase):
+    """Standard output or error whose reader may go away: a pipe closed by ``| head``, a
+    terminal that hung up. Writes that fail are dropped, so the run goes on and every result
+    still reaches ``--output``; a closed stderr must not cost the tasks still running.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.lost = False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                self.stream.write(text)
+            except OSError:
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except OSError:
+                self._lose()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.lost and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def _lose(self) -> None:
+        self.lost = True
+        # What the stream still buffers would fail again when Python flushes it at exit (and
+        # turn the exit code into 120): point its descriptor at /dev/null, as Python's notes on
+        # SIGPIPE advise.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
 
 
 def _lines(text: str) -> str:
@@ -300,15 +356,33 @@ def _warn(message: str) -> None:
 
 
 class _Interrupts:
-    """Ctrl-C and SIGTERM during a run.
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) during a run.
 
     The first one cancels cleanly: requests closed, scripts' process groups stopped, a
-    ``cancelled`` result for every unfinished task, then exit 130 (SIGINT) or 143 (SIGTERM). A
+    ``cancelled`` result for every unfinished task, then exit 128 plus the signal's number (130
+    for SIGINT, 143 for SIGTERM, 129 for SIGHUP). A
     second one exits at once, after it has SIGKILLed every script process group still running:
     no child outlives the command either way.
     """
 
-    NAMES: ClassVar[dict[int, str]] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    NAMES: ClassVar[dict[int, str]] = {
+        signal.SIGINT: "Ctrl-C",
+        signal.SIGTERM: "SIGTERM",
+        # Scripts run in sessions of their own, so a terminal that closes reaches only this
+        # process: left to its default, SIGHUP would end it and orphan them.
+        signal.SIGHUP: "SIGHUP",
+    }
+    _WHAT: ClassVar[dict[int, str]] = {
+        signal.SIGINT: "interrupted",
+        signal.SIGTERM: "terminated",
+        signal.SIGHUP: "hung up",
+    }
+
+    @classmethod
+    def signals(cls) -> list[int]:
+        """The signals to handle: SIGHUP only where it is not ignored (under ``nohup`` the user
+        asked the command to outlive the terminal)."""
+        return [s for s in cls.NAMES if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -329,9 +403,9 @@ class _Interrupts:
             kill_live_groups()
             os._exit(self.exit_code)  # the second signal: leave at once, children ended
         self.signum = signum
-        what = "interrupted" if signum == signal.SIGINT else "terminated"
         print(
-            f"\ntaskexec: {what}, cancelling ({self.NAMES[signum]} again to quit at once)",
+            f"\ntaskexec: {self._WHAT[signum]}, cancelling "
+            f"({self.NAMES[signum]} again to quit at once)",
             file=sys.stderr,
         )
         self.on_first()
@@ -365,7 +439,8 @@ async def _run_on_loop(
     watcher = asyncio.create_task(watch_starts())
     ticker = asyncio.create_task(tick())
     interrupts.on_first = runner.cancel
-    for signum in _Interrupts.NAMES:
+    handled = _Interrupts.signals()
+    for signum in handled:
         loop.add_signal_handler(signum, interrupts, signum)
     try:
         await runner
@@ -373,7 +448,7 @@ async def _run_on_loop(
     except asyncio.CancelledError:
         return False
     finally:
-        for signum in _Interrupts.NAMES:
+        for signum in handled:
             loop.remove_signal_handler(signum)
         watcher.cancel()
         ticker.cancel()
@@ -391,7 +466,7 @@ def _run_in_thread(engine: Engine, batch: Batch, interrupts: _Interrupts) -> boo
         interrupts(signum)
 
     interrupts.on_first = interrupt
-    previous = {signum: signal.signal(signum, on_signal) for signum in _Interrupts.NAMES}
+    previous = {signum: signal.signal(signum, on_signal) for signum in _Interrupts.signals()}
     try:
         engine.execute_tasks_blocking(batch)
     except KeyboardInterrupt:
@@ -545,8 +620,8 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
         print(f"  api-mode agent url: {server.agent_url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        for signum in _Interrupts.signals():
+            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         await server.stop()
 
@@ -585,16 +660,32 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )
 
     async def serve() -> None:
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                print(
+                    f"taskexec: worker {worker.name}: handing back {worker.in_flight} task(s) now",
+                    file=sys.stderr,
+                )
+                hurry.set()
+                return
+            print(
+                f"taskexec: worker {worker.name} stopping: waiting up to {args.grace:g} s for "
+                f"{worker.in_flight} task(s) in flight (again to hand them back now)",
+                file=sys.stderr,
+            )
+            stop.set()
+
         loop = asyncio.get_running_loop()
-        for signum in _Interrupts.NAMES:
-            loop.add_signal_handler(signum, stop.set)
+        for signum in _Interrupts.signals():
+            loop.add_signal_handler(signum, on_signal)
         print(
             f"taskexec: worker {worker.name} serving {', '.join(sorted(worker.executor.agents))}"
             f" ({args.concurrency} at once); Ctrl-C or SIGTERM to stop",
             file=sys.stderr,
         )
-        await worker.serve(stop)
+        await worker.serve(stop, hurry)
 
     # The worker's own entry point: it owns the process's event loop.
     asyncio.run(serve())
@@ -772,6 +863,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C handling below needs the default handler back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _BestEffortStream(sys.stdout), _BestEffortStream(sys.stderr)
     try:
         code: int = args.handler(args)
     except PlanError as exc:
@@ -782,4 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
     return code

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -105,9 +106,10 @@ class Worker:
     def _roster(self) -> Roster:
         return self.executor._roster
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def serve(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
         """Take and run tasks until ``stop`` is set; then stop taking tasks, give the ones in
-        flight ``grace_s`` to finish, hand back the rest, and return.
+        flight ``grace_s`` to finish (or until ``hurry`` is set), hand back the rest, and
+        return.
 
         Raises:
             ClusterUnavailableError: RabbitMQ or Redis cannot be reached at the start.
@@ -137,7 +139,7 @@ class Worker:
             for queue, tag in consumers:
                 with contextlib.suppress(Exception):
                     await queue.cancel(tag)
-            await self._drain()
+            await self._drain(hurry)
         finally:
             beating.set()
             await settle([heartbeat], STOP_TIMEOUT_S)
@@ -191,7 +193,7 @@ class Worker:
             return connection, consumers
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _drain(self) -> None:
+    async def _drain(self, hurry: asyncio.Event | None) -> None:
         if not self._in_flight:
             return
         log.info(
@@ -200,7 +202,18 @@ class Worker:
             len(self._in_flight),
             self.grace_s,
         )
-        await asyncio.wait(set(self._in_flight), timeout=self.grace_s)
+
+        async def all_finished() -> None:
+            await asyncio.wait(set(self._in_flight))
+
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(all_finished())]
+        if hurry is not None:
+            waiters.append(asyncio.create_task(hurry.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=self.grace_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     def _info(self) -> WorkerInfo:
         return worker_info(
