@@ -527,6 +527,44 @@ def test_a_closed_stdout_or_stderr_loses_no_result(tmp_path: Path, closed: str) 
         assert "30 tasks: 30 success" in completed.stdout
 
 
+@pytest.mark.parametrize("engine", ["async", "legacy"])
+def test_a_results_file_that_cannot_be_written_stops_the_run(tmp_path: Path, engine: str) -> None:
+    """A full disk (``/dev/full`` fails every write with ENOSPC): the run stops at the first
+    line it cannot record, every task still gets its result (on stdout with ``--json``), and
+    the message names the file and the cause."""
+    tasks = "\n".join(f"  - {{id: t{i}, prompt: p{i}}}" for i in range(6))
+    plan = write_plan(
+        tmp_path,
+        f"agents: [{{name: e, mode: script, "
+        f'command: ["{sys.executable}", "{AGENTS_DIR / "echo.py"}"]}}]\ntasks:\n{tasks}\n',
+    )
+    completed = subprocess.run(
+        [
+            *(sys.executable, "-W", "ignore::DeprecationWarning", "-m", "taskexec", "run"),
+            *(str(plan), "--engine", engine, "--concurrency", "1"),
+            *("--output", "/dev/full", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert "cannot write to /dev/full: No space left on device; the run was stopped" in (
+        completed.stderr
+    )
+    assert "Traceback" not in completed.stderr
+    results = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)]
+    assert [r.task_id for r in results] == [f"t{i}" for i in range(6)]
+    assert results[0].status is ExecutionStatus.SUCCESS  # its line was the one that failed
+    assert results[-1].status is ExecutionStatus.CANCELLED  # the run stopped long before it
+    for r in results:
+        if r.status is not ExecutionStatus.SUCCESS:
+            assert r.status is ExecutionStatus.CANCELLED
+            assert r.error is not None
+            assert "its --output file could not be written" in r.error.message
+
+
 # -- files and settings that are not what they should be ---------------------------------------
 
 

@@ -152,10 +152,15 @@ class Reporter:
         stderr: IO[str],
         *,
         fsync: bool = False,
+        on_write_error: Callable[[OSError], object] = lambda exc: None,
     ) -> None:
         self.total = len(tasks)
         self.output = output
         self.fsync = fsync
+        #: The first failed write to the results file (a full disk, say): no line after it is
+        #: written, and ``on_write_error`` is told once, to stop the run.
+        self.write_error: OSError | None = None
+        self._on_write_error = on_write_error
         self.results: dict[str, ExecutionResult] = {}
         self.running = 0
         self.failed = 0
@@ -200,13 +205,17 @@ class Reporter:
             self.running = max(0, self.running - 1)
         if not result.ok:
             self.failed += 1
-        if self.output is not None:
+        if self.output is not None and self.write_error is None:
             # One line per finished task, handed to the OS before we go on: a crash of this
             # process loses nothing. --fsync also waits for the disk, for a crash of the machine.
-            self.output.write(result.model_dump_json() + "\n")
-            self.output.flush()
-            if self.fsync:
-                os.fsync(self.output.fileno())
+            try:
+                self.output.write(result.model_dump_json() + "\n")
+                self.output.flush()
+                if self.fsync:
+                    os.fsync(self.output.fileno())
+            except OSError as exc:
+                self.write_error = exc
+                self._on_write_error(exc)
         if self._plain:
             done = len(self.results)
             detail = printable(result.error.message) if result.error else ""
@@ -386,6 +395,8 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        #: Why the run stopped when no signal stopped it.
+        self.why: str | None = None
         self.on_first: Callable[[], object] = lambda: None
 
     @property
@@ -395,8 +406,16 @@ class _Interrupts:
 
     @property
     def name(self) -> str:
-        """The first signal, as the user knows it."""
+        """The first signal, as the user knows it (or why the run stopped without one)."""
+        if self.signum is None and self.why is not None:
+            return self.why
         return self.NAMES.get(self.signum or signal.SIGINT, "a signal")
+
+    def stop(self, why: str) -> None:
+        """Cancel the run as a first signal does, for a reason of the command's own."""
+        if self.signum is None and self.why is None:
+            self.why = why
+            self.on_first()
 
     def __call__(self, signum: int) -> None:
         if self.signum is not None:
@@ -506,11 +525,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     output = _open_for_append(output_path) if output_path else None
     started = time.monotonic()
     interrupts = _Interrupts()
+    report = Reporter(
+        todo,
+        output,
+        sys.stderr,
+        fsync=args.fsync,
+        # Results that cannot be recorded are not worth the calls: stop, as Ctrl-C would.
+        on_write_error=lambda exc: interrupts.stop("its --output file could not be written"),
+    )
     try:
-        with (
-            flags.use_engine(engine),
-            Reporter(todo, output, sys.stderr, fsync=args.fsync) as report,
-        ):
+        with flags.use_engine(engine), report:
             runner: Engine = workers or ENGINES[engine]
             bus = MessageBus(maxsize=max(1000, 2 * len(todo)))
             batch = Batch(
@@ -533,7 +557,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     report.finished(cancelled, ran=False)
     finally:
         if output is not None:
-            output.close()
+            try:
+                output.close()
+            except OSError as exc:
+                report.write_error = report.write_error or exc
     by_id = {**previous, **report.results}
     results = [by_id[t.id] for t in plan.tasks]
     _print_summary(results, time.monotonic() - started, args.json, args.full_table)
@@ -544,6 +571,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"workers, {counted['duplicates']} duplicate result(s) dropped",
             file=sys.stderr,
         )
+    if report.write_error is not None:
+        print(
+            f"taskexec: cannot write to {output_path}: "
+            f"{report.write_error.strerror or report.write_error}; the run was stopped, and the "
+            "summary above is the only record of the results from then on",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if not completed:
         return interrupts.exit_code
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
