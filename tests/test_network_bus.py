@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aio_pika
 import pytest
 from pydantic import BaseModel
 
@@ -91,3 +92,44 @@ async def test_a_runs_lifecycle_events_reach_another_bus(cluster: Cluster) -> No
             seen = [await asyncio.wait_for(finished.get(), 10) for _ in tasks]
     assert sorted(e.message.task_id for e in seen) == ["t0", "t1", "t2"]  # type: ignore[attr-defined]
     assert all(isinstance(e.message, TaskEvent) and e.message.result for e in seen)
+
+
+async def test_a_message_that_is_not_its_model_is_dropped_without_quoting_it(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What another process sends that is not the model it names is logged by count, never
+    by content (pydantic's error text repeats the input), and the bus goes on."""
+    secret = "sk-bus-SECRET-5d1f0a"
+    model = f"{Note.__module__}.{Note.__qualname__}"
+    async with NetworkBus(cluster, models=[Note]) as bus:
+        with bus.subscribe("notes.*") as inbox:
+            await bus.bound()
+            connection = await aio_pika.connect(cluster.broker_url)
+            try:
+                channel = await connection.channel()
+                exchange = await channel.get_exchange(f"{cluster.namespace}.bus")
+                # Not a Note; and, for a model this bus does not know, not JSON at all.
+                for name, body in ((model, f'{{"txt": "{secret}"}}'), ("other.Model", secret)):
+                    await exchange.publish(
+                        aio_pika.Message(
+                            body.encode(), headers={"model": name, "origin": "elsewhere"}
+                        ),
+                        "notes.bad",
+                    )
+                await exchange.publish(
+                    aio_pika.Message(
+                        Note(text="fine").model_dump_json().encode(),
+                        headers={"model": model, "origin": "elsewhere"},
+                    ),
+                    "notes.good",
+                )
+            finally:
+                await connection.close()
+            envelope = await asyncio.wait_for(inbox.get(), 10)  # the two bad ones never arrive
+    assert (envelope.topic, envelope.message) == ("notes.good", Note(text="fine"))
+    dropped = [r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()]
+    assert dropped == [
+        f"bus {bus.id}: dropped a message on notes.bad: not a valid {model} (1 problem(s))",
+        f"bus {bus.id}: dropped a message on notes.bad: its body is not a JSON object",
+    ]
+    assert secret not in caplog.text

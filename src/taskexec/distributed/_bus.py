@@ -230,8 +230,22 @@ class NetworkBus(MessageBus):
                 if model is not None
                 else RemoteMessage.model_validate({"model": name, "data": _json(incoming.body)})
             )
-        except (ValidationError, ValueError) as exc:
-            log.warning("bus %s: dropped a message on %s: %s", self.id, incoming.routing_key, exc)
+        except ValidationError as exc:
+            # Counted, not quoted: pydantic's text repeats the message's content.
+            log.warning(
+                "bus %s: dropped a message on %s: not a valid %s (%d problem(s))",
+                self.id,
+                incoming.routing_key,
+                name,
+                exc.error_count(),
+            )
+            return
+        except ValueError:
+            log.warning(
+                "bus %s: dropped a message on %s: its body is not a JSON object",
+                self.id,
+                incoming.routing_key,
+            )
             return
         topic = incoming.routing_key or ""
         await MessageBus.publish(self, topic, message, reply_to=str(reply_to) if reply_to else None)

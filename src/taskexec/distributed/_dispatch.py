@@ -187,7 +187,10 @@ class Dispatcher:
             except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if loop.time() >= give_up:
                     log.error(
-                        "run %s: cannot publish task %s: %s", self.run_id, message.task.id, exc
+                        "run %s: cannot publish task %s: %s",
+                        self.run_id,
+                        message.task.id,
+                        self.cluster.redactor()(str(exc) or type(exc).__name__),
                     )
                     return False
                 # The robust connection is reconnecting; try again in a moment.
@@ -247,7 +250,13 @@ class Dispatcher:
         async def step() -> None:
             await self._poll_once(loop.time())
 
-        await repeat(self.cluster.poll_s, self._closing, step, f"run {self.run_id}: polling Redis")
+        await repeat(
+            self.cluster.poll_s,
+            self._closing,
+            step,
+            f"run {self.run_id}: polling Redis",
+            self.cluster.redactor(),
+        )
 
     async def _poll_once(self, now: float) -> None:
         # Results whose event was missed (sent while this connection was down).

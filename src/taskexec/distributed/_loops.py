@@ -20,9 +20,14 @@ log = logging.getLogger("taskexec")
 
 
 async def repeat(
-    interval_s: float, stop: asyncio.Event, step: Callable[[], Awaitable[None]], what: str
+    interval_s: float,
+    stop: asyncio.Event,
+    step: Callable[[], Awaitable[None]],
+    what: str,
+    redact: Callable[[str], str],
 ) -> None:
-    """Run ``step`` every ``interval_s`` until ``stop`` is set; a failed step is logged."""
+    """Run ``step`` every ``interval_s`` until ``stop`` is set; a failed step is logged, its
+    error passed through ``redact`` (the cluster's passwords)."""
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
@@ -31,7 +36,7 @@ async def repeat(
         try:
             await step()
         except Exception as exc:  # Redis away for a moment: the next step tries again
-            log.warning("%s failed: %s", what, exc)
+            log.warning("%s failed: %s", what, redact(str(exc) or type(exc).__name__))
 
 
 async def settle(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float) -> None:

@@ -128,7 +128,13 @@ class Worker:
             await store.register(self._info())
 
         heartbeat = asyncio.create_task(
-            repeat(self.cluster.heartbeat_s, beating, beat, f"worker {self.name}: heartbeat")
+            repeat(
+                self.cluster.heartbeat_s,
+                beating,
+                beat,
+                f"worker {self.name}: heartbeat",
+                self.cluster.redactor(),
+            )
         )
         try:
             await store.register(self._info())
@@ -182,12 +188,12 @@ class Worker:
             except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
                 with contextlib.suppress(Exception):
                     await connection.close()
+                cause = self.cluster.redactor()(str(exc) or type(exc).__name__)
                 if attempt == SUBSCRIBE_ATTEMPTS:
                     raise ClusterUnavailableError(
-                        f"worker {self.name}: RabbitMQ refused its queues {attempt} times: "
-                        f"{self.cluster.redactor()(str(exc) or type(exc).__name__)}"
+                        f"worker {self.name}: RabbitMQ refused its queues {attempt} times: {cause}"
                     ) from None
-                log.warning("worker %s: setting up its queues failed (%s); again", self.name, exc)
+                log.warning("worker %s: setting up its queues failed (%s); again", self.name, cause)
                 await asyncio.sleep(0.2 * attempt)
                 continue
             return connection, consumers
@@ -359,7 +365,12 @@ class Worker:
         try:
             await self._events.publish(body, routing_key(event.run_id, event.task_id, event.state))
         except Exception as exc:
-            log.warning("worker %s: could not publish a %s event: %s", self.name, event.state, exc)
+            log.warning(
+                "worker %s: could not publish a %s event: %s",
+                self.name,
+                event.state,
+                self._roster_redact(str(exc) or type(exc).__name__),
+            )
 
 
 async def _settle(acknowledgement: object) -> None:
