@@ -272,7 +272,45 @@ async def test_messages_that_are_not_tasks_go_to_the_dead_letter_queue_unrun(
         assert await queue_depth(cluster, cluster.dead_letter_queue) == len(bad)
         async with store_of(cluster) as store:
             assert await store.counters("r1") == {"executions": 0, "duplicates": 0}
+            # The two that name a run and a task tell their run why they did not run (another
+            # version's message; an agent this worker does not define), so it does not wait
+            # for ever; the two that name none have no run to tell.
+            stored = await store.get_many("r1", ["a", "b"])
         assert worker.process.poll() is None  # still serving
+    assert {t: (r.status, r.error.kind if r.error else None) for t, r in stored.items()} == {
+        "a": (ExecutionStatus.FAILED, "configuration"),
+        "b": (ExecutionStatus.FAILED, "configuration"),
+    }
+    assert stored["a"].error is not None
+    assert "task/99" in stored["a"].error.message
+    assert stored["b"].error is not None
+    assert "agent 'other' is not defined by this worker" in stored["b"].error.message
+    assert (stored["b"].agent, stored["b"].metadata["worker"]) == ("other", "w")
+
+
+async def test_a_run_whose_messages_a_worker_cannot_read_fails_instead_of_waiting(
+    use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orchestrator of a newer version (here: one that sends another protocol version)
+    gets a failed result per task from today's workers, not a run that never ends."""
+    import taskexec.distributed._dispatch as dispatch_module
+
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    monkeypatch.setattr(dispatch_module, "TASK_VERSION", "task/2")
+    with workers([WorkerProcess(agents_file, use_cluster, "old")]) as (worker,):
+        await worker.registered()
+        orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(agents_file)))
+        tasks = [AgentTask(id=f"n{i}", prompt="p", agent="writer") for i in range(3)]
+        results = await asyncio.wait_for(orchestrator.execute_tasks(tasks), 60)
+    assert [(r.task_id, r.status) for r in results] == [
+        (t.id, ExecutionStatus.FAILED) for t in tasks
+    ]
+    for r in results:
+        assert r.error is not None
+        assert r.error.kind == "configuration"
+        assert "task/2" in r.error.message
+        assert "same version of taskexec" in r.error.message
+    assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 3
 
 
 async def test_a_cancelled_runs_queued_tasks_are_dropped_unrun(
@@ -430,6 +468,28 @@ def test_a_rerun_with_the_same_run_id_keeps_stored_results(
     assert sorted((r["task_id"], r["output"]) for r in first) == sorted(
         (r["task_id"], r["output"]) for r in second
     )
+
+
+def test_a_registry_entry_of_another_version_is_skipped(
+    use_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker of another version (a rolling upgrade) may register what this one cannot read:
+    listing skips it instead of failing every run and ``taskexec workers``."""
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+
+    async def register_foreign() -> None:
+        async with store_of(use_cluster) as store:
+            for name, entry in (("next", '{"name": "next", "agents": "writer"}'), ("junk", "{")):
+                await store._register(keys=store._registry(), args=[name, entry, 60_000])
+
+    asyncio.run(register_foreign())
+    with workers([WorkerProcess(agents_file, use_cluster, "current")]) as (worker,):
+        asyncio.run(worker.registered())
+        assert main(["workers", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [w["name"] for w in listed["workers"]] == ["current"]
+        plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, plan_tasks(3))
+        assert main(["run", str(plan_file)]) == 0
 
 
 def test_the_workers_command_lists_live_workers(

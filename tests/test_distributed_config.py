@@ -24,6 +24,7 @@ from taskexec.distributed._wire import (
     TASK_VERSION,
     BadMessage,
     TaskMessage,
+    addressee,
     decode_task,
     routing_key,
 )
@@ -196,6 +197,45 @@ def test_what_is_not_a_task_is_refused(
 ) -> None:
     with pytest.raises(BadMessage, match=problem):
         decode_task(body, headers, content_type)
+
+
+def test_another_protocol_version_is_named() -> None:
+    with pytest.raises(BadMessage, match="protocol 'task/2'; this worker reads 'task/1'"):
+        decode_task(b"{}", {TASK_HEADER: "task/2"}, "application/json")
+
+
+_TASK = b'{"run_id": "r1", "agent": "a", "task": {"id": "t.1", "prompt": "p"}, "new": 1}'
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "expected"),
+    [
+        (_TASK, {TASK_HEADER: "task/2"}, ("r1", "t.1", "a")),
+        (b'{"run_id": "r1", "task": {"id": "t"}}', {TASK_HEADER: TASK_VERSION}, ("r1", "t", "")),
+        (_TASK, {}, None),  # not a taskexec message: no run to tell
+        (_TASK, None, None),
+        (b"{not json", {TASK_HEADER: TASK_VERSION}, None),
+        (b'["r1", "t"]', {TASK_HEADER: TASK_VERSION}, None),
+        (b'{"run_id": "r 1", "task": {"id": "t"}}', {TASK_HEADER: TASK_VERSION}, None),
+        (b'{"run_id": "r1", "task": {"id": "../t"}}', {TASK_HEADER: TASK_VERSION}, None),
+        (b'{"run_id": "r1", "task": "t"}', {TASK_HEADER: TASK_VERSION}, None),
+    ],
+    ids=[
+        "newer",
+        "no-agent",
+        "no-header",
+        "no-headers",
+        "not-json",
+        "not-object",
+        "bad-run",
+        "bad-task",
+        "task-not-object",
+    ],
+)
+def test_the_addressee_of_an_unreadable_task_message(
+    body: bytes, headers: object, expected: tuple[str, str, str] | None
+) -> None:
+    assert addressee(body, headers) == expected
 
 
 def test_an_oversized_message_is_refused() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
 
 from .._errors import ClusterUnavailableError
@@ -15,6 +16,7 @@ from ._config import Cluster, redact_url
 
 __all__ = ("STORED", "ResultStore", "WorkerInfo", "connect_redis", "worker_info")
 
+log = logging.getLogger("taskexec")
 _MGET_CHUNK = 500
 #: Connections to Redis per process: each round trip is short, so a few serve many tasks.
 REDIS_CONNECTIONS = 32
@@ -131,6 +133,7 @@ class ResultStore:
         self._claim = client.register_script(_CLAIM)
         self._register = client.register_script(_REGISTER)
         self._live = client.register_script(_LIVE)
+        self._unreadable_warned = False
 
     def _result_key(self, run_id: str, task_id: str) -> str:
         return self.cluster.key("run", run_id, "result", task_id)
@@ -218,7 +221,25 @@ class ResultStore:
     async def workers(self) -> list[WorkerInfo]:
         """Return the live workers, by name (and forget the expired ones)."""
         values = await self._live(keys=self._registry())
-        found = [WorkerInfo.model_validate_json(v) for v in values if v is not None]
+        found: list[WorkerInfo] = []
+        unreadable = 0
+        for value in values:
+            if value is None:
+                continue
+            try:
+                found.append(WorkerInfo.model_validate_json(value))
+            except ValidationError:
+                # A worker of another version (a rolling upgrade), or a foreign write: skipped,
+                # so that one entry cannot stop every run of the cluster.
+                unreadable += 1
+        if unreadable and not self._unreadable_warned:
+            self._unreadable_warned = True
+            log.warning(
+                "%d worker registration(s) in %s are not of this version of taskexec; "
+                "skipped (are all workers and orchestrators on the same version?)",
+                unreadable,
+                self._registry()[1],
+            )
         return sorted(found, key=lambda w: w.name)
 
     def _registry(self) -> list[str]:

@@ -7,13 +7,22 @@ not a well-formed task message of this version is refused before a worker looks 
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus, Mode
+from .._models import (
+    _ID_PATTERN,
+    AgentTask,
+    ExecutionError,
+    ExecutionResult,
+    ExecutionStatus,
+    Mode,
+)
 from ._config import RUN_ID_PATTERN
 
 __all__ = (
@@ -22,6 +31,7 @@ __all__ = (
     "BadMessage",
     "TaskEvent",
     "TaskMessage",
+    "addressee",
     "decode_task",
     "failure",
     "routing_key",
@@ -62,8 +72,13 @@ def decode_task(body: bytes, headers: object, content_type: str | None) -> TaskM
     Raises:
         BadMessage: The message is not a taskexec task of this version.
     """
-    if not isinstance(headers, dict) or headers.get(TASK_HEADER) != TASK_VERSION:
+    if not isinstance(headers, dict) or TASK_HEADER not in headers:
         raise BadMessage(f"no {TASK_HEADER}: {TASK_VERSION} header")
+    if headers[TASK_HEADER] != TASK_VERSION:
+        raise BadMessage(
+            f"a task message of protocol {headers[TASK_HEADER]!r}; this worker reads "
+            f"{TASK_VERSION!r}"
+        )
     if content_type != CONTENT_TYPE:
         raise BadMessage(f"content type {content_type!r}, not {CONTENT_TYPE}")
     if len(body) > MAX_MESSAGE_BYTES:
@@ -72,6 +87,32 @@ def decode_task(body: bytes, headers: object, content_type: str | None) -> TaskM
         return TaskMessage.model_validate_json(body)
     except ValidationError as exc:
         raise BadMessage(f"invalid task: {exc.error_count()} problem(s)") from None
+
+
+def addressee(body: bytes, headers: object) -> tuple[str, str, str] | None:
+    """Return the run, task and agent a taskexec message that could not be read is for.
+
+    A message with the taskexec header that fails to decode comes from an orchestrator of
+    another version (or one with a bug): its run waits on the task, so the worker records why
+    it did not run it. Anything without the header, or without a run id and task id that could
+    name them, has no run to tell, and None is returned.
+    """
+    if not isinstance(headers, dict) or TASK_HEADER not in headers:
+        return None
+    if len(body) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("task"), dict):
+        return None
+    run_id, task_id, agent = data.get("run_id"), data["task"].get("id"), data.get("agent")
+    if not (isinstance(run_id, str) and RUN_ID_PATTERN.match(run_id)):
+        return None
+    if not (isinstance(task_id, str) and re.match(_ID_PATTERN, task_id)):
+        return None
+    return run_id, task_id, agent if isinstance(agent, str) else ""
 
 
 #: Workers publish ``finished`` (a "started" event per task measured 10% of the throughput
@@ -104,7 +145,7 @@ def routing_key(run_id: str, task_id: str, state: State) -> str:
 
 
 def failure(
-    task_id: str, agent: str, mode: Mode, kind: str, message: str, **metadata: Any
+    task_id: str, agent: str, mode: Mode | str, kind: str, message: str, **metadata: Any
 ) -> ExecutionResult:
     """Return the ``failed`` result of a task that the cluster could not run (it never started)."""
     now = datetime.now(UTC)

@@ -42,7 +42,15 @@ from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
 from ._store import STORED, ResultStore, WorkerInfo, connect_redis, worker_info
-from ._wire import BadMessage, TaskEvent, TaskMessage, decode_task, failure, routing_key
+from ._wire import (
+    BadMessage,
+    TaskEvent,
+    TaskMessage,
+    addressee,
+    decode_task,
+    failure,
+    routing_key,
+)
 
 __all__ = ("Worker",)
 
@@ -242,6 +250,7 @@ class Worker:
             log.warning(
                 "worker %s: rejected a message to the dead-letter queue: %s", self.name, exc
             )
+            await self._unreadable(message, exc)
             await _settle(message.reject(requeue=False))
             return
         # Quorum queues count earlier deliveries of this message (0 or absent on the first).
@@ -250,6 +259,35 @@ class Worker:
         job = asyncio.create_task(self._handle(message, task, deliveries))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
+
+    async def _unreadable(self, message: AbstractIncomingMessage, problem: BadMessage) -> None:
+        """Tell the run of a taskexec message that this worker cannot run (another version's,
+        or for an agent this worker does not define) why, so that it does not wait for ever."""
+        found = addressee(message.body, message.headers)
+        if found is None or self._store is None:
+            return
+        run_id, task_id, agent = found
+        result = failure(
+            task_id,
+            agent,
+            "",
+            "configuration",
+            f"worker {self.name} did not run the task: {problem} (are the workers and the "
+            "orchestrator on the same version of taskexec, with the same agents?)",
+            worker=self.name,
+            run_id=run_id,
+        )
+        try:
+            counted = await self._store.put_first(run_id, result)
+            await self._finished(run_id, task_id, result if counted is result else None)
+        except Exception as exc:  # Redis away: the message is dead-lettered all the same
+            log.error(
+                "worker %s: could not record task %s of run %s as unreadable: %s",
+                self.name,
+                task_id,
+                run_id,
+                self._roster_redact(str(exc) or type(exc).__name__),
+            )
 
     async def _handle(
         self, message: AbstractIncomingMessage, msg: TaskMessage, deliveries: int
@@ -278,7 +316,7 @@ class Worker:
                 update={"metadata": {**result.metadata, "worker": self.name, "run_id": run_id}}
             )
             counted = await store.put_first(run_id, result)
-            await self._finished(msg, result if counted is result else None)
+            await self._finished(msg.run_id, msg.task.id, result if counted is result else None)
             self.done += 1
             await _settle(message.ack())
         except asyncio.CancelledError:
@@ -302,7 +340,7 @@ class Worker:
             "worker %s: task %s of run %s not run: %s", self.name, msg.task.id, msg.run_id, reason
         )
         if reason == STORED:  # whoever waits on it learns at once, not at its next poll
-            await self._finished(msg, None)
+            await self._finished(msg.run_id, msg.task.id, None)
         await _settle(message.ack())
 
     async def _dead_letter(
@@ -316,15 +354,15 @@ class Worker:
             return
         result = self._dead_lettered(msg, deliveries)
         counted = await self._store.put_first(msg.run_id, result)
-        await self._finished(msg, result if counted is result else None)
+        await self._finished(msg.run_id, msg.task.id, result if counted is result else None)
         await _settle(message.reject(requeue=False))
 
-    async def _finished(self, msg: TaskMessage, first: ExecutionResult | None) -> None:
+    async def _finished(self, run_id: str, task_id: str, first: ExecutionResult | None) -> None:
         """Announce a task's end: with its result if that was the run's first, else as a
         duplicate (whoever waits reads the result that counts from Redis)."""
         event = TaskEvent(
-            run_id=msg.run_id,
-            task_id=msg.task.id,
+            run_id=run_id,
+            task_id=task_id,
             state="finished",
             worker=self.name,
             result=first,
