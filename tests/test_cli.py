@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -525,6 +526,29 @@ def test_a_closed_stdout_or_stderr_loses_no_result(tmp_path: Path, closed: str) 
         assert "[30/30] success" in completed.stderr  # the stream that is open still works
     if closed == "stderr":
         assert "30 tasks: 30 success" in completed.stdout
+
+
+@pytest.mark.parametrize("closing", ["2>&-", ">&-", ">&- 2>&-"])
+def test_descriptors_closed_before_the_start_lose_no_result(tmp_path: Path, closing: str) -> None:
+    """``2>&-`` leaves Python no stream at all (``sys.stderr is None``): the run still runs and
+    records every task."""
+    out = tmp_path / "r.jsonl"
+    command = " ".join(
+        shlex.quote(a)
+        for a in (sys.executable, "-m", "taskexec", "run", str(EXAMPLE), "--output", str(out))
+    )
+    completed = subprocess.run(
+        ["sh", "-c", f"{command} {closing}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert len(lines(out)) == 4
+    assert all(r.ok for r in lines(out))
+    if closing == "2>&-":
+        assert "4 tasks: 4 success" in completed.stdout
 
 
 @pytest.mark.parametrize("engine", ["async", "legacy"])

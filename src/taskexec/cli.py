@@ -77,14 +77,15 @@ def _escape_char(match: re.Match[str]) -> str:
 
 class _BestEffortStream(io.TextIOBase):
     """Standard output or error whose reader may go away: a pipe closed by ``| head``, a
-    terminal that hung up. Writes that fail are dropped, so the run goes on and every result
-    still reaches ``--output``; a closed stderr must not cost the tasks still running.
+    terminal that hung up, or a descriptor closed before the start (``2>&-``; Python then has
+    no stream at all). Writes that fail are dropped, so the run goes on and every result still
+    reaches ``--output``; a closed stderr must not cost the tasks still running.
     """
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str] | None) -> None:
         super().__init__()
         self.stream = stream
-        self.lost = False
+        self.lost = stream is None
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -94,30 +95,32 @@ class _BestEffortStream(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        if not self.lost:
+        if self.stream is not None and not self.lost:
             try:
                 self.stream.write(text)
             except OSError:
-                self._lose()
+                self._lose(self.stream)
         return len(text)
 
     def flush(self) -> None:
-        if not self.lost:
+        if self.stream is not None and not self.lost:
             try:
                 self.stream.flush()
             except OSError:
-                self._lose()
+                self._lose(self.stream)
 
     def isatty(self) -> bool:
         try:
-            return not self.lost and self.stream.isatty()
+            return self.stream is not None and not self.lost and self.stream.isatty()
         except (OSError, ValueError):
             return False
 
     def fileno(self) -> int:
+        if self.stream is None:
+            raise io.UnsupportedOperation("the stream was closed before the command started")
         return self.stream.fileno()
 
-    def _lose(self) -> None:
+    def _lose(self, stream: IO[str]) -> None:
         self.lost = True
         # What the stream still buffers would fail again when Python flushes it at exit (and
         # turn the exit code into 120): point its descriptor at /dev/null, as Python's notes on
@@ -125,7 +128,7 @@ class _BestEffortStream(io.TextIOBase):
         with contextlib.suppress(OSError, ValueError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
-                os.dup2(devnull, self.stream.fileno())
+                os.dup2(devnull, stream.fileno())
             finally:
                 os.close(devnull)
 
