@@ -214,7 +214,8 @@ def workers(processes: Sequence[WorkerProcess]) -> Iterator[Sequence[WorkerProce
 
 
 class CuttableProxy:
-    """A TCP proxy to RabbitMQ on a free 127.0.0.1 port, whose connections a test can cut."""
+    """A TCP proxy (to RabbitMQ or Redis) on a free 127.0.0.1 port, whose connections a test
+    can cut."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
