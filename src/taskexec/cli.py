@@ -372,9 +372,9 @@ class _Interrupts:
 
     The first one cancels cleanly: requests closed, scripts' process groups stopped, a
     ``cancelled`` result for every unfinished task, then exit 128 plus the signal's number (130
-    for SIGINT, 143 for SIGTERM, 129 for SIGHUP). A
-    second one exits at once, after it has SIGKILLed every script process group still running:
-    no child outlives the command either way.
+    for SIGINT, 143 for SIGTERM, 129 for SIGHUP). A second one exits at once, after it has
+    SIGKILLed every script process group still running: no child outlives the command either
+    way.
     """
 
     NAMES: ClassVar[dict[int, str]] = {

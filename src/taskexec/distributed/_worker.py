@@ -2,8 +2,9 @@
 
 The order of one task's steps is what makes a crash lose nothing:
 
-1. A message that is not a taskexec task, or names an agent this worker does not define, is
-   rejected to the dead-letter queue and never run.
+1. A message that is not a taskexec task of this version, or names an agent this worker does
+   not define, is rejected to the dead-letter queue and never run; if it names a run and a
+   task, that task is recorded as ``failed`` with the reason, so that its run does not wait.
 2. A task whose result is already stored (it ran before a crash) or whose run was cancelled is
    acknowledged without running.
 3. A task delivered more often than the cluster's delivery limit (every worker that took it
