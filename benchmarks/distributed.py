@@ -119,6 +119,7 @@ def workers_against_in_process(server: ServerProcess, n: int, repeats: int) -> d
     concurrency = 1000
     samples: dict[str, list[float]] = {"in-process": [], "2 workers": []}
     cpu: dict[str, list[float]] = {}
+    cpu_in_process: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
         folder = Path(tmp)
         agents = _agents_file(folder, server.openai_base_url)
@@ -131,11 +132,15 @@ def workers_against_in_process(server: ServerProcess, n: int, repeats: int) -> d
             "orchestrator": [os.getpid()],
         }
         try:
+            local = {k: processes[k] for k in ("mock server", "orchestrator")}
             for _ in range(repeats):
+                before = {k: _cpu_s(v) for k, v in local.items()}
                 with _environment(None):
                     elapsed, results = asyncio.run(_orchestrate(agent, tasks, concurrency))
                 _check(results, tasks)
                 samples["in-process"].append(elapsed)
+                for k, v in local.items():
+                    cpu_in_process.setdefault(k, []).append(_cpu_s(v) - before[k])
                 before = {k: _cpu_s(v) for k, v in processes.items()}
                 with _environment(cluster):
                     elapsed, results = asyncio.run(_orchestrate(agent, tasks, concurrency))
@@ -146,7 +151,13 @@ def workers_against_in_process(server: ServerProcess, n: int, repeats: int) -> d
         finally:
             for w in workers:
                 w.stop()
-    return {"tasks": n, "concurrency": concurrency, "samples": samples, "cpu_s": cpu}
+    return {
+        "tasks": n,
+        "concurrency": concurrency,
+        "samples": samples,
+        "cpu_s": cpu,
+        "cpu_in_process_s": cpu_in_process,
+    }
 
 
 def _pids(name: str) -> list[int]:
@@ -189,12 +200,13 @@ class _TimedDispatcher(Dispatcher):
             _TimedDispatcher.latencies.append(time.perf_counter() - start)
 
 
-def dispatch_overhead(n: int, sequential: int, repeats: int) -> dict[str, Any]:
+def dispatch_overhead(n: int, sequential: int, single_runs: int, repeats: int) -> dict[str, Any]:
     """Offline tasks (no I/O of their own) through the queue, on 2 workers."""
     agent = Agent(name=AGENT, max_retries=0)
     out: dict[str, list[float]] = {
         "sequential p50 ms": [],
         "sequential p99 ms": [],
+        "one-task run p50 ms": [],
         "loaded p50 ms": [],
         "loaded p99 ms": [],
         "tasks/s": [],
@@ -206,17 +218,25 @@ def dispatch_overhead(n: int, sequential: int, repeats: int) -> dict[str, Any]:
         try:
             with _environment(cluster):
                 for r in range(repeats):
-                    # One at a time: the cost of the round trip itself.
+                    # One at a time, in one run (bound 1): the cost of the round trip itself.
                     _TimedDispatcher.latencies = []
                     one = [AgentTask(id=f"s{r}-{i}", prompt=f"q {i}") for i in range(sequential)]
-                    for task in one:
-                        elapsed, results = asyncio.run(_orchestrate(agent, [task], 1))
-                        _check(results, [task])
+                    elapsed, results = asyncio.run(_orchestrate(agent, one, 1))
+                    _check(results, one)
                     q = statistics.quantiles(_TimedDispatcher.latencies, n=100)
                     out["sequential p50 ms"].append(
                         statistics.median(_TimedDispatcher.latencies) * 1e3
                     )
                     out["sequential p99 ms"].append(q[98] * 1e3)
+                    # A run of a single task: its connections, its queue declaration, the
+                    # task, and closing, all in the figure.
+                    whole = []
+                    for i in range(single_runs):
+                        task = AgentTask(id=f"o{r}-{i}", prompt=f"q {i}")
+                        elapsed, results = asyncio.run(_orchestrate(agent, [task], 1))
+                        _check(results, [task])
+                        whole.append(elapsed)
+                    out["one-task run p50 ms"].append(statistics.median(whole) * 1e3)
                     # Many at once, at the orchestrator's default bound (64).
                     _TimedDispatcher.latencies = []
                     many = [AgentTask(id=f"m{r}-{i}", prompt=f"q {i}") for i in range(n)]
@@ -373,7 +393,7 @@ def run_all(quick: bool, repeats: int) -> dict[str, Any]:
         results["throughput"] = workers_against_in_process(server, n, repeats)
         print(f"distributed throughput: {results['throughput']}", file=sys.stderr)
         results["dispatch"] = dispatch_overhead(
-            500 if quick else 5000, 50 if quick else 300, repeats
+            500 if quick else 5000, 50 if quick else 300, 10 if quick else 50, repeats
         )
         print(f"distributed dispatch: {results['dispatch']}", file=sys.stderr)
         with ServerProcess(latency_s=600.0) as slow:
