@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import taskexec.sync
 from taskexec import AgentTask, ExecutionStatus, MessageBus, ProjectOrchestrator, TaskExecutor
 from taskexec._engines import Batch
 from taskexec.cli import main
-from taskexec.distributed import Cluster, WorkersEngine
+from taskexec.distributed import Cluster, Worker, WorkersEngine
 from taskexec.distributed._dispatch import Dispatcher
 from taskexec.distributed._wire import TASK_HEADER, TASK_VERSION, TaskMessage
 from taskexec.testing import MockServer, mock_server_in_thread
@@ -542,8 +543,10 @@ def test_the_workers_command_lists_live_workers(
         ("--broker", "amqp://guest:hunter2hunter2@127.0.0.1:{port}/", "amqp://guest:***@127.0.0.1"),
         ("--results", "redis://:hunter2hunter2@127.0.0.1:{port}/0", "redis://:***@127.0.0.1"),
         ("--broker", "amqp://guest:hunter2hunter2@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1"),
+        ("--broker", "amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "refused the virtual host"),
+        ("--results", "redis://127.0.0.1:6379/99", "DB index is out of range"),
     ],
-    ids=["broker-down", "redis-down", "broker-wrong-password"],
+    ids=["broker-down", "redis-down", "broker-wrong-password", "broker-no-vhost", "redis-no-db"],
 )
 @pytest.mark.parametrize("command", ["run", "worker", "workers"])
 def test_an_unreachable_service_exits_2_naming_the_url_without_its_password(
@@ -569,6 +572,39 @@ def test_an_unreachable_service_exits_2_naming_the_url_without_its_password(
     err = capsys.readouterr().err
     assert shown in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--concurrency", "70000"], "must be at most 65535 (RabbitMQ's prefetch count)"),
+        (["--concurrency", "0"], "must be at least 1"),
+        (["--grace", "-1"], "must be a number of seconds >= 0"),
+        (["--grace", "nan"], "must be a number of seconds >= 0"),
+    ],
+)
+def test_bad_worker_settings_are_usage_errors(
+    tmp_path: Path, flags: list[str], problem: str
+) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    completed = subprocess.run(
+        [sys.executable, "-m", "taskexec", "worker", str(agents_file), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert f"argument {flags[0]}: {problem}" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_a_worker_refuses_settings_rabbitmq_cannot_take(cluster: Cluster) -> None:
+    agents = [taskexec.Agent(name="writer")]
+    with pytest.raises(ValueError, match="from 1 to 65535"):
+        Worker(agents, cluster, concurrency=65536)
+    with pytest.raises(ValueError, match="grace_s must be >= 0"):
+        Worker(agents, cluster, grace_s=float("nan"))
 
 
 def test_run_id_without_a_broker_is_a_usage_error(

@@ -779,6 +779,24 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _worker_concurrency(value: str) -> int:
+    from .distributed._worker import MAX_CONCURRENCY
+
+    number = _positive_int(value)
+    if number > MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_CONCURRENCY} (RabbitMQ's prefetch count), not {number}"
+        )
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not number >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskexec", description="Run LLM agent tasks concurrently from a plan file."
@@ -841,14 +859,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--results", metavar="URL", help=f"default: ${CLUSTER_ENV_VARS[1]}")
     worker.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=_worker_concurrency,
         default=100,
-        help="most tasks running at once (default 100)",
+        help="most tasks running at once (default 100, at most 65535)",
     )
     worker.add_argument("--name", help="name in the registry (default: HOST-PID)")
     worker.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="on stop, time for tasks in flight to finish before they are handed back (default 10)",

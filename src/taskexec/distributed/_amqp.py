@@ -46,6 +46,13 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ValueError) as exc:
         cause = cluster.redactor()(str(exc) or type(exc).__name__)
+        if "Connection.Close" in cause and "OpenOk" in cause:
+            # RabbitMQ answers the open of a virtual host that does not exist, or that the user
+            # may not use, by closing; aiormq reports only the unexpected frame.
+            cause = (
+                "RabbitMQ refused the virtual host (the URL's path): it does not exist, or "
+                "the user has no permission on it"
+            )
         raise ClusterUnavailableError(
             f"cannot reach RabbitMQ at {redact_url(cluster.broker_url)}: {cause}"
         ) from None

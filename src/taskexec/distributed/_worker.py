@@ -62,6 +62,8 @@ STOP_TIMEOUT_S = 5.0
 SUBSCRIBE_ATTEMPTS = 5
 #: How long a task that failed for want of Redis waits before it goes back to the queue.
 RETRY_PAUSE_S = 1.0
+#: The concurrency is the channel's prefetch count, a 16-bit field in AMQP.
+MAX_CONCURRENCY = 65535
 
 
 class Worker:
@@ -87,8 +89,13 @@ class Worker:
         name: str | None = None,
         grace_s: float = 10.0,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise ValueError(
+                f"concurrency must be from 1 to {MAX_CONCURRENCY} (RabbitMQ's prefetch count), "
+                f"not {concurrency}"
+            )
+        if not grace_s >= 0:  # also NaN
+            raise ValueError(f"grace_s must be >= 0, not {grace_s}")
         self.executor = TaskExecutor(agents)
         if not self.executor.agents:
             raise ValueError("a worker needs at least one agent to serve")
