@@ -222,6 +222,8 @@ class CuttableProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def __aenter__(self) -> CuttableProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -249,6 +251,14 @@ class CuttableProxy:
         """Drop every connection through the proxy at once (both directions)."""
         self._drop()
 
+    def freeze(self) -> None:
+        """Stop relaying, connections left open: a server that no longer answers."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Relay again what was held back."""
+        self._flowing.set()
+
     def _drop(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
@@ -266,10 +276,10 @@ class CuttableProxy:
         )
         self._writers -= {writer, up_writer}
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:

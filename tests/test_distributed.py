@@ -471,6 +471,33 @@ async def test_cut_connections_lose_nothing(
     assert {t: r.output for t, r in stored.items()} == {r.task_id: r.output for r in results}
 
 
+async def test_a_redis_that_stops_answering_fails_the_command_instead_of_holding_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis that neither answers nor closes (a partition that drops packets): a command fails
+    after the store's timeout (here 0.5 s) instead of holding its task for ever."""
+    import redis.exceptions
+
+    from taskexec.distributed import _store as store_module
+
+    monkeypatch.setattr(store_module, "REDIS_COMMAND_TIMEOUT_S", 0.5)
+    async with CuttableProxy("127.0.0.1", 6379) as proxy:
+        via_proxy = Cluster(
+            cluster.broker_url, proxy.url(cluster.results_url), namespace=cluster.namespace
+        )
+        client = await store_module.connect_redis(via_proxy)
+        try:
+            store = store_module.ResultStore(client, via_proxy)
+            assert await store.claim("frozen", "before") is None  # answered
+            proxy.freeze()
+            # The outer bound only keeps a broken test from hanging.
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await asyncio.wait_for(store.claim("frozen", "during"), 30)
+        finally:
+            proxy.thaw()
+            await client.aclose()
+
+
 def test_a_rerun_with_the_same_run_id_keeps_stored_results(
     use_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

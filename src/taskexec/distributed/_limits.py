@@ -14,6 +14,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from .._limits import Limiter, LimitWaitTooLong, RateHeaders
+from . import _store
 
 __all__ = ("RedisLimiter",)
 
@@ -105,7 +106,11 @@ class RedisLimiter(Limiter):
     ) -> None:
         super().__init__(rpm, tpm, max_in_flight)
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=_CONNECTIONS, timeout=30, socket_connect_timeout=5
+            url,
+            max_connections=_CONNECTIONS,
+            timeout=30,
+            socket_connect_timeout=5,
+            socket_timeout=_store.REDIS_COMMAND_TIMEOUT_S,
         )
         self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         prefix = f"taskexec:limit:{name}"

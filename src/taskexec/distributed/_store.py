@@ -20,6 +20,11 @@ log = logging.getLogger("taskexec")
 _MGET_CHUNK = 500
 #: Connections to Redis per process: each round trip is short, so a few serve many tasks.
 REDIS_CONNECTIONS = 32
+#: How long a Redis command may go unanswered before it fails. Every command here takes well
+#: under a millisecond; without a bound, a Redis that stops answering without closing the
+#: connection (a partition that drops packets, a paused host) holds a task, a heartbeat or a
+#: poll for ever (redis-py waits without limit by default).
+REDIS_COMMAND_TIMEOUT_S = 10.0
 #: :meth:`ResultStore.skip_reason` of a task that has a result, and of one whose run ended.
 STORED = "it already has a result"
 CANCELLED = "its run was cancelled"
@@ -83,6 +88,7 @@ async def connect_redis(cluster: Cluster) -> aioredis.Redis:
             max_connections=REDIS_CONNECTIONS,
             timeout=30,
             socket_connect_timeout=5,
+            socket_timeout=REDIS_COMMAND_TIMEOUT_S,
             health_check_interval=10,
         )
         client: aioredis.Redis = aioredis.Redis.from_pool(pool)
