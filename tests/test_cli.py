@@ -44,6 +44,15 @@ def write_plan(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_blank_cluster_variables_run_in_process() -> None:
+    """``TASKEXEC_BROKER_URL=`` (or blanks) is unset, as everywhere else: no distributed run."""
+    blank = {"TASKEXEC_BROKER_URL": " ", "TASKEXEC_RESULTS_URL": ""}
+    completed = taskexec("run", str(EXAMPLE), env=blank)
+    assert completed.returncode == 0, completed.stderr
+    assert "run id" not in completed.stderr
+    assert "4 tasks: 4 success" in completed.stdout
+
+
 def test_example_plan_runs_offline(tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
     completed = taskexec("run", str(EXAMPLE), "--output", str(out))

@@ -593,7 +593,8 @@ def _workers_engine(args: argparse.Namespace, engine: flags.Engine) -> WorkersEn
     Flags win over ``TASKEXEC_BROKER_URL`` / ``TASKEXEC_RESULTS_URL``. The rollback engine
     (``legacy``) always runs in-process.
     """
-    if not (args.broker or args.results or any(os.environ.get(v) for v in CLUSTER_ENV_VARS)):
+    configured = any(os.environ.get(v, "").strip() for v in CLUSTER_ENV_VARS)
+    if not (args.broker or args.results or configured):  # blank values count as unset
         if args.run_id:
             raise UsageError("--run-id needs a distributed run: --broker URL --results URL")
         return None
