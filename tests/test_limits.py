@@ -301,6 +301,18 @@ async def test_the_redis_schedule_spaces_pauses_and_tightens() -> None:
         await limiter.aclose()
 
 
+async def test_blank_limiter_urls_keep_the_limit_in_this_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from taskexec._limits import LocalLimiter, limiter_for
+
+    monkeypatch.setenv("TASKEXEC_LIMITER_URL", " ")
+    monkeypatch.setenv("TASKEXEC_RESULTS_URL", "")
+    agent = Agent(name="a", provider="openai", rpm=60)
+    limiter = limiter_for(agent, "openai", f"http://blank/{os.getpid()}", "k")
+    assert isinstance(limiter, LocalLimiter)
+
+
 def test_a_redis_limiter_is_closed_with_its_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     require_services()
     from taskexec._limits import limiter_for

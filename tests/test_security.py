@@ -335,3 +335,19 @@ def test_script_env_round_trips_in_a_plan(tmp_path: Path) -> None:
     (agent,) = load_plan(plan).agents
     assert agent.env == ScriptEnv(inherit=False, keep=["OPENAI_API_KEY"])
     assert Agent.model_validate_json(agent.model_dump_json()) == agent
+
+
+@pytest.mark.parametrize("vendor", VENDORS[:3], ids=lambda v: v.url_var)
+def test_a_blank_base_url_variable_is_unset(
+    monkeypatch: pytest.MonkeyPatch, vendor: Vendor
+) -> None:
+    """``OPENAI_BASE_URL=`` (or blanks) names no endpoint: requests and the key go to the
+    vendor's own, as with the variable unset."""
+    from taskexec.providers import get_provider
+
+    provider = get_provider(vendor.provider)
+    monkeypatch.setenv(vendor.url_var, "  ")
+    assert provider.environment_base_url() is None
+    assert provider.base_url(Agent(name="a", provider=vendor.provider)) == (
+        provider.default_base_url
+    )

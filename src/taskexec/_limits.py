@@ -326,7 +326,11 @@ def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> 
     limiters = _LIMITERS.setdefault(loop, {})
     found = limiters.get(name)
     if found is None:
-        url = os.environ.get(LIMITER_ENV_VAR) or os.environ.get("TASKEXEC_RESULTS_URL")
+        # Blank values count as unset, as for every other setting.
+        url = (
+            os.environ.get(LIMITER_ENV_VAR, "").strip()
+            or os.environ.get("TASKEXEC_RESULTS_URL", "").strip()
+        )
         if url:
             from .distributed._limits import RedisLimiter
 

@@ -148,8 +148,8 @@ class HttpProvider(Provider):
 
     def environment_base_url(self) -> str | None:
         """Return the base URL the environment names (``base_url_env_var``), or None."""
-        value = os.environ.get(self.base_url_env_var) if self.base_url_env_var else None
-        return value.rstrip("/") if value else None
+        value = os.environ.get(self.base_url_env_var, "") if self.base_url_env_var else ""
+        return value.strip().rstrip("/") or None  # blank: unset
 
     def base_url(self, agent: Agent) -> str:
         """Return the agent's ``base_url``, else the environment's, else the vendor's."""
