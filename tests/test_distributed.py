@@ -314,6 +314,30 @@ async def test_a_run_whose_messages_a_worker_cannot_read_fails_instead_of_waitin
     assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 3
 
 
+async def test_a_task_delivered_again_after_its_result_was_stored_is_not_run_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The moment between storing a result and acknowledging its message: a worker that dies
+    there leaves the message to be delivered again. The next delivery is acknowledged unrun,
+    and whoever waits on the task gets the stored result (through the duplicate event)."""
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    task = AgentTask(id="once", prompt="p")
+    with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+        await worker.registered()
+        async with Dispatcher(cluster, "again") as first:
+            stored = await asyncio.wait_for(first.run(task, "writer", "llm"), 30)
+        # The same message once more, as RabbitMQ would redeliver it; a second dispatcher of
+        # the run (an orchestrator started again) waits on it.
+        async with Dispatcher(cluster, "again") as second:
+            again = await asyncio.wait_for(second.run(task, "writer", "llm"), 30)
+        async with store_of(cluster) as store:
+            counted = await store.counters("again")
+    assert stored.ok
+    assert again == stored  # the stored result itself: same output, same times
+    assert counted == {"executions": 1, "duplicates": 0}
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
 async def test_a_cancelled_runs_queued_tasks_are_dropped_unrun(
     cluster: Cluster, tmp_path: Path
 ) -> None:
