@@ -566,6 +566,20 @@ def test_a_registry_entry_of_another_version_is_skipped(
         assert main(["run", str(plan_file)]) == 0
 
 
+async def test_a_second_worker_of_the_same_name_is_warned(cluster: Cluster, tmp_path: Path) -> None:
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    warning = "a live worker is already registered under this name"
+    first = WorkerProcess(agents_file, cluster, "twin", log_dir=tmp_path / "a")
+    with workers([first]):
+        await first.registered()
+        second = WorkerProcess(agents_file, cluster, "twin", log_dir=tmp_path / "b")
+        with workers([second]):
+            await eventually(lambda: warning in second.log.read_text(), timeout_s=30)
+    assert warning not in first.log.read_text()
+
+
 def test_the_workers_command_lists_live_workers(
     use_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

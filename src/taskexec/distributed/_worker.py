@@ -153,6 +153,7 @@ class Worker:
             )
         )
         try:
+            await self._warn_if_named_twice(store)
             await store.register(self._info())
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(sorted(self._roster.agents)))
@@ -236,6 +237,22 @@ class Worker:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    async def _warn_if_named_twice(self, store: ResultStore) -> None:
+        """Two live workers of one name share one registry entry, and hide each other there
+        (``taskexec workers``, the live-worker checks): say so. Not refused, since a worker
+        restarted at once after a crash finds its own earlier entry until it expires."""
+        here = (socket.gethostname(), os.getpid())
+        for other in await store.workers():
+            if other.name == self.name and (other.host, other.pid) != here:
+                log.warning(
+                    "worker %s: a live worker is already registered under this name (host %s, "
+                    "pid %d); give each worker its own --name, or they hide each other in the "
+                    "registry",
+                    self.name,
+                    other.host,
+                    other.pid,
+                )
 
     def _info(self) -> WorkerInfo:
         return worker_info(
