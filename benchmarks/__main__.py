@@ -377,7 +377,8 @@ the distributed path costs {extra_ms:.2f} ms of CPU more per task, spread over f
 processes). Profiles (pyinstrument, cProfile) found and removed
 three real costs: a keyspace SCAN per registry read, a queue declaration per first publish, and
 redis-py's pool raising past 100 connections (which requeued tasks); dropping a per-task
-"started" event saved another 10%. What is left is spread over aio-pika's frame handling, two
+"started" event saved another 10%, and redis-py's C parser (hiredis, now a dependency) 7-9% of
+the workers' CPU. What is left is spread over aio-pika's frame handling, two
 Redis round trips per task and asyncio itself, with no single hot spot in Python. Measured by
 hand outside the suite (December 2026, py-spy and per-process CPU): about a fifth of a worker's
 samples are in `send()`, one system call per AMQP frame group, Redis command and HTTP request;
