@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -535,6 +536,33 @@ def test_a_closed_stdout_or_stderr_loses_no_result(tmp_path: Path, closed: str) 
         assert "[30/30] success" in completed.stderr  # the stream that is open still works
     if closed == "stderr":
         assert "30 tasks: 30 success" in completed.stdout
+
+
+def test_a_best_effort_stream_drops_what_its_reader_cannot_take() -> None:
+    """The stream wrapper itself: a pipe whose reader is gone is pointed at /dev/null after the
+    first failed write, so what is still buffered cannot fail again at exit."""
+    from taskexec.cli import _BestEffortStream
+
+    missing = _BestEffortStream(None)  # ``2>&-``: Python has no stream at all
+    assert (missing.write("x"), missing.isatty(), missing.encoding) == (1, False, "utf-8")
+    with pytest.raises(io.UnsupportedOperation):
+        missing.fileno()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    raw = open(write_end, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
+    try:
+        stream = _BestEffortStream(raw)
+        assert stream.encoding == "utf-8"
+        assert stream.write("lost\n") == 5
+        assert stream.lost
+        assert not stream.isatty()
+        assert os.readlink(f"/proc/self/fd/{write_end}") == os.devnull
+        raw.write("buffered\n")
+        raw.flush()  # lands in /dev/null: no error
+        assert stream.write("more\n") == 5
+        stream.flush()
+    finally:
+        raw.close()
 
 
 @pytest.mark.parametrize("closing", ["2>&-", ">&-", ">&- 2>&-"])
