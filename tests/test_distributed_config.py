@@ -88,6 +88,7 @@ def test_no_password_survives_redaction_or_repr(password: str) -> None:
         ({"broker_url": "http://x/"}, "not a RabbitMQ URL"),
         ({"results_url": "postgres://x/"}, "not a Redis URL"),
         ({"namespace": "a b"}, "namespace"),
+        ({"namespace": "ns\n"}, "namespace"),  # Python's "$" matches before a final newline
         ({"delivery_limit": 0}, "delivery_limit"),
         ({"no_worker_wait_s": 0}, "no_worker_wait_s"),
         ({"heartbeat_s": -1}, "heartbeat_s"),
@@ -150,7 +151,7 @@ def test_names_are_namespaced() -> None:
     assert routing_key("r", "t.1", "finished") == "run.r.task.t.1.finished"
 
 
-@pytest.mark.parametrize("run_id", ["", "a b", "x" * 65, "../etc", "run:1"])
+@pytest.mark.parametrize("run_id", ["", "a b", "x" * 65, "../etc", "run:1", "run\n", "run\r\n"])
 def test_bad_run_ids_are_refused(run_id: str) -> None:
     with pytest.raises(ConfigurationError, match="run id"):
         check_run_id(run_id)
@@ -217,6 +218,8 @@ _TASK = b'{"run_id": "r1", "agent": "a", "task": {"id": "t.1", "prompt": "p"}, "
         (b"{not json", {TASK_HEADER: TASK_VERSION}, None),
         (b'["r1", "t"]', {TASK_HEADER: TASK_VERSION}, None),
         (b'{"run_id": "r 1", "task": {"id": "t"}}', {TASK_HEADER: TASK_VERSION}, None),
+        (b'{"run_id": "r1\\n", "task": {"id": "t"}}', {TASK_HEADER: TASK_VERSION}, None),
+        (b'{"run_id": "r1", "task": {"id": "t\\n"}}', {TASK_HEADER: TASK_VERSION}, None),
         (b'{"run_id": "r1", "task": {"id": "../t"}}', {TASK_HEADER: TASK_VERSION}, None),
         (b'{"run_id": "r1", "task": "t"}', {TASK_HEADER: TASK_VERSION}, None),
     ],
@@ -228,6 +231,8 @@ _TASK = b'{"run_id": "r1", "agent": "a", "task": {"id": "t.1", "prompt": "p"}, "
         "not-json",
         "not-object",
         "bad-run",
+        "run-newline",
+        "task-newline",
         "bad-task",
         "task-not-object",
     ],

@@ -73,7 +73,7 @@ def check_run_id(run_id: str) -> str:
     Raises:
         ConfigurationError: It cannot.
     """
-    if not RUN_ID_PATTERN.match(run_id):
+    if not RUN_ID_PATTERN.fullmatch(run_id):  # fullmatch: "$" also matches before a final "\n"
         raise ConfigurationError(
             f"run id {run_id!r} is not valid: use 1-64 letters, digits, '_' or '-'"
         )
@@ -121,7 +121,7 @@ class Cluster:
                 f"results URL {redact_url(self.results_url)!r} is not a Redis URL; "
                 "use redis://host:6379/0"
             )
-        if not _NAMESPACE_PATTERN.match(self.namespace):
+        if not _NAMESPACE_PATTERN.fullmatch(self.namespace):
             raise ConfigurationError(
                 f"namespace {self.namespace!r} is not valid: use 1-64 letters, digits, '_' or '-'"
             )

@@ -108,9 +108,9 @@ def addressee(body: bytes, headers: object) -> tuple[str, str, str] | None:
     if not isinstance(data, dict) or not isinstance(data.get("task"), dict):
         return None
     run_id, task_id, agent = data.get("run_id"), data["task"].get("id"), data.get("agent")
-    if not (isinstance(run_id, str) and RUN_ID_PATTERN.match(run_id)):
+    if not (isinstance(run_id, str) and RUN_ID_PATTERN.fullmatch(run_id)):
         return None
-    if not (isinstance(task_id, str) and re.match(_ID_PATTERN, task_id)):
+    if not (isinstance(task_id, str) and re.fullmatch(_ID_PATTERN, task_id)):
         return None
     return run_id, task_id, agent if isinstance(agent, str) else ""
 
