@@ -646,6 +646,8 @@ def test_an_unreachable_service_exits_2_naming_the_url_without_its_password(
         (["--concurrency", "0"], "must be at least 1"),
         (["--grace", "-1"], "must be a number of seconds >= 0"),
         (["--grace", "nan"], "must be a number of seconds >= 0"),
+        (["--name", "w1\nforged log line"], "is not a worker name"),
+        (["--name", ""], "is not a worker name"),
     ],
 )
 def test_bad_worker_settings_are_usage_errors(
@@ -660,7 +662,9 @@ def test_bad_worker_settings_are_usage_errors(
         check=False,
     )
     assert completed.returncode == 2
-    assert f"argument {flags[0]}: {problem}" in completed.stderr
+    (line,) = [x for x in completed.stderr.splitlines() if "error: argument" in x]
+    assert line.startswith(f"taskexec worker: error: argument {flags[0]}: ")
+    assert problem in line
     assert "Traceback" not in completed.stderr
 
 
@@ -670,6 +674,8 @@ def test_a_worker_refuses_settings_rabbitmq_cannot_take(cluster: Cluster) -> Non
         Worker(agents, cluster, concurrency=65536)
     with pytest.raises(ValueError, match="grace_s must be >= 0"):
         Worker(agents, cluster, grace_s=float("nan"))
+    with pytest.raises(ValueError, match="worker name 'a b' is not valid"):
+        Worker(agents, cluster, name="a b")
 
 
 def test_run_id_without_a_broker_is_a_usage_error(

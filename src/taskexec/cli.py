@@ -791,6 +791,17 @@ def _worker_concurrency(value: str) -> int:
     return number
 
 
+def _worker_name(value: str) -> str:
+    from .distributed._worker import WORKER_NAME
+
+    if not WORKER_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{printable(value)!r} is not a worker name: use 1-128 letters, digits, '_', '.', "
+            "':', '@' or '-'"
+        )
+    return value
+
+
 def _seconds(value: str) -> float:
     number = float(value)
     if not number >= 0:  # also NaN
@@ -864,7 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="most tasks running at once (default 100, at most 65535)",
     )
-    worker.add_argument("--name", help="name in the registry (default: HOST-PID)")
+    worker.add_argument(
+        "--name", type=_worker_name, help="name in the registry (default: HOST-PID)"
+    )
     worker.add_argument(
         "--grace",
         type=_seconds,

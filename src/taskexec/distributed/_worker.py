@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -64,6 +65,9 @@ SUBSCRIBE_ATTEMPTS = 5
 RETRY_PAUSE_S = 1.0
 #: The concurrency is the channel's prefetch count, a 16-bit field in AMQP.
 MAX_CONCURRENCY = 65535
+#: A worker's name goes into the registry, log lines and ``taskexec workers``: no spaces or
+#: control characters (a newline would forge a log line), as a host name would have.
+WORKER_NAME = re.compile(r"[A-Za-z0-9_.:@\-]{1,128}")
 
 
 class Worker:
@@ -103,7 +107,14 @@ class Worker:
         self.executor._pool.reserve(concurrency)
         self.cluster = cluster
         self.concurrency = concurrency
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        # The default from the host name, made a valid name whatever the host is called.
+        host = re.sub(r"[^A-Za-z0-9_.:@\-]", "-", socket.gethostname())[:100] or "host"
+        self.name = name or f"{host}-{os.getpid()}"
+        if not WORKER_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"worker name {self.name!r} is not valid: use 1-128 letters, digits, '_', '.', "
+                "':', '@' or '-'"
+            )
         self.grace_s = grace_s
         self.done = 0
         self._in_flight: set[asyncio.Task[None]] = set()
