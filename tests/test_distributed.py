@@ -748,12 +748,15 @@ async def test_an_agent_the_worker_defines_differently_fails_with_its_reason(
     assert "command" in result.error.message
 
 
-@pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(2, 130), (15, 143), (1, 129)], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 async def test_an_interrupted_distributed_run_cancels_cleanly(
     use_cluster: Cluster, tmp_path: Path, slow_server: MockServer, signum: int, code: int
 ) -> None:
-    """Ctrl-C or SIGTERM on `taskexec run` against workers: one `cancelled` line per task, the
-    usual exit code, and the run marked cancelled so that workers drop what is still queued."""
+    """Ctrl-C, SIGTERM or SIGHUP on `taskexec run` against workers: one `cancelled` line per
+    task, the usual exit code, and the run marked cancelled so that workers drop what is still
+    queued."""
     agents = [
         {
             "name": "writer",
