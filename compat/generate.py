@@ -130,6 +130,11 @@ class Generator:
     def render_class(self, shim: Shim) -> str:
         module = importlib.import_module(shim.module)
         cls = getattr(module, shim.name)
+        unknown = sorted(
+            n for n in shim.entries if not inspect.iscoroutinefunction(getattr(cls, n, None))
+        )
+        if unknown:
+            raise SystemExit(f"{shim.name}: entries {unknown} are not coroutine methods")
         alias = f"_Async{shim.name}"
         self.imports.setdefault(shim.module, set()).add(f"{shim.name} as {alias}")
         doc = _sync_doc(shim.docs.get(""), inspect.getdoc(cls) or "")
@@ -193,7 +198,9 @@ class Generator:
         returns = self.returns(member, module)
         if inspect.iscoroutinefunction(member):
             args = ", ".join([f"self._async.{name}", *forward])
-            body = f"        return _bridge.call({args})"
+            # An entry of the engine seam may run in the caller's thread (the rollback engine).
+            bridge = "call_entry" if name in shim.entries else "call"
+            body = f"        return _bridge.{bridge}({args})"
         else:
             body = f"        return self._async.{name}({', '.join(forward)})"
         return [f"    def {sync_name}({params}){returns}:", doc, body, ""]

@@ -26,6 +26,10 @@ class Shim:
     #: Sync docstrings for members ("" is the class) whose async docstring does not hold. One
     #: without an ``Args:`` section gets the async docstring's sections (Args, Raises, ...).
     docs: dict[str, str] = field(default_factory=dict)
+    #: Methods that hand their work to the engine seam (``taskexec._engines.entry``): their
+    #: shims run on the rollback engine in the caller's thread, with no event loop at all.
+    #: A method missing here still works on every engine, through the bridge's loop.
+    entries: frozenset[str] = frozenset()
 
 
 #: Async name -> sync name.
@@ -58,7 +62,12 @@ Raises:
 """
 
 SHIMS = (
-    Shim("taskexec._executor", "TaskExecutor", docs={"": _EXECUTOR_DOC}),
+    Shim(
+        "taskexec._executor",
+        "TaskExecutor",
+        docs={"": _EXECUTOR_DOC},
+        entries=frozenset({"execute"}),
+    ),
     Shim(
         "taskexec._orchestrator",
         "ProjectOrchestrator",
@@ -68,5 +77,6 @@ SHIMS = (
             "bus": "the message bus is async-only for now (see the contract)",
         },
         docs={"": _ORCHESTRATOR_DOC},
+        entries=frozenset({"execute_task", "execute_tasks", "run"}),
     ),
 )

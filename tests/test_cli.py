@@ -541,9 +541,9 @@ def test_a_closed_stdout_or_stderr_loses_no_result(tmp_path: Path, closed: str) 
 def test_a_best_effort_stream_drops_what_its_reader_cannot_take() -> None:
     """The stream wrapper itself: a pipe whose reader is gone is pointed at /dev/null after the
     first failed write, so what is still buffered cannot fail again at exit."""
-    from taskexec.cli import _BestEffortStream
+    from taskexec.cli._output import BestEffortStream
 
-    missing = _BestEffortStream(None)  # ``2>&-``: Python has no stream at all
+    missing = BestEffortStream(None)  # ``2>&-``: Python has no stream at all
     assert (missing.write("x"), missing.isatty(), missing.encoding) == (1, False, "utf-8")
     with pytest.raises(io.UnsupportedOperation):
         missing.fileno()
@@ -551,7 +551,7 @@ def test_a_best_effort_stream_drops_what_its_reader_cannot_take() -> None:
     os.close(read_end)
     raw = open(write_end, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
     try:
-        stream = _BestEffortStream(raw)
+        stream = BestEffortStream(raw)
         assert stream.encoding == "utf-8"
         assert stream.write("lost\n") == 5
         assert stream.lost

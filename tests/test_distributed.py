@@ -18,7 +18,7 @@ import yaml
 
 import taskexec.sync
 from taskexec import AgentTask, ExecutionStatus, MessageBus, ProjectOrchestrator, TaskExecutor
-from taskexec._engines import Batch
+from taskexec._engines.base import Batch
 from taskexec.cli import main
 from taskexec.distributed import Cluster, Worker, WorkersEngine
 from taskexec.distributed._dispatch import Dispatcher
@@ -324,12 +324,14 @@ async def test_a_task_delivered_again_after_its_result_was_stored_is_not_run_aga
     task = AgentTask(id="once", prompt="p")
     with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
         await worker.registered()
-        async with Dispatcher(cluster, "again") as first:
-            stored = await asyncio.wait_for(first.run(task, "writer", "llm"), 30)
+        async with Dispatcher(cluster) as first:
+            await first.attach("again")
+            stored = await asyncio.wait_for(first.run("again", task, "writer", "llm"), 30)
         # The same message once more, as RabbitMQ would redeliver it; a second dispatcher of
         # the run (an orchestrator started again) waits on it.
-        async with Dispatcher(cluster, "again") as second:
-            again = await asyncio.wait_for(second.run(task, "writer", "llm"), 30)
+        async with Dispatcher(cluster) as second:
+            await second.attach("again")
+            again = await asyncio.wait_for(second.run("again", task, "writer", "llm"), 30)
         async with store_of(cluster) as store:
             counted = await store.counters("again")
     assert stored.ok
@@ -390,9 +392,10 @@ async def test_no_key_travels_through_the_broker(
         from taskexec.distributed._store import worker_info
 
         await store.register(worker_info("fake", "h", 1, ["writer"], 1, 0, 0, 0.0))
-        async with Dispatcher(cluster, "keys") as dispatcher:
+        async with Dispatcher(cluster) as dispatcher:
+            await dispatcher.attach("keys")
             sent = asyncio.create_task(
-                dispatcher.run(AgentTask(id="a", prompt="hello"), agent.name, "llm")
+                dispatcher.run("keys", AgentTask(id="a", prompt="hello"), agent.name, "llm")
             )
             connection = await aio_pika.connect(cluster.broker_url)
             try:
@@ -425,14 +428,18 @@ async def test_a_task_without_a_live_worker_fails_after_the_wait(cluster: Cluste
     )
     executor = TaskExecutor([taskexec.Agent(name="writer")])
     batch = Batch(
-        executor._roster,
-        executor._settings,
+        executor.parts.roster,
+        executor.parts.settings,
         [AgentTask(id="a", prompt="p"), AgentTask(id="b", prompt="{{a}}", depends_on=["a"])],
         False,
         8,
         MessageBus(),
     )
-    first, second = await WorkersEngine(quick).execute_tasks(batch)
+    engine = WorkersEngine(quick)
+    try:
+        first, second = await engine.execute_tasks(batch)
+    finally:
+        await engine.aclose()
     assert first.status is ExecutionStatus.FAILED
     assert first.error is not None
     assert first.error.kind == "no_worker"

@@ -8,8 +8,16 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from taskexec import AgentTask, ClusterUnavailableError, ConfigurationError
-from taskexec._engines import CLUSTER_ENV_VARS, AsyncEngine, LegacyEngine, current_engine
+from taskexec import (
+    AgentTask,
+    ClusterUnavailableError,
+    ConfigurationError,
+    MessageBus,
+    TaskExecutor,
+)
+from taskexec._engines.inprocess import AsyncEngine
+from taskexec._engines.legacy import LegacyEngine
+from taskexec._engines.registry import EngineSet, select_engine
 from taskexec.distributed import (
     BROKER_ENV_VAR,
     NAMESPACE_ENV_VAR,
@@ -133,13 +141,22 @@ def test_the_environment_names_the_cluster(monkeypatch: pytest.MonkeyPatch) -> N
 def test_the_dispatch_point_picks_workers_only_when_a_cluster_is_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert CLUSTER_ENV_VARS == (BROKER_ENV_VAR, RESULTS_ENV_VAR)
-    assert isinstance(current_engine(), AsyncEngine)
+    engines = EngineSet()
+    assert isinstance(select_engine(engines), AsyncEngine)
     monkeypatch.setenv(BROKER_ENV_VAR, BROKER)
     monkeypatch.setenv(RESULTS_ENV_VAR, RESULTS)
-    assert isinstance(current_engine(), WorkersEngine)
+    workers = select_engine(engines)
+    assert isinstance(workers, WorkersEngine)
+    assert select_engine(engines) is workers  # one engine (one connection) per executor
     with use_engine("legacy"):  # the rollback flag wins: in-process, whatever else is set
-        assert isinstance(current_engine(), LegacyEngine)
+        assert isinstance(select_engine(engines), LegacyEngine)
+    # The executor's own cluster wins over the environment's, and gets an engine of its own.
+    own = EngineSet("amqp://own/", "redis://own/0")
+    chosen = select_engine(own)
+    assert isinstance(chosen, WorkersEngine)
+    assert chosen.cluster.broker_url == "amqp://own/"
+    # A worker's own executor never sends work to a cluster.
+    assert isinstance(select_engine(EngineSet(in_process=True)), AsyncEngine)
 
 
 def test_names_are_namespaced() -> None:
@@ -152,11 +169,14 @@ def test_names_are_namespaced() -> None:
 
 
 @pytest.mark.parametrize("run_id", ["", "a b", "x" * 65, "../etc", "run:1", "run\n", "run\r\n"])
-def test_bad_run_ids_are_refused(run_id: str) -> None:
+async def test_bad_run_ids_are_refused(run_id: str) -> None:
     with pytest.raises(ConfigurationError, match="run id"):
         check_run_id(run_id)
+    batch = TaskExecutor().parts.batch(
+        [], fail_fast=False, limit=1, bus=MessageBus(), run_id=run_id
+    )
     with pytest.raises(ConfigurationError, match="run id"):
-        WorkersEngine(Cluster(BROKER, RESULTS), run_id)
+        await WorkersEngine(Cluster(BROKER, RESULTS)).execute_tasks(batch)
 
 
 def test_a_task_message_round_trips() -> None:

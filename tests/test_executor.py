@@ -56,7 +56,7 @@ async def test_offline_is_deterministic_and_needs_no_network(make_executor: Make
     assert (first.agent, first.mode, first.engine, first.attempts) == ("writer", "llm", "async", 1)
     assert first.metadata["execution_mode"] == "llm"
     assert first.usage.input_tokens == 3
-    assert executor._pool.clients_created == 0
+    assert executor.parts.settings.pool.clients_created == 0
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ async def test_sequential_calls_reuse_one_pooled_connection(
     async with make_executor(openai_agent(mock_server)) as executor:
         for i in range(20):
             assert (await executor.execute(AgentTask(id=f"t{i}", prompt="x"))).ok
-        assert executor._pool.clients_created == 1
+        assert executor.parts.settings.pool.clients_created == 1
     assert mock_server.stats.connections_opened == 1
     assert mock_server.stats.chat_requests == 20
 
@@ -296,7 +296,7 @@ async def test_script_mode_json_output() -> None:
     task = AgentTask(id="t", prompt="Do {{d}}", depends_on=["d"])
     async with executor_for(agent) as executor:
         result = await execute_task(
-            executor._roster, executor._settings, task, None, None, {"d": "the thing"}
+            executor.parts.roster, executor.parts.settings, task, None, None, {"d": "the thing"}
         )
     assert result.status is ExecutionStatus.SUCCESS
     assert result.output == "echo bot: Do the thing"
@@ -453,8 +453,8 @@ def test_programmer_errors_raise_with_the_fix() -> None:
         TaskExecutor([Agent(name="a"), Agent(name="a")])
     with pytest.raises(UnknownAgentError, match="default_agent 'x'"):
         TaskExecutor([Agent(name="a")], default_agent="x")
-    assert executor._roster.resolve_names(task, agent="zed") == ("zed", "")
-    assert executor._roster.resolve_names(task, agent="a", mode="script") == ("a", "script")
+    assert executor.parts.roster.resolve_names(task, agent="zed") == ("zed", "")
+    assert executor.parts.roster.resolve_names(task, agent="a", mode="script") == ("a", "script")
     assert "agents=[a, b]" in repr(executor)
 
 

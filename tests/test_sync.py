@@ -352,8 +352,8 @@ def test_asyncio_run_per_call_releases_its_connections(mock_server: MockServer) 
     # This test is such a caller: one new loop per call, on purpose.
     assert all(asyncio.run(app()) for _ in range(20))
     wait_until(lambda: _open_connections(mock_server) == 0, "every call's connection closed")
-    assert executor._pool.clients_created == 20
-    assert len(executor._pool._clients) == 0
+    assert executor.parts.settings.pool.clients_created == 20
+    assert len(executor.parts.settings.pool._clients) == 0
 
 
 def test_a_loop_closed_without_shutdown_is_released_at_the_next_use(
@@ -372,7 +372,7 @@ def test_a_loop_closed_without_shutdown_is_released_at_the_next_use(
     # The next use of the pool, on any loop, drops the closed loops' sockets.
     assert asyncio.run(executor.execute(task)).ok
     wait_until(lambda: _open_connections(mock_server) == 0, "the closed loops' connections")
-    assert len(executor._pool._clients) == 0
+    assert len(executor.parts.settings.pool._clients) == 0
 
 
 def test_a_thread_sensitive_call_inside_the_shim_does_not_deadlock(tmp_path: Path) -> None:

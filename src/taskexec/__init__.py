@@ -5,6 +5,7 @@ from ._errors import BusTimeoutError as BusTimeoutError
 from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import InvalidValueError as InvalidValueError
+from ._errors import MissingExtraError as MissingExtraError
 from ._errors import NoSubscriberError as NoSubscriberError
 from ._errors import NotAModelError as NotAModelError
 from ._errors import NotARequestError as NotARequestError
@@ -45,6 +46,7 @@ __all__ = (
     "ExecutionStatus",
     "InvalidValueError",
     "MessageBus",
+    "MissingExtraError",
     "NoSubscriberError",
     "NotAModelError",
     "NotARequestError",

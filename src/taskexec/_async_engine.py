@@ -34,7 +34,7 @@ from .bus import TaskEvent, _current_bus
 from .providers import secret_redactor
 
 if TYPE_CHECKING:
-    from ._engines import Batch
+    from ._engines.base import Batch
 
 __all__ = ("RunOne", "execute_task", "run_batch")
 

@@ -9,6 +9,9 @@ It follows asgiref's ``async_to_sync`` semantics, and avoids its traps:
   length of its call (a re-entry, a few microseconds); one that finds another thread running it
   hands its call over, and takes over the running if that thread finishes first. One loop, one
   pool, one ``close()``, for every thread (the measured alternatives: ``benchmarks/RESULTS.md``).
+- **The rollback engine** runs in the calling thread with no loop at all: an entry's coroutine
+  is first run by hand here (:mod:`taskexec._engines.entry`); it finishes at once on an engine
+  that runs in the caller's thread, or asks for a loop before it touches one.
 - **Contextvars** are copied in and back; **a running loop in this thread** is an error
   (:class:`SyncInAsyncContextError`), never a hang or a nested loop.
 - **Ctrl-C** cancels the task and waits for its cleanup (request closed, subprocess killed)
@@ -27,16 +30,17 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+import types
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 from ._callsite import caller_site, enter_sync_call
-from ._engines import current_engine, work_of
+from ._engines.entry import BLOCKING_CALLER, NEED_LOOP
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
 
-__all__ = ("call", "unwrap")
+__all__ = ("call", "call_entry", "unwrap")
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -263,12 +267,29 @@ def _restore_context(context: contextvars.Context) -> None:
 def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``await method(*args, **kwargs)`` (a bound async method) and return its result, blocking.
 
-    When the current engine runs in the caller's thread (the legacy engine), the work the
-    method stands for goes to it directly, with no event loop of the bridge involved.
+    Raises:
+        SyncInAsyncContextError: This thread is running an event loop.
+    """
+    return _blocking(method, args, kwargs, entry=False)
+
+
+def call_entry(
+    method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Like :func:`call`, for a method that hands its work to the engine seam.
+
+    Its coroutine is first run in this thread: on an engine that runs in the caller's thread
+    (the rollback engine) the work runs right here, with no event loop of the bridge involved.
 
     Raises:
         SyncInAsyncContextError: This thread is running an event loop.
     """
+    return _blocking(method, args, kwargs, entry=True)
+
+
+def _blocking(
+    method: Callable[..., Coroutine[Any, Any, T]], args: Any, kwargs: Any, *, entry: bool
+) -> T:
     name = method.__name__
     cls = type(getattr(method, "__self__", None)).__name__
     try:
@@ -280,32 +301,74 @@ def call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs
             f"taskexec.sync.{cls}.{name}() blocks, and this thread is running an event loop; "
             f"use `await taskexec.{cls}.{name}(...)` here instead"
         )
-    # The caller's line (call() <- the shim method <- the caller), for warnings raised while the
-    # call runs on a loop, perhaps in another thread, where that line is not on the stack.
-    token = enter_sync_call(cls, name, sys._getframe(2))
+    # The caller's line (_blocking() <- call() <- the shim method <- the caller), for warnings
+    # raised while the call runs on a loop, perhaps in another thread, where that line is not
+    # on the stack.
+    token = enter_sync_call(cls, name, sys._getframe(3))
     try:
-        return _call(method, *args, **kwargs)
+        return _call(method(*args, **kwargs), entry)
     finally:
         caller_site.reset(token)
 
 
-def _call(method: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    engine = current_engine()
-    if engine.runs_in_caller_thread:
-        # The legacy engine runs in this thread, with no loop of the bridge involved: the
-        # rollback path must not depend on the bridge.
-        work = work_of(method, args, kwargs)
-        if work is not None:
-            return cast(T, engine.run_blocking(work))
-    if _inside_asgiref():
-        # A Django-style view under sync_to_async: run on the application's loop the way
-        # asgiref does, CurrentThreadExecutor included, so that a thread-sensitive
-        # sync_to_async awaited inside the call can run in this (blocked) thread.
-        from asgiref.sync import async_to_sync
+def _probe(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run an entry's coroutine up to where it needs a loop, as a blocking caller (see
+    :mod:`taskexec._engines.entry`); StopIteration carries its value if it never needed one."""
+    token = BLOCKING_CALLER.set(True)
+    try:
+        return coro.send(None)
+    finally:
+        BLOCKING_CALLER.reset(token)
 
-        return async_to_sync(method)(*args, **kwargs)
+
+@types.coroutine
+def _go_on(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+    """Go on running a coroutine that was started by hand, on the running loop.
+
+    The same delegation ``await`` does; the coroutine's first step (up to its request for a
+    loop) already ran in the calling thread.
+    """
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            yielded = coro.send(value) if error is None else coro.throw(error)
+        except StopIteration as stop:
+            return cast(T, stop.value)
+        value, error = None, None
+        try:
+            value = yield yielded
+        except BaseException as exc:  # cancellation (Ctrl-C, a timeout) goes on inside
+            error = exc
+
+
+async def _resumed(coro: Coroutine[Any, Any, T]) -> T:
+    return await _go_on(coro)
+
+
+def _call(coro: Coroutine[Any, Any, T], entry: bool) -> T:
     context = contextvars.copy_context()
     try:
-        return _shared.run(method(*args, **kwargs), context)
+        if entry:
+            try:
+                yielded = context.run(_probe, coro)
+            except StopIteration as done:
+                # The engine ran the work in this thread (the rollback engine): no loop.
+                return cast(T, done.value)
+            if yielded is not NEED_LOOP:  # pragma: no cover (an entry asks before it awaits)
+                coro.close()
+                raise RuntimeError(f"an entry's coroutine awaited {yielded!r} before a loop")
+            coro = _resumed(coro)
+        if _inside_asgiref():
+            # A Django-style view under sync_to_async: run on the application's loop the way
+            # asgiref does, CurrentThreadExecutor included, so that a thread-sensitive
+            # sync_to_async awaited inside the call can run in this (blocked) thread.
+            from asgiref.sync import async_to_sync
+
+            async def awaited() -> T:
+                return await coro
+
+            return async_to_sync(awaited)()
+        return _shared.run(coro, context)
     finally:
         _restore_context(context)

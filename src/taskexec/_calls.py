@@ -23,7 +23,7 @@ from ._http import ClientPool
 from ._models import (
     Agent,
     AgentTask,
-    Engine,
+    EngineName,
     ExecutionError,
     ExecutionResult,
     ExecutionStatus,
@@ -133,7 +133,7 @@ class Roster:
         return resolved.name, chosen
 
     def not_run_result(
-        self, task: AgentTask, status: ExecutionStatus, error: ExecutionError, engine: Engine
+        self, task: AgentTask, status: ExecutionStatus, error: ExecutionError, engine: EngineName
     ) -> ExecutionResult:
         """Return the result of a task that never ran (``skipped`` or ``cancelled``).
 

@@ -16,6 +16,7 @@ __all__ = (
     "ClusterUnavailableError",
     "ConfigurationError",
     "InvalidValueError",
+    "MissingExtraError",
     "NoSubscriberError",
     "NotAModelError",
     "NotARequestError",
@@ -60,6 +61,13 @@ class SyncInAsyncContextError(TaskexecError, RuntimeError):
 
     Also a ``RuntimeError``, as asgiref's ``SynchronousOnlyOperation`` family is for the same
     misuse, so code that catches either keeps working.
+    """
+
+
+class MissingExtraError(ConfigurationError):
+    """A call or command needs an optional part of taskexec that is not installed.
+
+    The message names the extra to install (``pip install 'taskexec[workers]'``).
     """
 
 

@@ -1,8 +1,8 @@
 """The async TaskExecutor: the public face of running one task.
 
-It holds the agents (a :class:`~taskexec._calls.Roster`) and how calls are made (a
-:class:`~taskexec._calls.CallSettings` with the connection pool), and hands each call to the
-engine the rollback flag names (:mod:`taskexec._engines`); the modes themselves live in
+It holds its parts (:class:`~taskexec._engines.parts.ExecutorParts`: the agents, how calls are
+made with the connection pool, and the engines it has opened) and hands each call to the engine
+seam (:mod:`taskexec._engines.entry`), which chooses the engine; the modes themselves live in
 :mod:`taskexec._modes`.
 """
 
@@ -15,7 +15,9 @@ from typing import Self
 import httpx
 
 from ._calls import DEFAULT_TIMEOUT_S, CallSettings, Roster
-from ._engines import Job, current_engine, dispatched
+from ._engines import entry
+from ._engines.parts import ExecutorParts
+from ._engines.registry import EngineSet
 from ._http import ClientPool
 from ._models import Agent, AgentTask, ExecutionResult, Mode
 from ._retry import RetryPolicy
@@ -42,6 +44,9 @@ class TaskExecutor:
         attempt_timeout_s: Cap on one HTTP attempt, so a stalled reply is retried
             (default: an attempt may use all the time left before the task's deadline).
         retry_policy: Backoff between attempts.
+        broker_url: Run tasks on the workers of this RabbitMQ (``amqp://...``); wins over
+            ``TASKEXEC_BROKER_URL``. Needs the ``workers`` extra (see docs/DISTRIBUTED.md).
+        results_url: The Redis of those workers' results; wins over ``TASKEXEC_RESULTS_URL``.
 
     Raises:
         ConfigurationError: Two agents share a name, or ``default_agent`` is not among them.
@@ -57,46 +62,45 @@ class TaskExecutor:
         connect_timeout_s: float = 10.0,
         attempt_timeout_s: float | None = None,
         retry_policy: RetryPolicy | None = None,
+        broker_url: str | None = None,
+        results_url: str | None = None,
     ) -> None:
-        self._roster = Roster(agents, default_agent)
-        self._pool = ClientPool(
+        pool = ClientPool(
             max_connections=max_connections,
             connect_timeout_s=connect_timeout_s,
             httpx_client=http_client,
         )
-        self._settings = CallSettings(self._pool, retry_policy or RetryPolicy(), attempt_timeout_s)
+        #: The agents, call settings and engines, for the engine seam (not a user API).
+        self.parts = ExecutorParts(
+            Roster(agents, default_agent),
+            CallSettings(pool, retry_policy or RetryPolicy(), attempt_timeout_s),
+            EngineSet(broker_url, results_url),
+        )
 
     def __repr__(self) -> str:
-        return (
-            f"<TaskExecutor agents=[{self._roster.names()}] default_agent={self.default_agent!r}>"
-        )
+        names = self.parts.roster.names()
+        return f"<TaskExecutor agents=[{names}] default_agent={self.default_agent!r}>"
 
     @property
     def agents(self) -> Mapping[str, Agent]:
         """The registered agents by name (read-only)."""
-        return self._roster.agents
+        return self.parts.roster.agents
 
     @property
     def default_agent(self) -> str | None:
         """The agent for tasks that name none (None: the only agent, if there is one)."""
-        return self._roster.default_agent
+        return self.parts.roster.default_agent
 
     @property
     def retry_policy(self) -> RetryPolicy:
         """The backoff between attempts."""
-        return self._settings.retry_policy
+        return self.parts.settings.retry_policy
 
     @property
     def attempt_timeout_s(self) -> float | None:
         """The cap on one HTTP attempt (None: until the task's deadline)."""
-        return self._settings.attempt_timeout_s
+        return self.parts.settings.attempt_timeout_s
 
-    def _job(
-        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
-    ) -> Job:
-        return Job(self._roster, self._settings, task, agent, mode)
-
-    @dispatched(_job)
     async def execute(
         self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
     ) -> ExecutionResult:
@@ -115,11 +119,12 @@ class TaskExecutor:
             UnsupportedModeError: The agent cannot serve the mode.
             ConfigurationError: No agent is named anywhere and there is no default.
         """
-        return await current_engine().execute(self._job(task, agent, mode))
+        return await entry.execute(self.parts.engines, self.parts.job(task, agent, mode))
 
     async def aclose(self) -> None:
-        """Close every pooled HTTP connection."""
-        await self._pool.aclose()
+        """Close every pooled HTTP connection, and the cluster connection if one was opened."""
+        await self.parts.engines.aclose()
+        await self.parts.settings.pool.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -142,7 +147,7 @@ class TaskExecutor:
             UnsupportedModeError: The agent cannot serve the mode.
             ConfigurationError: No agent is named anywhere and there is no default.
         """
-        return self._roster.resolve(task, agent, mode)
+        return self.parts.roster.resolve(task, agent, mode)
 
     def _derive(
         self, extra_agents: Iterable[Agent], default_agent: str | None = None
@@ -150,6 +155,5 @@ class TaskExecutor:
         """Return an executor with more agents (and perhaps another default) that shares this
         one's pool and settings."""
         derived = object.__new__(TaskExecutor)
-        derived.__dict__.update(self.__dict__)
-        derived._roster = self._roster.extended(extra_agents, default_agent)
+        derived.parts = self.parts.with_agents(extra_agents, default_agent)
         return derived

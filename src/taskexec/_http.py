@@ -346,6 +346,10 @@ class ClientPool:
 
     async def aclose(self) -> None:
         """Close every client: on this loop directly, on other running loops through them."""
+        if not self._clients:
+            # Nothing opened: no loop needed (a blocking caller on the rollback engine closes
+            # its executor without one).
+            return
         current = asyncio.get_running_loop()
         clients = list(self._clients.items())
         self._clients.clear()

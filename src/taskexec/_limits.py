@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ._models import Agent
+from ._plugins import load_plugin
 
 __all__ = (
     "HEADROOM",
@@ -298,6 +299,18 @@ _LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Limite
 )
 
 
+#: Makes a limiter shared through Redis: ``(url, name, rpm, tpm, max_in_flight)``. Registered by
+#: the optional part that provides it (:mod:`taskexec.distributed`), not imported from here.
+SharedLimiterFactory = Callable[[str, str, int | None, int | None, int | None], "Limiter"]
+_shared_limiter: SharedLimiterFactory | None = None
+
+
+def register_shared_limiter(factory: SharedLimiterFactory) -> None:
+    """Make limits shared through Redis with ``factory`` (the workers extra registers one)."""
+    global _shared_limiter
+    _shared_limiter = factory
+
+
 def identity(agent: Agent, provider: str, base_url: str, key: str | None) -> str:
     """A name for the limit a request counts against: the provider's endpoint, the key and the
     model. The key enters only through a one-way hash, so no part of it is in the name."""
@@ -332,9 +345,11 @@ def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> 
             or os.environ.get("TASKEXEC_RESULTS_URL", "").strip()
         )
         if url:
-            from .distributed._limits import RedisLimiter
-
-            found = RedisLimiter(url, name, *limits)
+            if _shared_limiter is None:
+                # The shared limiter is part of the workers extra: it registers itself.
+                load_plugin("workers", f"a limit shared through Redis ({LIMITER_ENV_VAR})")
+            assert _shared_limiter is not None
+            found = _shared_limiter(url, name, *limits)
             _close_with_loop(found)
         else:
             found = LocalLimiter(*limits)

@@ -39,7 +39,6 @@ __all__ = (
 Mode = Literal["llm", "api", "script"]
 #: The engines the rollback flag chooses between (``taskexec.flags``).
 EngineName = Literal["async", "legacy"]
-Engine = EngineName  # the name ExecutionResult.engine has always used
 
 _ID_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 #: ``{{dep_id}}`` in a prompt names the output of a dependency.
@@ -201,7 +200,7 @@ class ExecutionResult(_Model):
     error: ExecutionError | None = None
     agent: str
     mode: str
-    engine: Engine
+    engine: EngineName
     attempts: int = Field(ge=0)
     started_at: AwareDatetime
     finished_at: AwareDatetime

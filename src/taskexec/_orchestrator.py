@@ -1,18 +1,20 @@
 """ProjectOrchestrator: many tasks at once, in dependency order, within a concurrency bound.
 
 The scheduling itself is the engine's (:mod:`taskexec._async_engine` on the default engine):
-the orchestrator describes each run as a :class:`~taskexec._engines.Batch` and hands it over.
+the orchestrator describes each run as a :class:`~taskexec._engines.base.Batch` and hands it to
+the engine seam (:mod:`taskexec._engines.entry`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Self
 
-from ._engines import Batch, current_engine, dispatched
+from ._engines import entry
+from ._engines.base import Batch
 from ._errors import InvalidValueError, PlanError
 from ._executor import TaskExecutor
 from ._models import Agent, AgentTask, ExecutionResult, Mode
@@ -81,26 +83,37 @@ class ProjectOrchestrator:
         fail_fast: bool = False,
         executor: TaskExecutor | None = None,
         limit: int | None = None,
+        on_result: Callable[[ExecutionResult], None] | None = None,
+        run_id: str | None = None,
     ) -> Batch:
         executor = executor or self.executor
-        return Batch(
-            executor._roster,
-            executor._settings,
-            list(tasks),
-            fail_fast,
-            limit or self.max_concurrency,
-            self.bus,
+        return executor.parts.batch(
+            tasks,
+            fail_fast=fail_fast,
+            limit=limit or self.max_concurrency,
+            bus=self.bus,
+            on_result=on_result,
+            run_id=run_id,
         )
 
-    @dispatched(_batch)
     async def execute_tasks(
-        self, tasks: Iterable[AgentTask], *, fail_fast: bool = False
+        self,
+        tasks: Iterable[AgentTask],
+        *,
+        fail_fast: bool = False,
+        on_result: Callable[[ExecutionResult], None] | None = None,
+        run_id: str | None = None,
     ) -> list[ExecutionResult]:
         """Execute tasks concurrently, respecting dependencies.
 
         Args:
             tasks: The tasks; dependencies are named by task id within this collection.
             fail_fast: Cancel everything left at the first task that does not succeed.
+            on_result: Called with each result the moment its task ends (also for tasks
+                skipped, or cut off by cancellation), from the thread that runs the tasks.
+            run_id: On workers, the distributed run's id: results already stored under it are
+                kept instead of running their tasks again (default: a new run). Ignored when
+                tasks run in this process.
 
         Returns:
             One result per task, in input order.
@@ -109,7 +122,8 @@ class ProjectOrchestrator:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
         """
-        return await current_engine().execute_tasks(self._batch(tasks, fail_fast=fail_fast))
+        batch = self._batch(tasks, fail_fast=fail_fast, on_result=on_result, run_id=run_id)
+        return await entry.execute_tasks(self.executor.parts.engines, batch)
 
     async def stream(
         self, tasks: Iterable[AgentTask], *, fail_fast: bool = False
@@ -125,10 +139,10 @@ class ProjectOrchestrator:
             # Thread-safe: an engine may report from a worker thread (the legacy engine does).
             loop.call_soon_threadsafe(queue.put_nowait, result)
 
-        batch = self._batch(tasks, fail_fast=fail_fast).with_results_to(deliver)
+        batch = self._batch(tasks, fail_fast=fail_fast, on_result=deliver)
         # The engine checks the batch before anything runs; a PlanError ends the runner, and
         # surfaces from the first iteration, through `await runner` below.
-        runner = asyncio.ensure_future(current_engine().execute_tasks(batch))
+        runner = asyncio.ensure_future(entry.execute_tasks(self.executor.parts.engines, batch))
         runner.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
             while (result := await queue.get()) is not None:
@@ -140,16 +154,6 @@ class ProjectOrchestrator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
 
-    def _plan_batch(self, plan: Plan) -> Batch:
-        settings = plan.settings
-        if self._executor is None:
-            executor = TaskExecutor(plan.agents, default_agent=settings.default_agent)
-        else:
-            executor = self._plan_executor(plan)
-        limit = settings.max_concurrency or self.max_concurrency
-        return self._batch(plan.tasks, fail_fast=settings.fail_fast, executor=executor, limit=limit)
-
-    @dispatched(_plan_batch)
     async def run(self, plan: Plan) -> list[ExecutionResult]:
         """Execute a plan's tasks with its agents and settings.
 
@@ -165,12 +169,20 @@ class ProjectOrchestrator:
         Raises:
             PlanError: The plan's agents clash with the executor's, or the plan is invalid.
         """
-        batch = self._plan_batch(plan)
+        settings = plan.settings
+        if self._executor is None:
+            executor = TaskExecutor(plan.agents, default_agent=settings.default_agent)
+        else:
+            executor = self._plan_executor(plan)
+        limit = settings.max_concurrency or self.max_concurrency
+        batch = self._batch(
+            plan.tasks, fail_fast=settings.fail_fast, executor=executor, limit=limit
+        )
         try:
-            return await current_engine().execute_tasks(batch)
+            return await entry.execute_tasks(executor.parts.engines, batch)
         finally:
             if self._executor is None:
-                await batch.settings.pool.aclose()  # the executor made for this plan
+                await executor.aclose()  # the executor made for this plan
 
     def _plan_executor(self, plan: Plan) -> TaskExecutor:
         """Return the executor's view with the plan's agents added for one run."""

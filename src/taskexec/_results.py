@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from ._models import Engine, ExecutionError, ExecutionResult, ExecutionStatus, Mode
+from ._models import EngineName, ExecutionError, ExecutionResult, ExecutionStatus, Mode
 from ._modes import Call, Outcome
 
 __all__ = ("Progress", "make_result")
@@ -33,7 +33,7 @@ class Progress:
         self.call, self.mode, self.started_at, self.start = call, mode, started_at, start
 
     def cancelled_result(
-        self, message: str, now: float, engine: Engine = "async"
+        self, message: str, now: float, engine: EngineName = "async"
     ) -> ExecutionResult | None:
         """Return the ``cancelled`` result of the started task, or None if it never started."""
         if self.call is None:
@@ -50,7 +50,7 @@ def make_result(
     outcome: Outcome,
     started_at: datetime,
     duration: float,
-    engine: Engine,
+    engine: EngineName,
 ) -> ExecutionResult:
     """Return the result of a task that ran, from its outcome (the same on both engines)."""
     if outcome.error is None:

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ._errors import ConfigurationError
-from ._models import EngineName as Engine
+from ._models import EngineName
 
 __all__ = (
-    "ENGINES",
+    "ENGINE_NAMES",
     "ENV_VAR",
-    "Engine",
+    "EngineName",
     "environment_engine",
     "get_engine",
     "parse_engine",
@@ -30,25 +30,26 @@ __all__ = (
     "use_engine",
 )
 
-ENGINES: tuple[Engine, ...] = ("async", "legacy")
+#: The names the rollback flag takes.
+ENGINE_NAMES: tuple[EngineName, ...] = ("async", "legacy")
 ENV_VAR = "TASKEXEC_ENGINE"
 
 log = logging.getLogger("taskexec")
-_process_engine: Engine | None = None
-_context_engine: contextvars.ContextVar[Engine | None] = contextvars.ContextVar(
+_process_engine: EngineName | None = None
+_context_engine: contextvars.ContextVar[EngineName | None] = contextvars.ContextVar(
     "taskexec_engine", default=None
 )
-_last_seen: Engine = "async"
+_last_seen: EngineName = "async"
 _lock = threading.Lock()
 
 
-def _check(name: str, where: str) -> Engine:
-    if name not in ENGINES:
+def _check(name: str, where: str) -> EngineName:
+    if name not in ENGINE_NAMES:
         raise ConfigurationError(f"{where}={name!r} is not an engine; use one of: async, legacy")
     return name
 
 
-def parse_engine(value: str | None, where: str = ENV_VAR) -> Engine | None:
+def parse_engine(value: str | None, where: str = ENV_VAR) -> EngineName | None:
     """Return the engine a setting names, or None when it names none (unset or blank).
 
     The one parser of engine names, for the environment and the command line alike: case and
@@ -61,12 +62,12 @@ def parse_engine(value: str | None, where: str = ENV_VAR) -> Engine | None:
     return _check(raw, where) if raw else None
 
 
-def environment_engine() -> Engine | None:
+def environment_engine() -> EngineName | None:
     """Return the engine ``TASKEXEC_ENGINE`` names, or None when it is unset or blank."""
     return parse_engine(os.environ.get(ENV_VAR))
 
 
-def get_engine() -> Engine:
+def get_engine() -> EngineName:
     """Return the engine the next call will use, logging once at WARNING when it changes."""
     global _last_seen
     engine = _context_engine.get() or _process_engine

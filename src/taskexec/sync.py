@@ -14,7 +14,7 @@ or on the legacy engine when ``TASKEXEC_ENGINE=legacy``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Self
 
@@ -52,6 +52,9 @@ class TaskExecutor:
         attempt_timeout_s: Cap on one HTTP attempt, so a stalled reply is retried
             (default: an attempt may use all the time left before the task's deadline).
         retry_policy: Backoff between attempts.
+        broker_url: Run tasks on the workers of this RabbitMQ (``amqp://...``); wins over
+            ``TASKEXEC_BROKER_URL``. Needs the ``workers`` extra (see docs/DISTRIBUTED.md).
+        results_url: The Redis of those workers' results; wins over ``TASKEXEC_RESULTS_URL``.
 
     Raises:
         ConfigurationError: Two agents share a name, or ``default_agent`` is not among them.
@@ -67,6 +70,8 @@ class TaskExecutor:
         connect_timeout_s: float = 10.0,
         attempt_timeout_s: float | None = None,
         retry_policy: RetryPolicy | None = None,
+        broker_url: str | None = None,
+        results_url: str | None = None,
     ) -> None:
         self._async = _AsyncTaskExecutor(
             agents,
@@ -76,6 +81,8 @@ class TaskExecutor:
             connect_timeout_s=connect_timeout_s,
             attempt_timeout_s=attempt_timeout_s,
             retry_policy=retry_policy,
+            broker_url=broker_url,
+            results_url=results_url,
         )
 
     def __repr__(self) -> str:
@@ -119,10 +126,10 @@ class TaskExecutor:
             UnsupportedModeError: The agent cannot serve the mode.
             ConfigurationError: No agent is named anywhere and there is no default.
         """
-        return _bridge.call(self._async.execute, task, agent, mode)
+        return _bridge.call_entry(self._async.execute, task, agent, mode)
 
     def close(self) -> None:
-        """Close every pooled HTTP connection."""
+        """Close every pooled HTTP connection, and the cluster connection if one was opened."""
         return _bridge.call(self._async.aclose)
 
     def resolve(
@@ -194,16 +201,26 @@ class ProjectOrchestrator:
         Returns:
             The task's result.
         """
-        return _bridge.call(self._async.execute_task, task, agent, mode)
+        return _bridge.call_entry(self._async.execute_task, task, agent, mode)
 
     def execute_tasks(
-        self, tasks: Iterable[AgentTask], *, fail_fast: bool = False
+        self,
+        tasks: Iterable[AgentTask],
+        *,
+        fail_fast: bool = False,
+        on_result: Callable[[ExecutionResult], None] | None = None,
+        run_id: str | None = None,
     ) -> list[ExecutionResult]:
         """Execute tasks concurrently, respecting dependencies.
 
         Args:
             tasks: The tasks; dependencies are named by task id within this collection.
             fail_fast: Cancel everything left at the first task that does not succeed.
+            on_result: Called with each result the moment its task ends (also for tasks
+                skipped, or cut off by cancellation), from the thread that runs the tasks.
+            run_id: On workers, the distributed run's id: results already stored under it are
+                kept instead of running their tasks again (default: a new run). Ignored when
+                tasks run in this process.
 
         Returns:
             One result per task, in input order.
@@ -212,7 +229,13 @@ class ProjectOrchestrator:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
         """
-        return _bridge.call(self._async.execute_tasks, tasks, fail_fast=fail_fast)
+        return _bridge.call_entry(
+            self._async.execute_tasks,
+            tasks,
+            fail_fast=fail_fast,
+            on_result=on_result,
+            run_id=run_id,
+        )
 
     def run(self, plan: Plan) -> list[ExecutionResult]:
         """Execute a plan's tasks with its agents and settings.
@@ -229,7 +252,7 @@ class ProjectOrchestrator:
         Raises:
             PlanError: The plan's agents clash with the executor's, or the plan is invalid.
         """
-        return _bridge.call(self._async.run, plan)
+        return _bridge.call_entry(self._async.run, plan)
 
     def close(self) -> None:
         """Close the executor if the orchestrator made it."""

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from .._engines.base import RUN_ID_PATTERN, check_run_id
+from .._engines.selection import BROKER_ENV_VAR, RESULTS_ENV_VAR
 from .._errors import ConfigurationError
 from .._secrets import Redactor
 
@@ -21,14 +23,11 @@ __all__ = (
     "redact_url",
 )
 
-BROKER_ENV_VAR = "TASKEXEC_BROKER_URL"
-RESULTS_ENV_VAR = "TASKEXEC_RESULTS_URL"
 #: Prefix of every queue, exchange and Redis key, so that several deployments (or test runs)
 #: can share one RabbitMQ and one Redis without seeing each other's tasks.
 NAMESPACE_ENV_VAR = "TASKEXEC_NAMESPACE"
 #: How long a task waits for a live worker of its agent (seconds; default 30).
 NO_WORKER_WAIT_ENV_VAR = "TASKEXEC_NO_WORKER_WAIT_S"
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "token"})
 
@@ -65,19 +64,6 @@ def _url_secrets(url: str) -> list[str]:
     # Both the raw (percent-encoded) and the decoded form can appear in a library's message.
     found += [unquote(s) for s in found]
     return found
-
-
-def check_run_id(run_id: str) -> str:
-    """Return ``run_id`` if it can name a run (1-64 letters, digits, ``_`` or ``-``).
-
-    Raises:
-        ConfigurationError: It cannot.
-    """
-    if not RUN_ID_PATTERN.fullmatch(run_id):  # fullmatch: "$" also matches before a final "\n"
-        raise ConfigurationError(
-            f"run id {run_id!r} is not valid: use 1-64 letters, digits, '_' or '-'"
-        )
-    return run_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,10 @@
-"""An orchestrator's side of a distributed run: sends ready tasks to workers, collects results.
+"""An orchestrator's side of distributed runs: sends ready tasks to workers, collects results.
 
-Results come back two ways. A worker publishes a ``finished`` event (with the result, when its
-result was the run's first) on the events exchange, which is the fast path. Every ``poll_s``,
+One :class:`Dispatcher` is one connection to the cluster (AMQP connection, channel, event queue,
+Redis pool), opened once by the workers engine of an executor and shared by every run and every
+``execute()`` call made through it. Results come back two ways. A worker publishes a
+``finished`` event (with the result, when its result was the run's first) on the events
+exchange, which is the fast path. Every ``poll_s``,
 the dispatcher also reads Redis for the tasks it still waits on, which covers events lost while
 the broker connection was down, and checks that each waiting task's agent still has a live
 worker.
@@ -12,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -26,14 +31,22 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from .._engines.base import new_run_id
 from .._models import AgentTask, ExecutionResult, Mode
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
 from ._store import ResultStore, connect_redis
-from ._wire import CONTENT_TYPE, TASK_HEADER, TASK_VERSION, TaskEvent, TaskMessage, failure
+from ._wire import (
+    CONTENT_TYPE,
+    TASK_HEADER,
+    TASK_VERSION,
+    FinishedEvent,
+    TaskMessage,
+    failure,
+)
 
-__all__ = ("Dispatcher", "new_run_id")
+__all__ = ("Dispatcher", "new_run_id")  # new_run_id: from the engine seam, where run ids are
 
 log = logging.getLogger("taskexec")
 #: How long a publish is retried while the broker connection is being restored.
@@ -42,30 +55,27 @@ _SEEN_EVENTS = 10_000
 CLOSE_TIMEOUT_S = 5.0
 
 
-def new_run_id() -> str:
-    """Return a fresh run id."""
-    return uuid.uuid4().hex[:16]
+#: A task of a run: (run id, task id).
+TaskKey = tuple[str, str]
 
 
 class Dispatcher:
-    """Sends the tasks of one run to the cluster's workers and hands back their results.
+    """Sends tasks of any number of runs to the cluster's workers and hands back their results.
 
-    Use as ``async with Dispatcher(cluster, run_id) as dispatcher``.
+    Use as ``async with Dispatcher(cluster) as dispatcher``; call :meth:`attach` once per run
+    before its first :meth:`run`.
 
     Args:
         cluster: The broker and results store.
-        run_id: The run; results stored under it earlier are found by :meth:`stored`.
     """
 
-    def __init__(
-        self,
-        cluster: Cluster,
-        run_id: str,
-    ) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.run_id = run_id
         #: Tasks sent and not yet back: (future, agent, mode, when sent).
-        self._pending: dict[str, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
+        self._pending: dict[TaskKey, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
+        self._attached: dict[str, asyncio.Future[Any]] = {}
+        self._queue: AbstractQueue | None = None
+        self._events: aio_pika.abc.AbstractExchange | None = None
         self._served: set[str] = set()
         self._served_at = 0.0
         self._unserved_since: dict[str, float] = {}
@@ -80,27 +90,43 @@ class Dispatcher:
         self.store: ResultStore
 
     async def __aenter__(self) -> Dispatcher:
+        await self.open()
+        return self
+
+    async def open(self) -> None:
+        """Connect to the broker and the results store, and start listening for results."""
         self._redis = await connect_redis(self.cluster)
         self.store = ResultStore(self._redis, self.cluster)
         try:
-            self._connection = await connect_broker(self.cluster, f"taskexec run {self.run_id}")
+            name = f"taskexec orchestrator {os.getpid()}"
+            self._connection = await connect_broker(self.cluster, name)
             self._channel = channel = await self._connection.channel()
-            events = await declare_events(channel, self.cluster)
+            self._events = await declare_events(channel, self.cluster)
             # Named here (not by the server), so that the robust connection can declare it again
-            # after a reconnect; exclusive and auto-deleted, so it goes when this run does.
-            queue = await channel.declare_queue(
-                f"{self.cluster.namespace}.run.{self.run_id}.{uuid.uuid4().hex[:8]}",
+            # (with its bindings) after a reconnect; exclusive and auto-deleted, so it goes
+            # when this connection does.
+            self._queue = queue = await channel.declare_queue(
+                f"{self.cluster.namespace}.orchestrator.{uuid.uuid4().hex[:12]}",
                 exclusive=True,
                 auto_delete=True,
             )
-            await queue.bind(events, routing_key=f"run.{self.run_id}.#")
             await queue.consume(self._on_event, no_ack=True)
             self._served = await self.store.served_agents()
         except BaseException:
             await self.aclose()
             raise
         self._poller = asyncio.create_task(self._poll())
-        return self
+
+    async def attach(self, run_id: str) -> None:
+        """Listen for the results of ``run_id`` (once per run, however many tasks wait)."""
+        attached = self._attached.get(run_id)
+        if attached is None or (attached.done() and attached.exception() is not None):
+            assert self._queue is not None
+            assert self._events is not None
+            attached = self._attached[run_id] = asyncio.ensure_future(
+                self._queue.bind(self._events, routing_key=f"run.{run_id}.#")
+            )
+        await asyncio.shield(attached)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -116,33 +142,34 @@ class Dispatcher:
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def stored(self, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
-        """Return the results the run already has (a re-run with the same run id)."""
-        return await self.store.get_many(self.run_id, task_ids)
+    async def stored(self, run_id: str, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
+        """Return the results a run already has (a re-run with the same run id)."""
+        return await self.store.get_many(run_id, task_ids)
 
     async def run(
         self,
+        run_id: str,
         task: AgentTask,
         agent: str,
         mode: Mode,
         outputs: dict[str, str | None] | None = None,
     ) -> ExecutionResult:
-        """Send a task to a worker that serves ``agent``; return the run's result for it."""
+        """Send a task of an attached run to a worker that serves ``agent``; return the run's
+        result for it."""
         loop = asyncio.get_running_loop()
+        key = (run_id, task.id)
         if not await self._wait_for_worker(agent):
-            return await self._fail(task.id, agent, mode, "no_worker", self._no_worker(agent))
+            return await self._fail(key, agent, mode, "no_worker", self._no_worker(agent))
         future: asyncio.Future[ExecutionResult] = loop.create_future()
-        self._pending[task.id] = (future, agent, mode, loop.time())
+        self._pending[key] = (future, agent, mode, loop.time())
         try:
-            message = TaskMessage(
-                run_id=self.run_id, agent=agent, mode=mode, task=task, outputs=outputs
-            )
+            message = TaskMessage(run_id=run_id, agent=agent, mode=mode, task=task, outputs=outputs)
             if not await self._publish(message):
                 reason = "the broker did not take the task (its connection is down)"
-                return await self._fail(task.id, agent, mode, "connection", reason)
+                return await self._fail(key, agent, mode, "connection", reason)
             return await future
         finally:
-            self._pending.pop(task.id, None)
+            self._pending.pop(key, None)
 
     def _no_worker(self, agent: str) -> str:
         return (
@@ -188,7 +215,7 @@ class Dispatcher:
                 if loop.time() >= give_up:
                     log.error(
                         "run %s: cannot publish task %s: %s",
-                        self.run_id,
+                        message.run_id,
                         message.task.id,
                         self.cluster.redactor()(str(exc) or type(exc).__name__),
                     )
@@ -208,41 +235,47 @@ class Dispatcher:
         await asyncio.shield(declared)
 
     async def _fail(
-        self, task_id: str, agent: str, mode: Mode, kind: str, message: str
+        self, key: TaskKey, agent: str, mode: Mode, kind: str, message: str
     ) -> ExecutionResult:
         """Record a failure the orchestrator itself saw; a worker's result, if first, wins."""
-        result = failure(task_id, agent, mode, kind, message, run_id=self.run_id)
-        return await self.store.put_first(self.run_id, result)
+        run_id, task_id = key
+        result = failure(task_id, agent, mode, kind, message, run_id=run_id)
+        return await self.store.put_first(run_id, result)
 
-    def _resolve(self, task_id: str, result: ExecutionResult) -> None:
-        entry = self._pending.get(task_id)
+    def _resolve(self, key: TaskKey, result: ExecutionResult) -> None:
+        entry = self._pending.get(key)
         if entry is not None and not entry[0].done():
             entry[0].set_result(result)
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
         try:
-            event = TaskEvent.model_validate_json(message.body)
+            event = FinishedEvent.model_validate_json(message.body)
         except ValidationError:
-            log.warning("run %s: ignored an event that is not a taskexec event", self.run_id)
+            log.warning("ignored an event that is not a taskexec event")
             return
-        if event.id in self._seen or event.run_id != self.run_id:
+        if event.id in self._seen:
             return
         self._seen[event.id] = None
         if len(self._seen) > _SEEN_EVENTS:
             self._seen.popitem(last=False)
-        if event.task_id not in self._pending:
+        key = (event.run_id, event.task_id)
+        if key not in self._pending:
             return
         if event.result is not None:
-            self._resolve(event.task_id, event.result)
+            self._resolve(key, event.result)
             return
         # A duplicate: another result was first; read the one that counts.
-        fetch = asyncio.create_task(self._fetch([event.task_id]))
+        fetch = asyncio.create_task(self._fetch([key]))
         self._fetches.add(fetch)
         fetch.add_done_callback(self._fetches.discard)
 
-    async def _fetch(self, task_ids: Sequence[str]) -> None:
-        for task_id, result in (await self.stored(task_ids)).items():
-            self._resolve(task_id, result)
+    async def _fetch(self, keys: Sequence[TaskKey]) -> None:
+        by_run: dict[str, list[str]] = {}
+        for run_id, task_id in keys:
+            by_run.setdefault(run_id, []).append(task_id)
+        for run_id, task_ids in by_run.items():
+            for task_id, result in (await self.stored(run_id, task_ids)).items():
+                self._resolve((run_id, task_id), result)
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
@@ -254,7 +287,7 @@ class Dispatcher:
             self.cluster.poll_s,
             self._closing,
             step,
-            f"run {self.run_id}: polling Redis",
+            "polling Redis for results",
             self.cluster.redactor(),
         )
 
@@ -273,9 +306,7 @@ class Dispatcher:
             since = self._unserved_since.setdefault(agent, now)
             if now - since < self.cluster.no_worker_wait_s:
                 continue
-            for task_id, (future, task_agent, mode, _) in list(self._pending.items()):
+            for key, (future, task_agent, mode, _) in list(self._pending.items()):
                 if task_agent == agent and not future.done():
-                    failed = await self._fail(
-                        task_id, agent, mode, "no_worker", self._no_worker(agent)
-                    )
-                    self._resolve(task_id, failed)
+                    failed = await self._fail(key, agent, mode, "no_worker", self._no_worker(agent))
+                    self._resolve(key, failed)

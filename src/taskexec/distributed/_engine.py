@@ -4,22 +4,31 @@ Dependencies, the concurrency bound, fail-fast, placeholders and the bus's event
 engine's own scheduler (:func:`~taskexec._async_engine.run_batch`); only the step that runs one
 ready task differs: the task goes to a worker through RabbitMQ and its result comes back through
 Redis. So a plan gets the same results on workers as in-process.
+
+The engine belongs to one executor. It opens one connection to the cluster (a
+:class:`~taskexec.distributed._dispatch.Dispatcher`: AMQP connection, channel, event queue,
+Redis pool) per event loop on first use, shares it between every call made through that
+executor, and closes it with the executor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Mapping
 from typing import ClassVar
 
 from .._async_engine import run_batch
-from .._engines import Batch, Engine, Job
+from .._engines.base import Batch, Engine, Job, check_run_id, new_run_id
+from .._engines.registry import EngineSpec, register_engine
+from .._engines.selection import Selection
 from .._models import AgentTask, EngineName, ExecutionResult, ExecutionStatus
+from .._plugins import wants_workers
 from .._results import Progress
-from ._config import Cluster, check_run_id
-from ._dispatch import Dispatcher, new_run_id
+from ._config import Cluster
+from ._dispatch import Dispatcher
 
-__all__ = ("WorkersEngine",)
+__all__ = ("WorkersEngine", "register")
 
 
 class WorkersEngine(Engine):
@@ -27,57 +36,120 @@ class WorkersEngine(Engine):
 
     Args:
         cluster: The broker and results store.
-        run_id: The run's id (default: a new one per call). Results already stored under it
-            are used instead of running their tasks again.
     """
 
+    name: ClassVar[str] = "workers"
+    keeps_runs: ClassVar[bool] = True
     #: Workers run tasks on the async engine, so results say ``engine="async"``.
-    name: ClassVar[EngineName] = "async"
+    result_engine: ClassVar[EngineName] = "async"
 
-    def __init__(
-        self,
-        cluster: Cluster,
-        run_id: str | None = None,
-    ) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.run_id = check_run_id(run_id) if run_id is not None else None
-        #: After a batch: how many task executions the workers counted, and how many results
-        #: lost the first-writer race (tasks that ran twice after a crash).
-        self.counters: dict[str, int] = {}
+        # One connection per event loop (the sync bridge's, a test's, the command line's),
+        # opened on first use: a connection belongs to the loop it was opened on.
+        self._dispatchers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Future[Dispatcher]
+        ] = weakref.WeakKeyDictionary()
+        #: How many connections this engine has opened (one per loop it ran on).
+        self.connections_opened = 0
+
+    def __repr__(self) -> str:
+        return f"<WorkersEngine cluster={self.cluster!r}>"
+
+    async def dispatcher(self) -> Dispatcher:
+        """Return this loop's connection to the cluster, opening it on first use.
+
+        Calls that start at once share one opening; a failed opening is tried again by the
+        next call.
+
+        Raises:
+            ClusterUnavailableError: The broker or Redis cannot be reached.
+        """
+        loop = asyncio.get_running_loop()
+        opening = self._dispatchers.get(loop)
+        if opening is None or (opening.done() and opening.exception() is not None):
+            opening = self._dispatchers[loop] = asyncio.ensure_future(self._open())
+        return await asyncio.shield(opening)
+
+    async def _open(self) -> Dispatcher:
+        dispatcher = Dispatcher(self.cluster)
+        await dispatcher.open()
+        self.connections_opened += 1
+        return dispatcher
+
+    async def aclose(self) -> None:
+        """Close the connection of the running loop (and forget those of other loops)."""
+        loop = asyncio.get_running_loop()
+        openings = dict(self._dispatchers)
+        self._dispatchers.clear()
+        for owner, opening in openings.items():
+            if owner is not loop:
+                continue  # a connection can only be closed on its own loop; it ends with it
+            try:
+                dispatcher = await opening
+            except Exception:
+                continue  # an opening that failed holds nothing to close
+            await dispatcher.aclose()
 
     async def execute(self, job: Job) -> ExecutionResult:
         agent, mode = job.roster.resolve(job.task, job.agent, job.mode)
-        async with Dispatcher(self.cluster, self.run_id or new_run_id()) as dispatcher:
-            stored = await dispatcher.stored([job.task.id])
-            if job.task.id in stored:
-                return stored[job.task.id]
-            return await dispatcher.run(job.task, agent.name, mode)
+        dispatcher = await self.dispatcher()
+        run_id = new_run_id()  # each call is a run of its own, as in-process
+        await dispatcher.attach(run_id)
+        outputs = dict(job.outputs) if job.outputs is not None else None
+        return await dispatcher.run(run_id, job.task, agent.name, mode, outputs)
 
     async def execute_tasks(self, batch: Batch) -> list[ExecutionResult]:
         batch.check()
-        run_id = self.run_id or new_run_id()
-        async with Dispatcher(self.cluster, run_id) as dispatcher:
-            stored = await dispatcher.stored([t.id for t in batch.tasks])
-            # A re-run of a run id clears its cancellation, so that its tasks run again.
-            await dispatcher.store.set_cancelled(run_id, False)
+        run_id = check_run_id(batch.run_id) if batch.run_id is not None else new_run_id()
+        dispatcher = await self.dispatcher()
+        await dispatcher.attach(run_id)
+        stored = await dispatcher.stored(run_id, [t.id for t in batch.tasks])
+        # A re-run of a run id clears its cancellation, so that its tasks run again.
+        await dispatcher.store.set_cancelled(run_id, False)
 
-            async def run_one(
-                task: AgentTask, outputs: Mapping[str, str | None] | None, _: Progress
-            ) -> ExecutionResult:
-                if task.id in stored:
-                    return stored[task.id]
-                agent, mode = batch.roster.resolve(task)
-                return await dispatcher.run(
-                    task, agent.name, mode, dict(outputs) if outputs else None
-                )
+        async def run_one(
+            task: AgentTask, outputs: Mapping[str, str | None] | None, _: Progress
+        ) -> ExecutionResult:
+            if task.id in stored:
+                return stored[task.id]
+            agent, mode = batch.roster.resolve(task)
+            return await dispatcher.run(
+                run_id, task, agent.name, mode, dict(outputs) if outputs else None
+            )
 
-            try:
-                results = await run_batch(batch, run_one)
-            except asyncio.CancelledError:
-                # Workers drop the run's queued tasks instead of running them for nobody.
-                await asyncio.shield(dispatcher.store.set_cancelled(run_id, True))
-                raise
-            if any(r.status is ExecutionStatus.CANCELLED for r in results):
-                await dispatcher.store.set_cancelled(run_id, True)
-            self.counters = await dispatcher.store.counters(run_id)
-            return results
+        try:
+            results = await run_batch(batch, run_one)
+        except asyncio.CancelledError:
+            # Workers drop the run's queued tasks instead of running them for nobody.
+            await asyncio.shield(dispatcher.store.set_cancelled(run_id, True))
+            raise
+        if any(r.status is ExecutionStatus.CANCELLED for r in results):
+            await dispatcher.store.set_cancelled(run_id, True)
+        return results
+
+    async def run_counts(self, run_id: str) -> dict[str, int]:
+        """How many task executions the workers counted for a run, and how many results lost
+        the first-writer race (tasks that ran twice after a crash)."""
+        return await (await self.dispatcher()).store.counters(run_id)
+
+
+def _cluster_of(selection: Selection) -> Cluster:
+    assert selection.cluster is not None
+    cluster = Cluster.from_env(selection.cluster.broker, selection.cluster.results)
+    assert cluster is not None
+    return cluster
+
+
+def register() -> None:
+    """Register the workers engine: the async engine's calls go to workers when a cluster is
+    configured (the executor's ``broker_url``/``results_url``, or the environment)."""
+    register_engine(
+        EngineSpec(
+            "workers",
+            wants_workers,
+            lambda selection: WorkersEngine(_cluster_of(selection)),
+            rank=100,
+            key=lambda selection: selection.cluster,
+        )
+    )

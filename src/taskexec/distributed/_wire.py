@@ -29,7 +29,7 @@ __all__ = (
     "CONTENT_TYPE",
     "TASK_HEADER",
     "BadMessage",
-    "TaskEvent",
+    "FinishedEvent",
     "TaskMessage",
     "addressee",
     "decode_task",
@@ -120,7 +120,7 @@ def addressee(body: bytes, headers: object) -> tuple[str, str, str] | None:
 State = Literal["finished"]
 
 
-class TaskEvent(BaseModel):
+class FinishedEvent(BaseModel):
     """Something that happened to a task of a run, on the events exchange.
 
     ``id`` is unique per event, so a consumer that sees one twice (a redelivery) can drop it.

@@ -35,8 +35,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from .._async_engine import execute_task
 from .._calls import Roster
+from .._engines import entry
 from .._errors import ClusterUnavailableError, ConfigurationError
 from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
@@ -46,7 +46,7 @@ from ._loops import repeat, settle
 from ._store import STORED, ResultStore, WorkerInfo, connect_redis, worker_info
 from ._wire import (
     BadMessage,
-    TaskEvent,
+    FinishedEvent,
     TaskMessage,
     addressee,
     decode_task,
@@ -103,8 +103,10 @@ class Worker:
         self.executor = TaskExecutor(agents)
         if not self.executor.agents:
             raise ValueError("a worker needs at least one agent to serve")
+        # Tasks taken from the queue run here, whatever cluster the environment names.
+        self._parts = self.executor.parts.in_process()
         # As an orchestrator does: the pool admits as many connections as tasks run at once.
-        self.executor._pool.reserve(concurrency)
+        self._parts.settings.pool.reserve(concurrency)
         self.cluster = cluster
         self.concurrency = concurrency
         # The default from the host name, made a valid name whatever the host is called.
@@ -131,7 +133,7 @@ class Worker:
 
     @property
     def _roster(self) -> Roster:
-        return self.executor._roster
+        return self._parts.roster
 
     async def serve(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
         """Take and run tasks until ``stop`` is set; then stop taking tasks, give the ones in
@@ -339,9 +341,8 @@ class Worker:
                 await self._skip(message, msg, reason)
                 return
             try:
-                result = await execute_task(
-                    self._roster, self.executor._settings, task, msg.agent, msg.mode, msg.outputs
-                )
+                job = self._parts.job(task, msg.agent, msg.mode, msg.outputs)
+                result = await entry.execute(self._parts.engines, job)
             except ConfigurationError as exc:
                 # This worker's own definition of the agent cannot serve the task (another mode
                 # than the orchestrator's plan, say): a failed result, not a retry elsewhere.
@@ -396,7 +397,7 @@ class Worker:
     async def _finished(self, run_id: str, task_id: str, first: ExecutionResult | None) -> None:
         """Announce a task's end: with its result if that was the run's first, else as a
         duplicate (whoever waits reads the result that counts from Redis)."""
-        event = TaskEvent(
+        event = FinishedEvent(
             run_id=run_id,
             task_id=task_id,
             state="finished",
@@ -428,7 +429,7 @@ class Worker:
             deliveries=deliveries,
         )
 
-    async def _publish(self, event: TaskEvent) -> None:
+    async def _publish(self, event: FinishedEvent) -> None:
         """Publish an event; events are advisory (results are in Redis), so a failure is logged."""
         assert self._events is not None
         body = aio_pika.Message(

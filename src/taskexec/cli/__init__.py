@@ -1,0 +1,65 @@
+"""The ``taskexec`` command: run a plan (in-process or on workers), validate it, serve workers,
+list them, or serve the mock LLM server.
+
+One module per job: :mod:`.run`, :mod:`.worker` (``worker`` and ``workers``, the ``workers``
+extra's commands), :mod:`.validate`, :mod:`.mock_server`; the report and the results file in
+:mod:`._report`, terminal-safe output in :mod:`._output`, signals in :mod:`._signals`.
+
+Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error (also a command
+that needs a missing extra, which the message names), 129 SIGHUP (the terminal closed), 130
+Ctrl-C, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from .._errors import PlanError, TaskexecError
+from .._version import __version__
+from . import mock_server, run, validate, worker
+from ._output import BestEffortStream, UsageError, lines
+from ._status import EXIT_INTERRUPTED, EXIT_USAGE
+
+__all__ = ("build_parser", "main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="taskexec", description="Run LLM agent tasks concurrently from a plan file."
+    )
+    parser.add_argument("--version", action="version", version=f"taskexec {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=mock_server.LazyEpilogParser
+    )
+    for command in (run, worker, validate, mock_server):
+        command.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    # Started in the background by a non-interactive shell, a process inherits SIGINT ignored;
+    # Ctrl-C handling below needs the default handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = build_parser().parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = BestEffortStream(sys.stdout), BestEffortStream(sys.stderr)
+    try:
+        code: int = args.handler(args)
+    except PlanError as exc:
+        print(f"taskexec: invalid plan {lines(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, TaskexecError) as exc:
+        print(f"taskexec: {lines(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+    return code
