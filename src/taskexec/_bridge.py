@@ -165,9 +165,12 @@ class _SharedLoop:
             for pool in list(ClientPool.instances):
                 await pool.aclose_loop(loop)
 
-        # Exit must not hang or fail because a close did.
+        # Exit must not hang or fail because a close did. Then the loop's async generators:
+        # what closes with the loop (a cluster connection, a shared limiter) closes now.
         with contextlib.suppress(Exception):
             loop.run_until_complete(asyncio.wait_for(close_all(), 5))  # at exit, in this thread
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 5))  # at exit
         loop.close()
         self._loop = None
 

@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ._loops import close_with_loop
 from ._models import Agent
 from ._plugins import load_plugin
 
@@ -350,27 +351,11 @@ def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> 
                 load_plugin("workers", f"a limit shared through Redis ({LIMITER_ENV_VAR})")
             assert _shared_limiter is not None
             found = _shared_limiter(url, name, *limits)
-            _close_with_loop(found)
+            found.closer = close_with_loop(found.aclose)
         else:
             found = LocalLimiter(*limits)
         limiters[name] = found
     return found
-
-
-def _close_with_loop(limiter: Limiter) -> None:
-    """Close ``limiter`` when the running loop shuts down (``asyncio.run`` closes the async
-    generators it started, while it still runs: this one's ``finally`` closes the limiter)."""
-
-    async def closer() -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            await limiter.aclose()
-
-    generator = closer()
-    with contextlib.suppress(StopIteration):
-        generator.asend(None).send(None)
-    limiter.closer = generator
 
 
 def _loop_time(deadline: float) -> float:

@@ -132,7 +132,9 @@ class Dispatcher:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop listening and close the connections."""
+        """Stop listening and close the connections (once; again is a no-op)."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         await settle([self._poller, *self._fetches], CLOSE_TIMEOUT_S)
         if self._connection is not None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import ClassVar
 
 from .._async_engine import run_batch
 from .._engines.base import Batch, Engine, Job, check_run_id, new_run_id
 from .._engines.registry import EngineSpec, register_engine
 from .._engines.selection import Selection
+from .._loops import close_with_loop
 from .._models import AgentTask, EngineName, ExecutionResult, ExecutionStatus
 from .._plugins import wants_workers
 from .._results import Progress
@@ -50,6 +51,9 @@ class WorkersEngine(Engine):
         self._dispatchers: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Future[Dispatcher]
         ] = weakref.WeakKeyDictionary()
+        self._closers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncGenerator[None, None]
+        ] = weakref.WeakKeyDictionary()
         #: How many connections this engine has opened (one per loop it ran on).
         self.connections_opened = 0
 
@@ -75,6 +79,8 @@ class WorkersEngine(Engine):
         dispatcher = Dispatcher(self.cluster)
         await dispatcher.open()
         self.connections_opened += 1
+        # An executor that is never closed still releases its connection when its loop ends.
+        self._closers[asyncio.get_running_loop()] = close_with_loop(dispatcher.aclose)
         return dispatcher
 
     async def aclose(self) -> None:
@@ -85,6 +91,10 @@ class WorkersEngine(Engine):
         for owner, opening in openings.items():
             if owner is not loop:
                 continue  # a connection can only be closed on its own loop; it ends with it
+            closer = self._closers.pop(owner, None)
+            if closer is not None:
+                await closer.aclose()  # closes the dispatcher, once
+                continue
             try:
                 dispatcher = await opening
             except Exception:
