@@ -802,3 +802,61 @@ async def test_an_interrupted_distributed_run_cancels_cleanly(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["task_id"] for r in lines) == [f"i{i}" for i in range(6)]
     assert {r["status"] for r in lines} == {"cancelled"}
+
+
+async def test_gathered_calls_share_one_cluster_connection(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An executor opens its cluster connection once and every call shares it: 300 gathered
+    execute() calls are counted at a proxy in front of RabbitMQ (one connection, not 300),
+    and closing the executor closes it."""
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+    tasks = [AgentTask(id=f"t{i}", prompt=f"part {i}", agent="writer") for i in range(300)]
+    async with CuttableProxy("127.0.0.1", 5672) as proxy:
+        with workers([WorkerProcess(agents_file, cluster, "w", concurrency=100)]) as (worker,):
+            await worker.registered()
+            executor = TaskExecutor(
+                taskexec.load_agents(agents_file),
+                broker_url=proxy.url(cluster.broker_url),
+                results_url=cluster.results_url,
+            )
+            async with executor:
+                results = await asyncio.gather(*(executor.execute(t) for t in tasks))
+                again = await executor.execute(tasks[0])  # a later call: the same connection
+                assert proxy.accepted == 1
+            await eventually(lambda: proxy.connections == 0)
+    async with TaskExecutor(taskexec.load_agents(agents_file)) as local:
+        expected = await asyncio.gather(*(local.execute(t) for t in tasks))
+    assert [r.status for r in results] == [ExecutionStatus.SUCCESS] * 300
+    assert [r.output for r in results] == [r.output for r in expected]
+    assert again.output == results[0].output
+    assert {r.metadata["worker"] for r in results} == {"w"}
+    # Each call is a run of its own: the same task id ran again for the later call.
+    assert again.metadata["run_id"] != results[0].metadata["run_id"]
+
+
+async def test_sync_calls_share_one_cluster_connection(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequential sync calls run on the bridge's one loop: one cluster connection for all."""
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+    async with CuttableProxy("127.0.0.1", 5672) as proxy:
+
+        def calls() -> list[ExecutionStatus]:
+            with taskexec.sync.TaskExecutor(
+                taskexec.load_agents(agents_file),
+                broker_url=proxy.url(cluster.broker_url),
+                results_url=cluster.results_url,
+            ) as executor:
+                return [
+                    executor.execute(AgentTask(id=f"s{i}", prompt="p", agent="writer")).status
+                    for i in range(10)
+                ]
+
+        with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+            await worker.registered()
+            statuses = await asyncio.to_thread(calls)  # a plain thread, as a sync caller
+        assert proxy.accepted == 1
+    assert statuses == [ExecutionStatus.SUCCESS] * 10
