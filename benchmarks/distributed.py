@@ -95,6 +95,14 @@ async def _orchestrate(
         return time.perf_counter() - start, results
 
 
+async def _gathered(agent: Agent, tasks: list[AgentTask]) -> tuple[float, list[Any]]:
+    """The same tasks as separate execute() calls, gathered, on one executor (defaults)."""
+    async with TaskExecutor([agent]) as executor:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(executor.execute(t) for t in tasks))
+        return time.perf_counter() - start, results
+
+
 def _check(results: list[Any], tasks: list[AgentTask]) -> None:
     assert [r.task_id for r in results] == [t.id for t in tasks]
     failed = [r.error for r in results if not r.ok]
@@ -210,6 +218,8 @@ def dispatch_overhead(n: int, sequential: int, single_runs: int, repeats: int) -
         "loaded p50 ms": [],
         "loaded p99 ms": [],
         "tasks/s": [],
+        "300 gathered execute() s": [],
+        "300 in one execute_tasks() s": [],
     }
     with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
         folder = Path(tmp)
@@ -246,6 +256,16 @@ def dispatch_overhead(n: int, sequential: int, single_runs: int, repeats: int) -
                     out["loaded p50 ms"].append(statistics.median(_TimedDispatcher.latencies) * 1e3)
                     out["loaded p99 ms"].append(q[98] * 1e3)
                     out["tasks/s"].append(n / elapsed)
+                    # 300 library calls gathered on one executor (one cluster connection, a
+                    # run per call) against the same 300 tasks as one run; defaults for both.
+                    calls = [AgentTask(id=f"g{r}-{i}", prompt=f"q {i}") for i in range(300)]
+                    elapsed, results = asyncio.run(_gathered(agent, calls))
+                    _check(results, calls)
+                    out["300 gathered execute() s"].append(elapsed)
+                    batch = [AgentTask(id=f"b{r}-{i}", prompt=f"q {i}") for i in range(300)]
+                    elapsed, results = asyncio.run(_orchestrate(agent, batch, 64))
+                    _check(results, batch)
+                    out["300 in one execute_tasks() s"].append(elapsed)
         finally:
             engine_module.Dispatcher = Dispatcher  # type: ignore[misc]
             for w in workers:

@@ -212,7 +212,7 @@ async def framework_overhead(n: int) -> dict[str, float]:
 
     tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(n)]
     async with TaskExecutor([Agent(name="offline")]) as executor:
-        orchestrator = ProjectOrchestrator(executor, max_concurrency=n)
+        orchestrator = ProjectOrchestrator(executor)  # the defaults a user gets (bound 64)
         gc.collect()
         start = time.perf_counter()
         results = await orchestrator.execute_tasks(tasks)

@@ -289,3 +289,20 @@ def test_the_wait_for_a_worker_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv("TASKEXEC_NO_WORKER_WAIT_S", bad)
         with pytest.raises(ConfigurationError, match="TASKEXEC_NO_WORKER_WAIT_S"):
             Cluster.from_env()
+
+
+def test_execute_calls_share_a_run_until_a_task_id_comes_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from taskexec.distributed._engine import _CallRuns
+
+    runs = _CallRuns()
+    first = runs.run_for("a")
+    assert runs.run_for("b") == first  # distinct ids: one run, no new subscription
+    again = runs.run_for("a")  # the same id again must run again: a run of its own
+    assert again != first
+    assert runs.run_for("b") == again
+    monkeypatch.setattr(_CallRuns, "SIZE", 3)
+    bounded = _CallRuns()
+    ids = [bounded.run_for(str(i)) for i in range(7)]
+    assert ids[0] == ids[1] == ids[2] != ids[3] == ids[4] == ids[5] != ids[6]

@@ -13,7 +13,8 @@ they were published on a topic.
 
 Code running inside an orchestrated task (a custom provider, a callback agent) finds the bus of
 its run with :func:`current_bus`. The orchestrator talks to the bus only through the
-:class:`Bus` protocol, so a networked backend can replace :class:`MessageBus` later.
+:class:`Bus` protocol, so a networked backend replaces :class:`MessageBus` without changing it:
+``taskexec.distributed.NetworkBus`` (the ``workers`` extra) carries the same bus over RabbitMQ.
 """
 
 from __future__ import annotations

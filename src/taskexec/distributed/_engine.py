@@ -32,6 +32,28 @@ from ._dispatch import Dispatcher
 __all__ = ("WorkersEngine", "register")
 
 
+class _CallRuns:
+    """The runs of ``execute()`` calls on one connection.
+
+    Each call must behave as a run of its own (a task id called again runs again), but a new
+    run per call would cost a broker round trip each (listening for its results). So calls
+    share one run while their task ids differ; a task id seen again in it, or a run grown to
+    :attr:`SIZE` tasks, starts the next run.
+    """
+
+    SIZE = 10_000
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.task_ids: set[str] = set()
+
+    def run_for(self, task_id: str) -> str:
+        if not self.run_id or task_id in self.task_ids or len(self.task_ids) >= self.SIZE:
+            self.run_id, self.task_ids = new_run_id(), set()
+        self.task_ids.add(task_id)
+        return self.run_id
+
+
 class WorkersEngine(Engine):
     """Runs tasks on the workers of a cluster.
 
@@ -54,6 +76,9 @@ class WorkersEngine(Engine):
         self._closers: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, AsyncGenerator[None, None]
         ] = weakref.WeakKeyDictionary()
+        self._call_runs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _CallRuns] = (
+            weakref.WeakKeyDictionary()
+        )
         #: How many connections this engine has opened (one per loop it ran on).
         self.connections_opened = 0
 
@@ -104,7 +129,11 @@ class WorkersEngine(Engine):
     async def execute(self, job: Job) -> ExecutionResult:
         agent, mode = job.roster.resolve(job.task, job.agent, job.mode)
         dispatcher = await self.dispatcher()
-        run_id = new_run_id()  # each call is a run of its own, as in-process
+        loop = asyncio.get_running_loop()
+        runs = self._call_runs.get(loop)
+        if runs is None:
+            runs = self._call_runs[loop] = _CallRuns()
+        run_id = runs.run_for(job.task.id)  # as in-process, a task id called again runs again
         await dispatcher.attach(run_id)
         outputs = dict(job.outputs) if job.outputs is not None else None
         return await dispatcher.run(run_id, job.task, agent.name, mode, outputs)
