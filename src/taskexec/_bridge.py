@@ -244,7 +244,9 @@ def _inside_asgiref() -> bool:
 
     The same test asgiref's ``async_to_sync`` makes (its thread-local, same process); only the
     test: the call itself is then left to asgiref, which also serves thread-sensitive
-    ``sync_to_async`` calls made inside it from this blocked thread.
+    ``sync_to_async`` calls made inside it from this blocked thread. asgiref has no public
+    API for it: ``SyncToAsync.threadlocal`` is read here only, and
+    tests/test_library_internals.py fails loudly if asgiref changes it.
     """
     asgiref_sync = sys.modules.get("asgiref.sync")
     if asgiref_sync is None:

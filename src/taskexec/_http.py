@@ -149,7 +149,13 @@ class AiohttpClient:
         self._session._connector = None
 
     def close_abandoned(self) -> None:
-        """Drop the sockets of a session whose loop is gone or closed, awaiting nothing."""
+        """Drop the sockets of a session whose loop is gone or closed, awaiting nothing.
+
+        aiohttp has no public way to do this (its ``close()`` awaits on the session's loop), so
+        this is the one place that reads its connector's private fields (``_conns``,
+        ``_acquired``, ``_loop``, ``_close``, the session's ``_connector``);
+        tests/test_library_internals.py fails loudly if aiohttp renames them.
+        """
         connector = self._session.connector
         self._session._connector = None
         self.closer = None
