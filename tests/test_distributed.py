@@ -538,11 +538,13 @@ def test_a_rerun_with_the_same_run_id_keeps_stored_results(
         asyncio.run(worker.registered())
         argv = ["run", str(plan_file), "--run-id", "again", "--output", str(out)]
         assert main(argv) == 0
-        assert "run id again" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "run id again" in err
+        assert "0 result(s) reused from an earlier run of this id, 6 task execution(s)" in err
         assert main(argv) == 0
         err = capsys.readouterr().err
-    assert "0 task execution(s)" not in err
-    assert "6 task execution(s)" in err
+    # The re-run says what it did itself: nothing ran again.
+    assert "6 result(s) reused from an earlier run of this id, 0 task execution(s)" in err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 12
     first, second = lines[:6], lines[6:]
@@ -860,3 +862,90 @@ async def test_sync_calls_share_one_cluster_connection(
             statuses = await asyncio.to_thread(calls)  # a plain thread, as a sync caller
         assert proxy.accepted == 1
     assert statuses == [ExecutionStatus.SUCCESS] * 10
+
+
+def test_a_reused_run_id_reruns_the_tasks_whose_inputs_changed(
+    use_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Results stored under a run id count again only for the same inputs: an edited prompt,
+    another plan under the same id, or a dependency whose output changed runs again."""
+    tasks = plan_tasks(6)
+    plan_file = write_agents(tmp_path / "plan.yaml", OFFLINE, tasks)
+    out = tmp_path / "out.jsonl"
+    with workers([WorkerProcess(plan_file, use_cluster, "w")]) as (worker,):
+        asyncio.run(worker.registered())
+        argv = ["run", str(plan_file), "--run-id", "edited", "--output", str(out)]
+        assert main(argv) == 0
+        capsys.readouterr()
+        tasks[1]["prompt"] = "step 1, edited"  # t2 depends on t1: its rendered prompt changes
+        write_agents(plan_file, OFFLINE, tasks)
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+    assert "4 result(s) reused from an earlier run of this id, 2 task execution(s)" in err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    first, second = {r["task_id"]: r for r in lines[:6]}, {r["task_id"]: r for r in lines[6:]}
+    assert second["t1"]["output"] != first["t1"]["output"]
+    assert "step 1, edited" in second["t1"]["output"]
+    assert second["t2"]["output"] != first["t2"]["output"]
+    assert [second[t]["output"] for t in ("t0", "t3", "t4", "t5")] == [
+        first[t]["output"] for t in ("t0", "t3", "t4", "t5")
+    ]
+
+
+async def test_results_come_from_the_store_never_from_an_event(cluster: Cluster) -> None:
+    """A finished event published by anyone who can reach the events exchange changes
+    nothing: the dispatcher reads each result from Redis."""
+    from taskexec.distributed._store import worker_info
+    from taskexec.distributed._wire import FinishedEvent, failure, routing_key
+
+    task = AgentTask(id="a", prompt="hello")
+    async with store_of(cluster) as store:
+        await store.register(worker_info("fake", "h", 1, ["writer"], 1, 0, 0, 0.0))
+        async with Dispatcher(cluster) as dispatcher:
+            await dispatcher.attach("forged")
+            waiting = asyncio.create_task(dispatcher.run("forged", task, "writer", "llm"))
+            connection = await aio_pika.connect(cluster.broker_url)
+            try:
+                channel = await connection.channel()
+                events = await channel.get_exchange(cluster.events_exchange)
+
+                async def publish(output: str) -> None:
+                    forged = failure("a", "writer", "llm", "http_status", "x").model_copy(
+                        update={"status": ExecutionStatus.SUCCESS, "output": output, "error": None}
+                    )
+                    event = FinishedEvent(
+                        run_id="forged", task_id="a", state="finished", worker="evil", result=forged
+                    )
+                    await events.publish(
+                        aio_pika.Message(event.model_dump_json().encode()),
+                        routing_key=routing_key("forged", "a", "finished"),
+                    )
+
+                await publish("PWNED before")  # nothing stored yet: the task keeps waiting
+                real = failure("a", "writer", "llm", "http_status", "the real one")
+                stored = await store.put_first("forged", real)
+                await publish("PWNED after")  # the event only says: read the store
+                result = await asyncio.wait_for(waiting, 30)
+            finally:
+                await connection.close()
+    assert stored is real
+    assert result.error is not None
+    assert result.error.message == "the real one"
+    assert "PWNED" not in (result.output or "")
+
+
+async def test_a_garbage_stored_result_is_a_failed_result_not_a_traceback(
+    cluster: Cluster,
+) -> None:
+    async with store_of(cluster) as store:
+        key = cluster.key("run", "junk", "result", "a")
+        await store.client.set(key, b"{not a result")
+        await store.client.set(cluster.key("run", "junk", "result", "b"), b'{"task_id": "b"}')
+        found = await store.get_many("junk", ["a", "b", "c"])
+    assert sorted(found) == ["a", "b"]
+    for task_id, result in found.items():
+        assert result.task_id == task_id
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        assert result.error.kind == "bad_result"
+        assert "delete key" in result.error.message

@@ -176,6 +176,9 @@ class ErrorKind(enum.StrEnum):
     #: Distributed runs: every worker that took the task died with it, up to the delivery
     #: limit; the task's message was moved to the dead-letter queue instead of running again.
     DEAD_LETTERED = "dead_lettered"
+    #: Distributed runs: the result stored for the task in Redis is not one this version can
+    #: read (another program or version wrote it); the message names the key.
+    BAD_RESULT = "bad_result"
 
 
 class ExecutionError(_Model):

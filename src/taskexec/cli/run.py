@@ -156,8 +156,9 @@ def run(args: argparse.Namespace) -> int:
     print_summary(results, time.monotonic() - started, args.json, args.full_table)
     if counts:
         print(
-            f"taskexec: run {run_id}: {counts['executions']} task execution(s) on "
-            f"workers, {counts['duplicates']} duplicate result(s) dropped",
+            f"taskexec: run {run_id}: {counts.get('reused', 0)} result(s) reused from an earlier "
+            f"run of this id, {counts.get('executions', 0)} task execution(s) on workers, "
+            f"{counts.get('duplicates', 0)} duplicate result(s) dropped",
             file=sys.stderr,
         )
     if report.write_error is not None:

@@ -75,6 +75,9 @@ class Dispatcher:
         self._pending: dict[TaskKey, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
         self._attached: dict[str, asyncio.Future[Any]] = {}
         self._queue: AbstractQueue | None = None
+        #: Tasks whose event arrived and whose result is to be read from Redis.
+        self._wanted: set[TaskKey] = set()
+        self._reading: asyncio.Task[None] | None = None
         self._events: aio_pika.abc.AbstractExchange | None = None
         self._served: set[str] = set()
         self._served_at = 0.0
@@ -85,7 +88,6 @@ class Dispatcher:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._fetches: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self.store: ResultStore
 
@@ -136,7 +138,7 @@ class Dispatcher:
         if self._closing.is_set():
             return
         self._closing.set()
-        await settle([self._poller, *self._fetches], CLOSE_TIMEOUT_S)
+        await settle([self._poller, self._reading], CLOSE_TIMEOUT_S)
         if self._connection is not None:
             # Bounded: closing must not keep a finished run waiting on a broker that went away.
             with contextlib.suppress(Exception):
@@ -155,6 +157,7 @@ class Dispatcher:
         agent: str,
         mode: Mode,
         outputs: dict[str, str | None] | None = None,
+        inputs: str | None = None,
     ) -> ExecutionResult:
         """Send a task of an attached run to a worker that serves ``agent``; return the run's
         result for it."""
@@ -165,7 +168,9 @@ class Dispatcher:
         future: asyncio.Future[ExecutionResult] = loop.create_future()
         self._pending[key] = (future, agent, mode, loop.time())
         try:
-            message = TaskMessage(run_id=run_id, agent=agent, mode=mode, task=task, outputs=outputs)
+            message = TaskMessage(
+                run_id=run_id, agent=agent, mode=mode, task=task, outputs=outputs, inputs=inputs
+            )
             if not await self._publish(message):
                 reason = "the broker did not take the task (its connection is down)"
                 return await self._fail(key, agent, mode, "connection", reason)
@@ -263,13 +268,30 @@ class Dispatcher:
         key = (event.run_id, event.task_id)
         if key not in self._pending:
             return
-        if event.result is not None:
-            self._resolve(key, event.result)
-            return
-        # A duplicate: another result was first; read the one that counts.
-        fetch = asyncio.create_task(self._fetch([key]))
-        self._fetches.add(fetch)
-        fetch.add_done_callback(self._fetches.discard)
+        # An event is a notification, never the result: anyone who can publish on the events
+        # exchange could forge one. The result is read from Redis, where the first one that a
+        # worker stored is the one that counts; the reads of events that arrive together are
+        # one MGET.
+        self._wanted.add(key)
+        if self._reading is None:
+            self._reading = asyncio.create_task(self._read_wanted())
+
+    async def _read_wanted(self) -> None:
+        keys: list[TaskKey] = []
+        try:
+            while self._wanted:
+                await asyncio.sleep(0)  # the events already received join this read
+                keys, self._wanted = list(self._wanted), set()
+                await self._fetch(keys)
+        except Exception as exc:
+            # Redis is away: the poller reads these tasks again every poll_s.
+            log.warning(
+                "reading %d result(s) from Redis failed: %s",
+                len(keys),
+                self.cluster.redactor()(str(exc) or type(exc).__name__),
+            )
+        finally:
+            self._reading = None
 
     async def _fetch(self, keys: Sequence[TaskKey]) -> None:
         by_run: dict[str, list[str]] = {}

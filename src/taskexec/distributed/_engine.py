@@ -28,6 +28,7 @@ from .._plugins import wants_workers
 from .._results import Progress
 from ._config import Cluster
 from ._dispatch import Dispatcher
+from ._wire import inputs_digest
 
 __all__ = ("WorkersEngine", "register")
 
@@ -79,6 +80,7 @@ class WorkersEngine(Engine):
         self._call_runs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _CallRuns] = (
             weakref.WeakKeyDictionary()
         )
+        self._counts: dict[str, dict[str, int]] = {}
         #: How many connections this engine has opened (one per loop it ran on).
         self.connections_opened = 0
 
@@ -143,34 +145,51 @@ class WorkersEngine(Engine):
         run_id = check_run_id(batch.run_id) if batch.run_id is not None else new_run_id()
         dispatcher = await self.dispatcher()
         await dispatcher.attach(run_id)
+        store = dispatcher.store
         stored = await dispatcher.stored(run_id, [t.id for t in batch.tasks])
+        before = await store.counters(run_id)
+        reused = 0
         # A re-run of a run id clears its cancellation, so that its tasks run again.
-        await dispatcher.store.set_cancelled(run_id, False)
+        await store.set_cancelled(run_id, False)
 
         async def run_one(
             task: AgentTask, outputs: Mapping[str, str | None] | None, _: Progress
         ) -> ExecutionResult:
-            if task.id in stored:
-                return stored[task.id]
+            nonlocal reused
             agent, mode = batch.roster.resolve(task)
+            inputs = inputs_digest(task, agent.name, mode, agent.model, outputs)
+            earlier = stored.get(task.id)
+            if earlier is not None:
+                if earlier.metadata.get("inputs") == inputs:
+                    reused += 1
+                    return earlier
+                # Stored under this run id for other inputs (an edited plan, another plan
+                # under a reused id, last week's "nightly"): it does not count; run again.
+                await store.forget(run_id, task.id)
             return await dispatcher.run(
-                run_id, task, agent.name, mode, dict(outputs) if outputs else None
+                run_id, task, agent.name, mode, dict(outputs) if outputs else None, inputs
             )
 
         try:
             results = await run_batch(batch, run_one)
         except asyncio.CancelledError:
             # Workers drop the run's queued tasks instead of running them for nobody.
-            await asyncio.shield(dispatcher.store.set_cancelled(run_id, True))
+            await asyncio.shield(store.set_cancelled(run_id, True))
             raise
         if any(r.status is ExecutionStatus.CANCELLED for r in results):
-            await dispatcher.store.set_cancelled(run_id, True)
+            await store.set_cancelled(run_id, True)
+        after = await store.counters(run_id)
+        self._counts[run_id] = {
+            "reused": reused,
+            **{name: after[name] - before.get(name, 0) for name in after},
+        }
         return results
 
     async def run_counts(self, run_id: str) -> dict[str, int]:
-        """How many task executions the workers counted for a run, and how many results lost
-        the first-writer race (tasks that ran twice after a crash)."""
-        return await (await self.dispatcher()).store.counters(run_id)
+        """What a run of this engine did this time: results ``reused`` from an earlier run of
+        the id (same inputs), task ``executions`` the workers counted, and ``duplicates``
+        (results that lost the first-writer race: tasks that ran twice after a crash)."""
+        return dict(self._counts.get(run_id, {}))
 
 
 def _cluster_of(selection: Selection) -> Cluster:

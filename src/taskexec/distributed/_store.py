@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
 
 from .._errors import ClusterUnavailableError
-from .._models import ExecutionResult
+from .._models import ExecutionError, ExecutionResult, ExecutionStatus
 from ._config import Cluster, redact_url
 
 __all__ = ("STORED", "ResultStore", "WorkerInfo", "connect_redis", "worker_info")
@@ -158,7 +159,7 @@ class ResultStore:
         current = await self._put_first(keys=keys, args=args)
         if current is None:
             return result
-        return ExecutionResult.model_validate_json(current)
+        return self._decode(run_id, result.task_id, current)
 
     async def claim(self, run_id: str, task_id: str) -> str | None:
         """Return why a worker should not run a task (see :meth:`skip_reason`); else count the
@@ -179,8 +180,37 @@ class ResultStore:
             values = await self.client.mget([self._result_key(run_id, t) for t in chunk])
             for task_id, value in zip(chunk, values, strict=True):
                 if value is not None:
-                    found[task_id] = ExecutionResult.model_validate_json(value)
+                    found[task_id] = self._decode(run_id, task_id, value)
         return found
+
+    async def forget(self, run_id: str, task_id: str) -> None:
+        """Drop a task's stored result (its inputs changed: it must run again)."""
+        await self.client.delete(self._result_key(run_id, task_id))
+
+    def _decode(self, run_id: str, task_id: str, value: bytes | str) -> ExecutionResult:
+        """The stored result, or a ``failed`` one of kind ``bad_result`` that says why not.
+
+        Something other than a worker of this version wrote the key (another program, a
+        newer taskexec, a hand edit): the task gets one clear result instead of a traceback or
+        a wait for a result that never parses.
+        """
+        try:
+            result = ExecutionResult.model_validate_json(value)
+        except ValueError as exc:  # pydantic's ValidationError, and JSON that is not JSON
+            problems = exc.error_count() if isinstance(exc, ValidationError) else 1
+            message = (
+                f"the result stored for task {task_id!r} of run {run_id!r} in Redis is not a "
+                f"taskexec result ({problems} problem(s)); delete key "
+                f"{self._result_key(run_id, task_id)!r} or use another run id"
+            )
+            return _unreadable(task_id, message)
+        if result.task_id != task_id:
+            message = (
+                f"the result stored for task {task_id!r} of run {run_id!r} in Redis belongs to "
+                f"task {result.task_id!r}; delete key {self._result_key(run_id, task_id)!r}"
+            )
+            return _unreadable(task_id, message)
+        return result
 
     async def skip_reason(self, run_id: str, task_id: str) -> str | None:
         """Why a worker should not run a task now: its run was cancelled, or it has a result."""
@@ -277,4 +307,20 @@ def worker_info(
         done=done,
         started_at=started_at,
         seen_at=time.time(),
+    )
+
+
+def _unreadable(task_id: str, message: str) -> ExecutionResult:
+    now = datetime.now(UTC)
+    return ExecutionResult(
+        task_id=task_id,
+        status=ExecutionStatus.FAILED,
+        error=ExecutionError(kind="bad_result", message=message),
+        agent="",
+        mode="",
+        engine="async",
+        attempts=0,
+        started_at=now,
+        finished_at=now,
+        duration_s=0.0,
     )

@@ -7,9 +7,11 @@ not a well-formed task message of this version is refused before a worker looks 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ __all__ = (
     "addressee",
     "decode_task",
     "failure",
+    "inputs_digest",
     "routing_key",
 )
 
@@ -60,10 +63,29 @@ class TaskMessage(BaseModel):
     task: AgentTask
     #: The outputs of the task's dependencies, for its ``{{dep}}`` placeholders.
     outputs: dict[str, str | None] | None = None
+    #: A digest of what the task runs with (see :func:`inputs_digest`): the worker records it
+    #: in the result's metadata, and a re-run of the run id reuses the result only if it
+    #: still matches.
+    inputs: str | None = None
 
     def encode(self) -> bytes:
         """Return the message body."""
         return self.model_dump_json(exclude_defaults=True).encode()
+
+
+def inputs_digest(
+    task: AgentTask,
+    agent: str,
+    mode: str,
+    model: str | None,
+    outputs: Mapping[str, str | None] | None,
+) -> str:
+    """A digest of what a task runs with: its rendered prompt (placeholders filled), the
+    agent, the mode and the model. A stored result counts for a re-run only with the same one."""
+    material = json.dumps(
+        [task.render_prompt(outputs), agent, mode, model or ""], ensure_ascii=False
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 def decode_task(body: bytes, headers: object, content_type: str | None) -> TaskMessage:

@@ -349,9 +349,10 @@ class Worker:
                 result = failure(
                     task.id, msg.agent, msg.mode, "configuration", f"worker {self.name}: {exc}"
                 )
-            result = result.model_copy(
-                update={"metadata": {**result.metadata, "worker": self.name, "run_id": run_id}}
-            )
+            recorded = {**result.metadata, "worker": self.name, "run_id": run_id}
+            if msg.inputs is not None:
+                recorded["inputs"] = msg.inputs
+            result = result.model_copy(update={"metadata": recorded})
             counted = await store.put_first(run_id, result)
             await self._finished(msg.run_id, msg.task.id, result if counted is result else None)
             self.done += 1
