@@ -16,6 +16,7 @@ import aio_pika
 import pytest
 import yaml
 
+import taskexec._engines.registry
 import taskexec.sync
 from taskexec import AgentTask, ExecutionStatus, MessageBus, ProjectOrchestrator, TaskExecutor
 from taskexec._engines.base import Batch
@@ -826,7 +827,14 @@ async def test_gathered_calls_share_one_cluster_connection(
             async with executor:
                 results = await asyncio.gather(*(executor.execute(t) for t in tasks))
                 again = await executor.execute(tasks[0])  # a later call: the same connection
+                for _ in range(3):  # more runs, and repeated ids: no binding left behind
+                    await ProjectOrchestrator(executor).execute_tasks(tasks[:5])
+                    await executor.execute(tasks[0])
                 assert proxy.accepted == 1
+                engine = taskexec._engines.registry.select_engine(executor.parts.engines)
+                assert isinstance(engine, WorkersEngine)
+                # Only the current run of execute() calls is still listened for.
+                assert (await engine.dispatcher()).attached_runs == 1
             await eventually(lambda: proxy.connections == 0)
     async with TaskExecutor(taskexec.load_agents(agents_file)) as local:
         expected = await asyncio.gather(*(local.execute(t) for t in tasks))

@@ -297,12 +297,13 @@ def test_execute_calls_share_a_run_until_a_task_id_comes_again(
     from taskexec.distributed._engine import _CallRuns
 
     runs = _CallRuns()
-    first = runs.run_for("a")
-    assert runs.run_for("b") == first  # distinct ids: one run, no new subscription
-    again = runs.run_for("a")  # the same id again must run again: a run of its own
-    assert again != first
-    assert runs.run_for("b") == again
+    first, retired = runs.run_for("a")
+    assert retired is None
+    assert runs.run_for("b") == (first, None)  # distinct ids: one run, no new subscription
+    again, retired = runs.run_for("a")  # the same id again must run again: a run of its own
+    assert (again != first, retired) == (True, first)
+    assert runs.run_for("b") == (again, None)
     monkeypatch.setattr(_CallRuns, "SIZE", 3)
     bounded = _CallRuns()
-    ids = [bounded.run_for(str(i)) for i in range(7)]
+    ids = [bounded.run_for(str(i))[0] for i in range(7)]
     assert ids[0] == ids[1] == ids[2] != ids[3] == ids[4] == ids[5] != ids[6]

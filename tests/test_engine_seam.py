@@ -13,6 +13,7 @@ from typing import ClassVar
 import pytest
 
 import taskexec
+import taskexec._engines.selection
 import taskexec.sync
 from taskexec import Agent, AgentTask, MissingExtraError, TaskExecutor, flags
 from taskexec._engines.base import Batch, Engine, Job
@@ -363,3 +364,65 @@ async def test_a_missing_extra_error_is_a_configuration_error() -> None:
             _plugins.load_plugin("broken", "this test")
     finally:
         del _plugins.PLUGINS["broken"]
+
+
+def test_the_old_flag_names_still_work_with_a_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="flags.EngineName"):
+        assert flags.Engine is flags.EngineName  # type: ignore[attr-defined]
+    with pytest.warns(DeprecationWarning, match="flags.ENGINE_NAMES"):
+        assert flags.ENGINES == ("async", "legacy")  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        flags.nothing  # type: ignore[attr-defined]  # noqa: B018
+
+
+async def test_a_bad_run_id_is_refused_in_process_too() -> None:
+    orchestrator = taskexec.ProjectOrchestrator(TaskExecutor([Agent(name="a")]))
+    with pytest.raises(taskexec.ConfigurationError, match="run id"):
+        await orchestrator.execute_tasks([AgentTask(id="t", prompt="p")], run_id="bad!")
+    (result,) = await orchestrator.execute_tasks([AgentTask(id="t", prompt="p")], run_id="ok-1")
+    assert result.ok
+
+
+def test_selections_never_show_a_cluster_password() -> None:
+    engines = EngineSet("amqp://user:BROKERPW@h/", "redis://:REDISPW@h/0")
+    cluster = engines.cluster()
+    assert cluster is not None
+    shown = repr(cluster) + repr(taskexec._engines.selection.Selection("async", cluster))
+    assert "BROKERPW" not in shown
+    assert "REDISPW" not in shown
+
+
+def test_an_installed_extra_that_fails_to_import_is_not_called_missing() -> None:
+    """Only a package that cannot be found is a missing extra; one that is installed but
+    fails to import raises its own error."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'redis.asyncio':\n"
+        "            raise ImportError('broken build', name='redis.asyncio')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "from taskexec import MissingExtraError\n"
+        "from taskexec._plugins import load_plugin\n"
+        "try:\n"
+        "    load_plugin('workers')\n"
+        "except MissingExtraError as exc:\n"
+        "    print('MISSING', exc)\n"
+        "except ImportError as exc:\n"
+        "    print('IMPORT', exc)\n"
+    )
+    done = _python(code)
+    assert "IMPORT broken build" in done.stdout, done.stdout + done.stderr
+
+
+def test_taskexec_run_with_its_own_engine_flag_announces_nothing(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "taskexec", "run", str(EXAMPLE), "--engine", "legacy", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "switched" not in done.stderr
+    assert json.loads(done.stdout)[0]["engine"] == "legacy"

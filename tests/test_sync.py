@@ -184,6 +184,31 @@ current_request: contextvars.ContextVar[str] = contextvars.ContextVar("current_r
 set_inside: contextvars.ContextVar[str] = contextvars.ContextVar("set_inside")
 
 
+async def test_inside_sync_to_async_contextvars_set_in_the_call_reach_the_view() -> None:
+    """asgiref copies contextvars back to the view; the bridge must not undo that."""
+    from asgiref.sync import sync_to_async
+
+    class ContextSpy(Provider):
+        name: ClassVar[str] = "context-spy-asgiref"
+
+        async def complete(
+            self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
+        ) -> ChatReply:
+            set_inside.set(f"seen {current_request.get()} {prompt}")
+            return ChatReply(current_request.get(), Usage())
+
+    with extra_providers(ContextSpy()):
+        executor = taskexec.sync.TaskExecutor([Agent(name="a", provider="context-spy-asgiref")])
+
+        def view() -> tuple[str | None, str]:
+            current_request.set("req-42")
+            set_inside.set("stale")  # what the call sets must replace it
+            result = executor.execute(AgentTask(id="t", prompt="asgiref"))
+            return result.output, set_inside.get()
+
+        assert await sync_to_async(view)() == ("req-42", "seen req-42 asgiref")
+
+
 class ContextProvider(Provider):
     name: ClassVar[str] = "context"
 

@@ -33,7 +33,7 @@ import time
 import types
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from ._callsite import caller_site, enter_sync_call
 from ._engines.entry import BLOCKING_CALLER, NEED_LOOP
@@ -351,29 +351,49 @@ async def _resumed(coro: Coroutine[Any, Any, T]) -> T:
     return await _go_on(coro)
 
 
+def _first_step(coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T] | _Done[T]:
+    """Run an entry's first step here: its value if it needed no loop, else what goes on."""
+    try:
+        yielded = _probe(coro)
+    except StopIteration as done:
+        # The engine ran the work in this thread (the rollback engine): no loop.
+        return _Done(cast(T, done.value))
+    if yielded is not NEED_LOOP:  # pragma: no cover (an entry asks before it awaits)
+        coro.close()
+        raise RuntimeError(f"an entry's coroutine awaited {yielded!r} before a loop")
+    return _resumed(coro)
+
+
+@dataclass(slots=True)
+class _Done(Generic[T]):
+    value: T
+
+
 def _call(coro: Coroutine[Any, Any, T], entry: bool) -> T:
+    if _inside_asgiref():
+        # A Django-style view under sync_to_async: run on the application's loop the way
+        # asgiref does, CurrentThreadExecutor included, so that a thread-sensitive
+        # sync_to_async awaited inside the call can run in this (blocked) thread. asgiref
+        # copies contextvars in and back itself; an entry's first step runs in this thread's
+        # own context, so that what it sets is there too.
+        if entry:
+            step = _first_step(coro)
+            if isinstance(step, _Done):
+                return step.value
+            coro = step
+        from asgiref.sync import async_to_sync
+
+        async def awaited() -> T:
+            return await coro
+
+        return async_to_sync(awaited)()
     context = contextvars.copy_context()
     try:
         if entry:
-            try:
-                yielded = context.run(_probe, coro)
-            except StopIteration as done:
-                # The engine ran the work in this thread (the rollback engine): no loop.
-                return cast(T, done.value)
-            if yielded is not NEED_LOOP:  # pragma: no cover (an entry asks before it awaits)
-                coro.close()
-                raise RuntimeError(f"an entry's coroutine awaited {yielded!r} before a loop")
-            coro = _resumed(coro)
-        if _inside_asgiref():
-            # A Django-style view under sync_to_async: run on the application's loop the way
-            # asgiref does, CurrentThreadExecutor included, so that a thread-sensitive
-            # sync_to_async awaited inside the call can run in this (blocked) thread.
-            from asgiref.sync import async_to_sync
-
-            async def awaited() -> T:
-                return await coro
-
-            return async_to_sync(awaited)()
+            step = context.run(_first_step, coro)
+            if isinstance(step, _Done):
+                return step.value
+            coro = step
         return _shared.run(coro, context)
     finally:
         _restore_context(context)

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Self
 
 from ._engines import entry
-from ._engines.base import Batch
+from ._engines.base import Batch, check_run_id
 from ._errors import InvalidValueError, PlanError
 from ._executor import TaskExecutor
 from ._models import Agent, AgentTask, ExecutionResult, Mode
@@ -111,8 +111,9 @@ class ProjectOrchestrator:
             fail_fast: Cancel everything left at the first task that does not succeed.
             on_result: Called with each result the moment its task ends (also for tasks
                 skipped, or cut off by cancellation), from the thread that runs the tasks.
-            run_id: On workers, the distributed run's id: results already stored under it are
-                kept instead of running their tasks again (default: a new run). Ignored when
+            run_id: On workers, the distributed run's id (1-64 letters, digits, ``_`` or
+                ``-``): results stored under it for the same inputs are kept instead of running
+                their tasks again (default: a new run). Checked, and otherwise unused, when
                 tasks run in this process.
 
         Returns:
@@ -121,7 +122,10 @@ class ProjectOrchestrator:
         Raises:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
+            ConfigurationError: ``run_id`` cannot name a run.
         """
+        if run_id is not None:
+            check_run_id(run_id)  # in-process too: the same call must not fail only on workers
         batch = self._batch(tasks, fail_fast=fail_fast, on_result=on_result, run_id=run_id)
         return await entry.execute_tasks(self.executor.parts.engines, batch)
 

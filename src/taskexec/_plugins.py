@@ -10,6 +10,8 @@ needs it; the part then registers what it provides (the workers engine registers
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -63,8 +65,8 @@ def load_plugin(name: str, needed_for: str = "") -> ModuleType:
         module = importlib.import_module(plugin.module)
     except ImportError as exc:
         missing = (exc.name or "").split(".")[0]
-        if missing not in plugin.packages:
-            raise
+        if missing not in plugin.packages or not _absent(missing):
+            raise  # installed, yet it failed to import: a real error, not a missing extra
         why = f"{needed_for} needs" if needed_for else "this needs"
         raise MissingExtraError(
             f"{why} the optional part {plugin.extra!r} ({missing} is not installed): "
@@ -72,6 +74,16 @@ def load_plugin(name: str, needed_for: str = "") -> ModuleType:
         ) from None
     _loaded[name] = module
     return module
+
+
+def _absent(package: str) -> bool:
+    """True when ``package`` cannot be found at all (blocked counts as absent)."""
+    if sys.modules.get(package, False) is None:
+        return True  # blocked on purpose (sys.modules[name] = None), as import itself treats it
+    try:
+        return importlib.util.find_spec(package) is None
+    except (ImportError, ValueError):
+        return True
 
 
 def load_wanted(selection: Selection) -> None:

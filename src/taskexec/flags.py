@@ -67,8 +67,13 @@ def environment_engine() -> EngineName | None:
     return parse_engine(os.environ.get(ENV_VAR))
 
 
-def get_engine() -> EngineName:
-    """Return the engine the next call will use, logging once at WARNING when it changes."""
+def get_engine(*, announce: bool = True) -> EngineName:
+    """Return the engine the next call will use, logging once at WARNING when it changes.
+
+    Args:
+        announce: Log the change (an operator flipping the flag on a running service wants to
+            see it); a command that chose its engine from its own flag does not.
+    """
     global _last_seen
     engine = _context_engine.get() or _process_engine
     source = "use_engine()" if _context_engine.get() else "set_engine()"
@@ -79,9 +84,10 @@ def get_engine() -> EngineName:
     if engine != _last_seen:
         with _lock:
             if engine != _last_seen:
-                log.warning(
-                    "taskexec engine switched from %s to %s (%s)", _last_seen, engine, source
-                )
+                if announce:
+                    log.warning(
+                        "taskexec engine switched from %s to %s (%s)", _last_seen, engine, source
+                    )
                 _last_seen = engine
     return engine
 
@@ -108,3 +114,21 @@ def use_engine(name: str) -> Iterator[None]:
         yield
     finally:
         _context_engine.reset(token)
+
+
+_RENAMED = {"Engine": "EngineName", "ENGINES": "ENGINE_NAMES"}
+
+
+def __getattr__(name: str) -> object:
+    """The names this module had until the engine seam (``Engine``, ``ENGINES``), with a warning."""
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(
+            f"taskexec.flags.{name} is now taskexec.flags.{_RENAMED[name]} (the engine classes "
+            "took the old name's meaning)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,17 +108,21 @@ class EngineSet:
             await engine.aclose()
 
 
-def select_engine(engines: EngineSet) -> Engine:
+def select_engine(engines: EngineSet, *, announce: bool = True) -> Engine:
     """Return the engine for the call being made now, from settings read at call time.
 
     The rollback flag first: ``legacy`` runs in-process whatever else is set. Otherwise a
     configured cluster (the executor's, or ``TASKEXEC_BROKER_URL`` / ``TASKEXEC_RESULTS_URL``)
     runs tasks on its workers, and without one the async engine runs them here.
 
+    Args:
+        engines: The engines of the executor the call goes through.
+        announce: Log a change of the rollback flag (see :func:`taskexec.flags.get_engine`).
+
     Raises:
         MissingExtraError: The call needs an optional part that is not installed.
     """
-    selection = Selection(get_engine(), engines.cluster())
+    selection = Selection(get_engine(announce=announce), engines.cluster())
     _plugins.load_wanted(selection)
     for spec in _ORDER:
         if spec.applies(selection):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._models import EngineName
 
@@ -24,8 +24,9 @@ def env_value(name: str) -> str | None:
 class ClusterURLs:
     """Where a cluster is: the broker and the results store (either may still be missing)."""
 
-    broker: str | None
-    results: str | None
+    # Out of the repr: a URL may carry a password (tracebacks show locals' reprs).
+    broker: str | None = field(repr=False)
+    results: str | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

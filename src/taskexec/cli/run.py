@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if kept:
         print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
     with flags.use_engine(override) if override else contextlib.nullcontext():
-        engine = select_engine(executor.parts.engines)  # the one place an engine is chosen
+        # The one place an engine is chosen; the command's own --engine is no news to announce.
+        engine = select_engine(executor.parts.engines, announce=False)
         run_id = _run_id(args, engine, executor)
         output = open_for_append(output_path) if output_path else None
         started = time.monotonic()
@@ -177,7 +178,13 @@ def run(args: argparse.Namespace) -> int:
 def _run_id(args: argparse.Namespace, engine: Engine, executor: TaskExecutor) -> str | None:
     """Return the run's id on an engine that keeps runs (printed, to re-run it), else None."""
     if not engine.keeps_runs:
-        if executor.parts.engines.cluster() is not None:
+        cluster = executor.parts.engines.cluster()
+        if cluster is not None:
+            if cluster.broker is None or cluster.results is None:
+                raise UsageError(
+                    "a distributed run needs both a broker and a results store (--broker and "
+                    "--results, or TASKEXEC_BROKER_URL and TASKEXEC_RESULTS_URL)"
+                )
             print(
                 "taskexec: the legacy engine runs in-process; the broker is not used",
                 file=sys.stderr,

@@ -74,6 +74,7 @@ class Dispatcher:
         #: Tasks sent and not yet back: (future, agent, mode, when sent).
         self._pending: dict[TaskKey, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
         self._attached: dict[str, asyncio.Future[Any]] = {}
+        self._users: dict[str, int] = {}
         self._queue: AbstractQueue | None = None
         #: Tasks whose event arrived and whose result is to be read from Redis.
         self._wanted: set[TaskKey] = set()
@@ -120,7 +121,13 @@ class Dispatcher:
         self._poller = asyncio.create_task(self._poll())
 
     async def attach(self, run_id: str) -> None:
-        """Listen for the results of ``run_id`` (once per run, however many tasks wait)."""
+        """Listen for the results of ``run_id``, until as many :meth:`detach` calls.
+
+        The first attachment binds the run's events to this connection's queue (one broker
+        round trip, shared by the calls that attach at once); the last detachment unbinds them,
+        so that a long-lived connection does not collect a binding per run it ever served.
+        """
+        self._users[run_id] = self._users.get(run_id, 0) + 1
         attached = self._attached.get(run_id)
         if attached is None or (attached.done() and attached.exception() is not None):
             assert self._queue is not None
@@ -128,7 +135,36 @@ class Dispatcher:
             attached = self._attached[run_id] = asyncio.ensure_future(
                 self._queue.bind(self._events, routing_key=f"run.{run_id}.#")
             )
-        await asyncio.shield(attached)
+        try:
+            await asyncio.shield(attached)
+        except BaseException:
+            await self.detach(run_id)
+            raise
+
+    @property
+    def attached_runs(self) -> int:
+        """How many runs this connection listens for now (each is a binding at the broker)."""
+        return len(self._attached)
+
+    async def detach(self, run_id: str) -> None:
+        """Stop listening for ``run_id`` once nobody attached to it any more."""
+        users = self._users.get(run_id, 0) - 1
+        if users > 0:
+            self._users[run_id] = users
+            return
+        self._users.pop(run_id, None)
+        attached = self._attached.pop(run_id, None)
+        if attached is None or self._closing.is_set():
+            return
+        if not attached.done() or attached.exception() is not None:
+            attached.cancel()
+            return
+        assert self._queue is not None
+        assert self._events is not None
+        try:
+            await self._queue.unbind(self._events, routing_key=f"run.{run_id}.#")
+        except Exception as exc:  # the binding goes with the queue when the connection does
+            log.info("could not stop listening for run %s: %s", run_id, exc)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

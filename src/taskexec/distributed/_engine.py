@@ -14,7 +14,6 @@ executor, and closes it with the executor.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import AsyncGenerator, Mapping
 from typing import ClassVar
 
@@ -37,9 +36,10 @@ class _CallRuns:
     """The runs of ``execute()`` calls on one connection.
 
     Each call must behave as a run of its own (a task id called again runs again), but a new
-    run per call would cost a broker round trip each (listening for its results). So calls
-    share one run while their task ids differ; a task id seen again in it, or a run grown to
-    :attr:`SIZE` tasks, starts the next run.
+    run per call would cost broker round trips each (listening for its results, then not). So
+    calls share one run while their task ids differ; a task id seen again in it, or a run grown
+    to :attr:`SIZE` tasks, starts the next run. The current run stays attached between calls;
+    a run that is no longer current is detached once its last call ends.
     """
 
     SIZE = 10_000
@@ -48,11 +48,61 @@ class _CallRuns:
         self.run_id = ""
         self.task_ids: set[str] = set()
 
-    def run_for(self, task_id: str) -> str:
+    def run_for(self, task_id: str) -> tuple[str, str | None]:
+        """Return the run of a call of ``task_id``, and the run it replaced (if it did)."""
+        retired = None
         if not self.run_id or task_id in self.task_ids or len(self.task_ids) >= self.SIZE:
+            retired = self.run_id or None
             self.run_id, self.task_ids = new_run_id(), set()
         self.task_ids.add(task_id)
-        return self.run_id
+        return self.run_id, retired
+
+
+class _OnLoop:
+    """A workers engine's connection on one event loop, and the runs of its execute() calls."""
+
+    def __init__(self, engine: WorkersEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.opening: asyncio.Future[Dispatcher] | None = None
+        self.closer: AsyncGenerator[None, None] | None = None
+        self.call_runs = _CallRuns()
+
+    async def connected(self) -> Dispatcher:
+        opening = self.opening
+        if opening is None or (opening.done() and opening.exception() is not None):
+            opening = self.opening = asyncio.ensure_future(self._open())
+        return await asyncio.shield(opening)
+
+    async def _open(self) -> Dispatcher:
+        dispatcher = Dispatcher(self.engine.cluster)
+        await dispatcher.open()
+        self.engine.connections_opened += 1
+        # An executor that is never closed still releases its connection when its loop ends.
+        self.closer = close_with_loop(self._loop_ends)
+        return dispatcher
+
+    async def _loop_ends(self) -> None:
+        if self.engine._loops.get(self.loop) is self:
+            del self.engine._loops[self.loop]
+        await self._close_dispatcher()
+
+    async def aclose(self) -> None:
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            await closer.aclose()  # runs _loop_ends once
+        else:
+            await self._close_dispatcher()
+
+    async def _close_dispatcher(self) -> None:
+        opening, self.opening = self.opening, None
+        if opening is None:
+            return
+        try:
+            dispatcher = await opening
+        except Exception:
+            return  # an opening that failed holds nothing to close
+        await dispatcher.aclose()
 
 
 class WorkersEngine(Engine):
@@ -70,16 +120,10 @@ class WorkersEngine(Engine):
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         # One connection per event loop (the sync bridge's, a test's, the command line's),
-        # opened on first use: a connection belongs to the loop it was opened on.
-        self._dispatchers: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, asyncio.Future[Dispatcher]
-        ] = weakref.WeakKeyDictionary()
-        self._closers: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, AsyncGenerator[None, None]
-        ] = weakref.WeakKeyDictionary()
-        self._call_runs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _CallRuns] = (
-            weakref.WeakKeyDictionary()
-        )
+        # opened on first use: a connection belongs to the loop it was opened on. A plain dict
+        # (the values hold their loop): entries go when their loop shuts down or is found
+        # closed, and with aclose().
+        self._loops: dict[asyncio.AbstractEventLoop, _OnLoop] = {}
         self._counts: dict[str, dict[str, int]] = {}
         #: How many connections this engine has opened (one per loop it ran on).
         self.connections_opened = 0
@@ -96,55 +140,59 @@ class WorkersEngine(Engine):
         Raises:
             ClusterUnavailableError: The broker or Redis cannot be reached.
         """
-        loop = asyncio.get_running_loop()
-        opening = self._dispatchers.get(loop)
-        if opening is None or (opening.done() and opening.exception() is not None):
-            opening = self._dispatchers[loop] = asyncio.ensure_future(self._open())
-        return await asyncio.shield(opening)
+        return await self._on_loop().connected()
 
-    async def _open(self) -> Dispatcher:
-        dispatcher = Dispatcher(self.cluster)
-        await dispatcher.open()
-        self.connections_opened += 1
-        # An executor that is never closed still releases its connection when its loop ends.
-        self._closers[asyncio.get_running_loop()] = close_with_loop(dispatcher.aclose)
-        return dispatcher
+    def _on_loop(self) -> _OnLoop:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            for gone in [other for other in self._loops if other.is_closed()]:
+                del self._loops[gone]  # closed without shutting down its async generators
+            state = self._loops[loop] = _OnLoop(self, loop)
+        return state
 
     async def aclose(self) -> None:
-        """Close the connection of the running loop (and forget those of other loops)."""
-        loop = asyncio.get_running_loop()
-        openings = dict(self._dispatchers)
-        self._dispatchers.clear()
-        for owner, opening in openings.items():
-            if owner is not loop:
-                continue  # a connection can only be closed on its own loop; it ends with it
-            closer = self._closers.pop(owner, None)
-            if closer is not None:
-                await closer.aclose()  # closes the dispatcher, once
-                continue
-            try:
-                dispatcher = await opening
-            except Exception:
-                continue  # an opening that failed holds nothing to close
-            await dispatcher.aclose()
+        """Close every connection this engine opened: on this loop directly, on other running
+        loops through them (a connection can only be closed on its own loop)."""
+        current = asyncio.get_running_loop()
+        states, self._loops = dict(self._loops), {}
+        for owner, state in states.items():
+            if owner is current:
+                await state.aclose()
+            elif owner.is_running():
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(state.aclose(), owner))
+            # A loop that is closed, or stopped for good, took its sockets with it.
 
     async def execute(self, job: Job) -> ExecutionResult:
         agent, mode = job.roster.resolve(job.task, job.agent, job.mode)
-        dispatcher = await self.dispatcher()
-        loop = asyncio.get_running_loop()
-        runs = self._call_runs.get(loop)
-        if runs is None:
-            runs = self._call_runs[loop] = _CallRuns()
-        run_id = runs.run_for(job.task.id)  # as in-process, a task id called again runs again
+        state = self._on_loop()
+        dispatcher = await state.connected()
+        runs = state.call_runs
+        run_id, retired = runs.run_for(job.task.id)  # a task id called again runs again
+        if retired is not None or len(runs.task_ids) == 1:
+            await dispatcher.attach(run_id)  # held while it is the current run
+            if retired is not None:
+                await dispatcher.detach(retired)  # unbound when its last call ends
         await dispatcher.attach(run_id)
-        outputs = dict(job.outputs) if job.outputs is not None else None
-        return await dispatcher.run(run_id, job.task, agent.name, mode, outputs)
+        try:
+            outputs = dict(job.outputs) if job.outputs is not None else None
+            return await dispatcher.run(run_id, job.task, agent.name, mode, outputs)
+        finally:
+            await dispatcher.detach(run_id)
 
     async def execute_tasks(self, batch: Batch) -> list[ExecutionResult]:
         batch.check()
         run_id = check_run_id(batch.run_id) if batch.run_id is not None else new_run_id()
         dispatcher = await self.dispatcher()
         await dispatcher.attach(run_id)
+        try:
+            return await self._run_batch(dispatcher, run_id, batch)
+        finally:
+            await dispatcher.detach(run_id)
+
+    async def _run_batch(
+        self, dispatcher: Dispatcher, run_id: str, batch: Batch
+    ) -> list[ExecutionResult]:
         store = dispatcher.store
         stored = await dispatcher.stored(run_id, [t.id for t in batch.tasks])
         before = await store.counters(run_id)
@@ -189,7 +237,7 @@ class WorkersEngine(Engine):
         """What a run of this engine did this time: results ``reused`` from an earlier run of
         the id (same inputs), task ``executions`` the workers counted, and ``duplicates``
         (results that lost the first-writer race: tasks that ran twice after a crash)."""
-        return dict(self._counts.get(run_id, {}))
+        return self._counts.pop(run_id, {})
 
 
 def _cluster_of(selection: Selection) -> Cluster:
@@ -208,6 +256,8 @@ def register() -> None:
             wants_workers,
             lambda selection: WorkersEngine(_cluster_of(selection)),
             rank=100,
-            key=lambda selection: selection.cluster,
+            # The whole cluster, namespace and waits included, as read now: a setting that
+            # changes between calls gets an engine (a connection) of its own.
+            key=_cluster_of,
         )
     )
