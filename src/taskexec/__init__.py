@@ -21,6 +21,7 @@ from ._models import ErrorKind as ErrorKind
 from ._models import ExecutionError as ExecutionError
 from ._models import ExecutionResult as ExecutionResult
 from ._models import ExecutionStatus as ExecutionStatus
+from ._models import Price as Price
 from ._models import ScriptEnv as ScriptEnv
 from ._models import Usage as Usage
 from ._orchestrator import ProjectOrchestrator as ProjectOrchestrator
@@ -51,6 +52,7 @@ __all__ = (
     "Plan",
     "PlanError",
     "PlanSettings",
+    "Price",
     "ProjectOrchestrator",
     "ProviderNotFoundError",
     "RetryPolicy",

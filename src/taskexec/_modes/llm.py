@@ -13,7 +13,8 @@ from .._limits import (
     has_limits,
     limiter_for,
 )
-from .._models import Agent, ExecutionError
+from .._models import Agent, ExecutionError, Usage
+from .._pricing import priced
 from .._retry import AttemptFailed, run_attempts
 from ..providers import Provider, get_provider
 from ..providers.base import ChatReply
@@ -84,8 +85,9 @@ async def run_llm(call: Call) -> Outcome:
     if limiter is not None:
         metadata["rate_limit_wait_s"] = round(waited, 6)
     if reply is None:
-        return Outcome(error=error, metadata=metadata)
-    return Outcome(output=reply.text, usage=reply.usage, metadata=metadata)
+        return Outcome(error=error, usage=priced(agent, Usage()), metadata=metadata)
+    usage = priced(agent, reply.usage, reply.model)
+    return Outcome(output=reply.text, usage=usage, metadata=metadata)
 
 
 def _endpoint(provider: Provider, agent: Agent) -> str:
