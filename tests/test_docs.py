@@ -35,6 +35,7 @@ DOCS = [
     "docs/TESTING.md",
     "docs/DISTRIBUTED.md",
     "docs/RATE_LIMITS.md",
+    "docs/COST.md",
 ]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 

@@ -13,6 +13,7 @@ from ._errors import ProviderNotFoundError as ProviderNotFoundError
 from ._errors import SyncInAsyncContextError as SyncInAsyncContextError
 from ._errors import TaskexecError as TaskexecError
 from ._errors import UnknownAgentError as UnknownAgentError
+from ._errors import UnpricedAgentError as UnpricedAgentError
 from ._errors import UnsupportedModeError as UnsupportedModeError
 from ._executor import TaskExecutor as TaskExecutor
 from ._models import Agent as Agent
@@ -61,6 +62,7 @@ __all__ = (
     "TaskExecutor",
     "TaskexecError",
     "UnknownAgentError",
+    "UnpricedAgentError",
     "UnsupportedModeError",
     "Usage",
     "__version__",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Generator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ._budget import with_budget
 from ._calls import CallSettings, Roster, prepare
 from ._models import (
     Agent,
@@ -139,6 +140,8 @@ class _Run:
 
     def __init__(self, batch: Batch, run_one: RunOne | None = None) -> None:
         self.run_one = run_one or self._in_process
+        if batch.settings.budget is not None:  # the run's cost ceiling, over any way of running
+            self.run_one = with_budget(self.run_one, batch.settings.budget, batch.roster)
         self.roster = batch.roster
         self.settings = batch.settings
         self.bus = batch.bus

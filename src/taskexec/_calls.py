@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from ._callsite import MIGRATION_GUIDE, warn_at_caller
 from ._errors import (
@@ -33,6 +34,9 @@ from ._modes import Call
 from ._plan import mode_problem
 from ._retry import RetryPolicy
 from .providers import get_provider
+
+if TYPE_CHECKING:
+    from ._budget import RunBudget
 
 __all__ = ("DEFAULT_TIMEOUT_S", "MIGRATION_GUIDE", "CallSettings", "Roster", "prepare")
 
@@ -164,6 +168,8 @@ class CallSettings:
     attempt_timeout_s: float | None = None
     #: Agents whose script use has been warned about (once per agent).
     warned_script_agents: set[str] = field(default_factory=set)
+    #: The run's cost ceiling (``max_cost_usd``), held by the engine that schedules the run.
+    budget: RunBudget | None = None
 
 
 def prepare(

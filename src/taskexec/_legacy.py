@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -231,7 +232,15 @@ class LegacyRunner:
                     )
                 else:
                     outputs = {d: results[d].output for d in task.depends_on}
-                    result = self.execute(task, outputs=outputs or None, on_interrupt=on_result)
+                    run = functools.partial(
+                        self.execute, task, outputs=outputs or None, on_interrupt=on_result
+                    )
+                    budget = self._settings.budget  # the run's cost ceiling, if it has one
+                    result = (
+                        budget.run_blocking(self._roster, task, outputs or None, run, "legacy")
+                        if budget is not None
+                        else run()
+                    )
                     if not result.ok and fail_fast:
                         stopped_by = task.id
             results[task.id] = result

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Self
 
+from ._budget import budget_settings, check_ceiling
 from ._engines import Batch, current_engine, dispatched
 from ._errors import InvalidValueError, PlanError
 from ._executor import TaskExecutor
@@ -33,9 +34,16 @@ class ProjectOrchestrator:
         executor: Runs each task; without one, the orchestrator makes (and owns) its own.
         max_concurrency: Most tasks running at once.
         bus: Where lifecycle events go and agents coordinate (default: a new :class:`MessageBus`).
+        max_cost_usd: The most each run (each call of :meth:`execute_tasks`, :meth:`stream`,
+            :meth:`run`) may spend, in USD; a plan's ``settings.max_cost_usd`` applies when
+            this is None. A task whose worst-case cost does not fit what is left is
+            ``skipped`` with error kind ``budget_exhausted``.
+        allow_unpriced: With a ceiling, run agents whose price is unknown outside it, instead
+            of refusing the run with :class:`UnpricedAgentError`.
 
     Raises:
-        InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
+        InvalidValueError: ``max_concurrency`` is below 1, or ``max_cost_usd`` is not a
+            positive number (a ``ValueError``).
     """
 
     def __init__(
@@ -44,9 +52,15 @@ class ProjectOrchestrator:
         *,
         max_concurrency: int = 64,
         bus: Bus | None = None,
+        max_cost_usd: float | None = None,
+        allow_unpriced: bool = False,
     ) -> None:
         if max_concurrency < 1:
             raise InvalidValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        if max_cost_usd is not None:
+            check_ceiling(max_cost_usd)
+        self.max_cost_usd = max_cost_usd
+        self.allow_unpriced = allow_unpriced
         self._executor = executor
         self._owns_executor = executor is None
         self.max_concurrency = max_concurrency
@@ -81,12 +95,23 @@ class ProjectOrchestrator:
         fail_fast: bool = False,
         executor: TaskExecutor | None = None,
         limit: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> Batch:
         executor = executor or self.executor
+        tasks = list(tasks)
+        # The cost ceiling rides on the run's call settings, so every engine holds it.
+        ceiling = self.max_cost_usd if self.max_cost_usd is not None else max_cost_usd
+        settings = budget_settings(
+            executor._settings,
+            executor._roster,
+            tasks,
+            ceiling,
+            allow_unpriced=self.allow_unpriced,
+        )
         return Batch(
             executor._roster,
-            executor._settings,
-            list(tasks),
+            settings,
+            tasks,
             fail_fast,
             limit or self.max_concurrency,
             self.bus,
@@ -108,6 +133,7 @@ class ProjectOrchestrator:
         Raises:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
+            UnpricedAgentError: With a cost ceiling, some agent's price is unknown.
         """
         return await current_engine().execute_tasks(self._batch(tasks, fail_fast=fail_fast))
 
@@ -147,7 +173,13 @@ class ProjectOrchestrator:
         else:
             executor = self._plan_executor(plan)
         limit = settings.max_concurrency or self.max_concurrency
-        return self._batch(plan.tasks, fail_fast=settings.fail_fast, executor=executor, limit=limit)
+        return self._batch(
+            plan.tasks,
+            fail_fast=settings.fail_fast,
+            executor=executor,
+            limit=limit,
+            max_cost_usd=settings.max_cost_usd,
+        )
 
     @dispatched(_plan_batch)
     async def run(self, plan: Plan) -> list[ExecutionResult]:

@@ -173,9 +173,15 @@ class ProjectOrchestrator:
         *,
         max_concurrency: int = 64,
         bus: Bus | None = None,
+        max_cost_usd: float | None = None,
+        allow_unpriced: bool = False,
     ) -> None:
         self._async = _AsyncProjectOrchestrator(
-            _bridge.unwrap(executor), max_concurrency=max_concurrency, bus=bus
+            _bridge.unwrap(executor),
+            max_concurrency=max_concurrency,
+            bus=bus,
+            max_cost_usd=max_cost_usd,
+            allow_unpriced=allow_unpriced,
         )
 
     def __repr__(self) -> str:
@@ -211,6 +217,7 @@ class ProjectOrchestrator:
         Raises:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
+            UnpricedAgentError: With a cost ceiling, some agent's price is unknown.
         """
         return _bridge.call(self._async.execute_tasks, tasks, fail_fast=fail_fast)
 
