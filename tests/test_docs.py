@@ -36,6 +36,7 @@ DOCS = [
     "docs/DISTRIBUTED.md",
     "docs/RATE_LIMITS.md",
     "docs/COST.md",
+    "docs/TRACING.md",
 ]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 

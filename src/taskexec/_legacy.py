@@ -56,6 +56,7 @@ from ._modes.script import (
 )
 from ._results import Progress, make_result
 from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
+from ._tracing import trace_task_blocking
 
 __all__ = ("LegacyRunner",)
 
@@ -73,6 +74,7 @@ class LegacyRunner:
         self._roster = roster
         self._settings = settings
 
+    @trace_task_blocking
     def execute(
         self,
         task: AgentTask,
