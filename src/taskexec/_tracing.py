@@ -77,13 +77,16 @@ class _Otel:
         self.metrics = metrics
         self.context = context
         self.propagate = propagate
+        # The API's stand-ins while no SDK provider is set, as a tuple: isinstance() with a
+        # union built at each call costs more than the rest of the check.
+        self._no_sdk = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
         self._tracer_for: tuple[object, Any] | None = None
         self._meter_for: tuple[object, Any, Any] | None = None
 
     def tracer(self) -> Any | None:
         """Return a tracer of the global provider, or None while no SDK provider is set."""
         provider = self.trace.get_tracer_provider()
-        if isinstance(provider, self.trace.ProxyTracerProvider | self.trace.NoOpTracerProvider):
+        if isinstance(provider, self._no_sdk):
             return None
         cached = self._tracer_for
         if cached is None or cached[0] is not provider:
@@ -205,7 +208,6 @@ def trace_task_blocking(
 def _end_task(span: Any, result: ExecutionResult) -> None:
     if not span.is_recording():
         return
-    usage = result.usage
     span.set_attributes(
         {
             "taskexec.agent": result.agent,
@@ -213,12 +215,10 @@ def _end_task(span: Any, result: ExecutionResult) -> None:
             "taskexec.engine": result.engine,
             "taskexec.status": result.status.value,
             "taskexec.attempts": result.attempts,
-            "gen_ai.usage.input_tokens": usage.input_tokens,
-            "gen_ai.usage.output_tokens": usage.output_tokens,
         }
     )
-    if usage.cost_usd is not None:
-        span.set_attribute("taskexec.cost_usd", usage.cost_usd)
+    if result.usage.cost_usd is not None:
+        span.set_attribute("taskexec.cost_usd", result.usage.cost_usd)
     if result.error is not None:
         span.set_attribute("error.type", result.error.kind)
         otel = _api()
