@@ -24,7 +24,15 @@ from taskexec import (
     UnpricedAgentError,
 )
 from taskexec import sync as taskexec_sync
-from taskexec._budget import LATER, NEVER, Ledger, Reservation, RunBudget, check_ceiling
+from taskexec._budget import (
+    LATER,
+    NEVER,
+    Ledger,
+    Reservation,
+    RunBudget,
+    budget_settings,
+    check_ceiling,
+)
 from taskexec._engines import AsyncEngine
 from taskexec._pricing import to_decimal, worst_case_cost
 from taskexec.flags import use_engine
@@ -352,3 +360,21 @@ async def test_an_invalid_batch_is_reported_as_such_with_a_ceiling() -> None:
 def test_a_ceiling_that_is_not_a_number_is_refused() -> None:
     with pytest.raises(InvalidValueError, match="'lots'"):
         check_ceiling("lots")  # type: ignore[arg-type]
+
+
+async def test_what_an_earlier_run_spent_counts_against_the_ceiling() -> None:
+    agent = Agent(name="paid", price=PRICE, max_tokens=20)
+    executor = TaskExecutor([agent])
+    tasks = tasks_of(3)
+    worst = worst_case_cost(agent, tasks[0].prompt)
+    assert worst is not None
+    ceiling = float(worst * 10)
+    settings = budget_settings(
+        executor._settings, executor._roster, tasks, ceiling, spent_usd=float(worst * 19 / 2)
+    )
+    assert settings.budget is not None
+    assert settings.budget.ledger.available == to_decimal(ceiling) - to_decimal(
+        float(worst * 19 / 2)
+    )
+    assert budget_settings(executor._settings, executor._roster, tasks, None) is executor._settings
+    await executor.aclose()

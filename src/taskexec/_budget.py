@@ -260,10 +260,13 @@ def budget_settings(
     max_cost_usd: float | None,
     *,
     allow_unpriced: bool = False,
+    spent_usd: float = 0.0,
 ) -> CallSettings:
     """Return the call settings of a run held to ``max_cost_usd`` (unchanged without one).
 
-    Each call gets a ledger of its own: the ceiling is per run.
+    Each call gets a ledger of its own: the ceiling is per run. ``spent_usd`` is what the run
+    spent before (``taskexec run --resume``: the cost of the results kept from the earlier
+    run), counted against the same ceiling.
 
     Raises:
         InvalidValueError: ``max_cost_usd`` is not a positive finite number.
@@ -276,8 +279,9 @@ def budget_settings(
     unpriced = unpriced_agents(roster, tasks)
     if unpriced and not allow_unpriced:
         raise UnpricedAgentError(unpriced, max_cost_usd)
-    budget = RunBudget(Ledger(ceiling), allow_unpriced=allow_unpriced)
-    return replace(settings, budget=budget)
+    ledger = Ledger(ceiling)
+    ledger.spent = to_decimal(float(spent_usd))
+    return replace(settings, budget=RunBudget(ledger, allow_unpriced=allow_unpriced))
 
 
 def check_ceiling(value: float) -> Decimal:
