@@ -68,13 +68,25 @@ class Collected:
         ]
 
 
+def use_providers(
+    monkeypatch: pytest.MonkeyPatch, collected: Collected, *, spans: bool = True
+) -> None:
+    """Make the SDK providers global for this test only: the API's globals are patched, not
+    set for good (the API lets a process set them once)."""
+    from opentelemetry.metrics import _internal as metrics_globals
+
+    if spans:
+        monkeypatch.setattr(trace, "_TRACER_PROVIDER", collected.tracer_provider)
+    monkeypatch.setattr(metrics_globals, "_METER_PROVIDER", collected.meter_provider)
+    assert metrics.get_meter_provider() is collected.meter_provider
+
+
 @pytest.fixture
 def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Collected]:
-    """SDK providers for this test only: the global getters are patched, not set for good
-    (the API allows setting them once per process)."""
+    """SDK providers for this test only."""
     collected = Collected()
-    monkeypatch.setattr(trace, "get_tracer_provider", lambda: collected.tracer_provider)
-    monkeypatch.setattr(metrics, "get_meter_provider", lambda: collected.meter_provider)
+    use_providers(monkeypatch, collected)
+    assert trace.get_tracer_provider() is collected.tracer_provider
     yield collected
     collected.tracer_provider.shutdown()
     collected.meter_provider.shutdown()
@@ -345,7 +357,7 @@ async def test_metrics_alone_without_spans(
     mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     collected = Collected()
-    monkeypatch.setattr(metrics, "get_meter_provider", lambda: collected.meter_provider)
+    use_providers(monkeypatch, collected, spans=False)
     agent = openai_agent(mock_server, "gpt", model="gpt-4o-mini")
     async with TaskExecutor([agent]) as executor:
         result = await executor.execute(AgentTask(id="t", prompt="x y"))
@@ -358,3 +370,15 @@ async def test_metrics_alone_without_spans(
     }
     assert tokens == {"input": result.usage.input_tokens, "output": result.usage.output_tokens}
     collected.meter_provider.shutdown()
+
+
+async def test_providers_set_to_the_apis_no_ops_wrap_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.metrics import _internal as metrics_globals
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", trace.NoOpTracerProvider())
+    monkeypatch.setattr(metrics_globals, "_METER_PROVIDER", NoOpMeterProvider())
+    provider = get_provider("offline")
+    assert traced_complete(provider, Agent(name="a")) == provider.complete

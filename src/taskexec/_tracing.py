@@ -72,8 +72,15 @@ class _Otel:
 
     def __init__(self) -> None:
         from opentelemetry import context, metrics, propagate, trace
+        from opentelemetry.metrics import _internal as metrics_globals
 
         self.trace = trace
+        self._metrics_globals = metrics_globals
+        # Whether the environment names a provider for the getters to load, read once.
+        self._named = {
+            name: name in os.environ
+            for name in ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
+        }
         self.metrics = metrics
         self.context = context
         self.propagate = propagate
@@ -85,6 +92,14 @@ class _Otel:
 
     def tracer(self) -> Any | None:
         """Return a tracer of the global provider, or None while no SDK provider is set."""
+        # Every task asks. The API's getter looks the environment up at each call; while no
+        # provider is set (its global is None, the common case of an installed but unused
+        # API) that answer is known without it. Only the fast path reads the global.
+        if (
+            vars(self.trace).get("_TRACER_PROVIDER", 0) is None
+            and not self._named["OTEL_PYTHON_TRACER_PROVIDER"]
+        ):
+            return None
         provider = self.trace.get_tracer_provider()
         if isinstance(provider, self._no_sdk):
             return None
@@ -99,6 +114,11 @@ class _Otel:
 
     def instruments(self) -> tuple[Any, Any] | None:
         """Return the token-usage and duration histograms, or None without a meter provider."""
+        if (
+            vars(self._metrics_globals).get("_METER_PROVIDER", 0) is None
+            and not self._named["OTEL_PYTHON_METER_PROVIDER"]
+        ):
+            return None  # as in tracer(): nothing set, known without the getter
         provider = self.metrics.get_meter_provider()
         # The API's stand-ins before an SDK provider is set (the proxy's class is private).
         if type(provider).__name__ in ("_ProxyMeterProvider", "NoOpMeterProvider"):
