@@ -75,7 +75,7 @@ def test_example_plan_runs_offline(tmp_path: Path) -> None:
 def test_json_output_and_legacy_engine() -> None:
     completed = taskexec("run", str(EXAMPLE), "--json", "--engine", "legacy", "--concurrency", "2")
     assert completed.returncode == 0, completed.stderr
-    results = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)]
+    results = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)["results"]]
     assert [r.engine for r in results] == ["legacy"] * 4
 
 
@@ -615,7 +615,7 @@ def test_a_results_file_that_cannot_be_written_stops_the_run(tmp_path: Path, eng
         completed.stderr
     )
     assert "Traceback" not in completed.stderr
-    results = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)]
+    results = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)["results"]]
     assert [r.task_id for r in results] == [f"t{i}" for i in range(6)]
     assert results[0].status is ExecutionStatus.SUCCESS  # its line was the one that failed
     assert results[-1].status is ExecutionStatus.CANCELLED  # the run stopped long before it
@@ -694,13 +694,13 @@ def test_resume_skips_damaged_lines_with_a_warning(tmp_path: Path) -> None:
 def test_the_engine_variable_is_read_like_the_library_reads_it(value: str) -> None:
     completed = taskexec("run", str(EXAMPLE), "--json", env={"TASKEXEC_ENGINE": value})
     assert completed.returncode == 0, completed.stderr
-    assert {r["engine"] for r in json.loads(completed.stdout)} == {"legacy"}
+    assert {r["engine"] for r in json.loads(completed.stdout)["results"]} == {"legacy"}
 
 
 def test_a_blank_engine_variable_means_the_default() -> None:
     completed = taskexec("run", str(EXAMPLE), "--json", env={"TASKEXEC_ENGINE": " "})
     assert completed.returncode == 0, completed.stderr
-    assert {r["engine"] for r in json.loads(completed.stdout)} == {"async"}
+    assert {r["engine"] for r in json.loads(completed.stdout)["results"]} == {"async"}
 
 
 def test_flags_win_over_a_bad_environment() -> None:
@@ -712,7 +712,7 @@ def test_flags_win_over_a_bad_environment() -> None:
         "run", str(EXAMPLE), "--json", "--engine", "ASYNC", "--concurrency", "2", env=env
     )
     assert fixed.returncode == 0, fixed.stderr
-    assert {r["engine"] for r in json.loads(fixed.stdout)} == {"async"}
+    assert {r["engine"] for r in json.loads(fixed.stdout)["results"]} == {"async"}
     wrong_flag = taskexec("run", str(EXAMPLE), "--engine", "turbo")
     assert wrong_flag.returncode == 2
     assert "--engine='turbo' is not an engine" in wrong_flag.stderr
@@ -819,5 +819,60 @@ def test_a_large_run_summarises_instead_of_listing_every_task(tmp_path: Path) ->
 def test_json_output_is_a_list_of_results(tmp_path: Path) -> None:
     completed = taskexec("run", str(EXAMPLE), "--json")
     assert completed.returncode == 0
-    parsed = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)]
+    parsed = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)["results"]]
     assert [r.task_id for r in parsed] == ["design", "implement-api", "implement-storage", "review"]
+
+
+def _priced_plan(tmp_path: Path, server: MockServer, tasks: int, *, priced: bool = True) -> Path:
+    price = "    price: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n" if priced else ""
+    body = "".join(f"  - {{id: t{i}, prompt: 'part {i}'}}\n" for i in range(tasks))
+    return write_plan(
+        tmp_path,
+        "agents:\n"
+        f"  - name: paid\n    provider: openai\n    base_url: {server.openai_base_url}\n"
+        "    api_key: sk-test-not-real\n    model: priced-model\n    max_tokens: 10\n"
+        f"{price}tasks:\n{body}",
+    )
+
+
+def test_run_max_cost_holds_the_ceiling_and_reports_spend(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    """At $1 a token, each task's worst case is its prompt bytes, framing and max_tokens: a
+    ceiling of $40 fits a few tasks, the rest are skipped with budget_exhausted, and the
+    server saw exactly the requests of the tasks that ran."""
+    plan = _priced_plan(tmp_path, mock_server, 8)
+    done = taskexec("run", str(plan), "--max-cost", "40", "--json", "--concurrency", "1")
+    assert done.returncode == 1, done.stderr
+    data = json.loads(done.stdout)
+    results = [ExecutionResult.model_validate(r) for r in data["results"]]
+    ran = [r for r in results if r.ok]
+    skipped = [r for r in results if r.status is ExecutionStatus.SKIPPED]
+    assert ran
+    assert skipped
+    assert len(ran) + len(skipped) == 8
+    assert all(r.error is not None and r.error.kind == "budget_exhausted" for r in skipped)
+    assert mock_server.stats.chat_requests == len(ran)
+    spent = sum(r.usage.cost_usd or 0.0 for r in ran)
+    assert 0 < spent <= 40
+    total = data["usage"]["total"]
+    assert total["cost_usd"] == pytest.approx(spent)
+    assert total["input_tokens"] == sum(r.usage.input_tokens for r in results)
+    assert data["usage"]["agents"]["paid"]["tasks"] == 8
+
+
+def test_run_with_a_ceiling_refuses_agents_without_a_price(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    plan = _priced_plan(tmp_path, mock_server, 2, priced=False)
+    refused = taskexec("run", str(plan), "--max-cost", "1")
+    assert refused.returncode == 2
+    assert "paid" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert mock_server.stats.chat_requests == 0
+    allowed = taskexec("run", str(plan), "--max-cost", "1", "--allow-unpriced")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "2 result(s) have no known price" in allowed.stdout
+    bad = taskexec("run", str(plan), "--max-cost", "-3")
+    assert bad.returncode == 2
+    assert "--max-cost" in bad.stderr

@@ -957,3 +957,47 @@ async def test_a_garbage_stored_result_is_a_failed_result_not_a_traceback(
         assert result.error is not None
         assert result.error.kind == "bad_result"
         assert "delete key" in result.error.message
+
+
+async def test_a_workers_spans_join_the_orchestrators_trace_over_rabbitmq(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
+) -> None:
+    """The W3C trace context travels in the task message: the worker's task span (and its
+    chat span) are children of the orchestrator's span of the same task."""
+    from .conftest import openai_agent
+    from .test_tracing import Collected, attrs, use_providers
+
+    collected = Collected()
+    use_providers(monkeypatch, collected)
+    agent = openai_agent(mock_server, "writer", model="gpt-4o-mini")
+    worker = Worker([agent], cluster, concurrency=4)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.serve(stop))
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 30)
+        monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+        executor = TaskExecutor(
+            [agent], broker_url=cluster.broker_url, results_url=cluster.results_url
+        )
+        async with executor:
+            results = await ProjectOrchestrator(executor).execute_tasks(
+                [AgentTask(id="a", prompt="x"), AgentTask(id="b", prompt="y")]
+            )
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    assert [r.metadata.get("worker") for r in results] == [worker.name] * 2
+    task_spans = collected.spans("taskexec.task")
+    sent = {attrs(s)["taskexec.task.id"]: s for s in task_spans if s.parent is None}
+    ran = {attrs(s)["taskexec.task.id"]: s for s in task_spans if s.parent is not None}
+    assert sorted(sent) == sorted(ran) == ["a", "b"]
+    for task_id, span in ran.items():
+        parent = sent[task_id]
+        assert span.parent is not None
+        assert parent.context is not None
+        assert span.parent.span_id == parent.context.span_id
+        assert span.context is not None
+        assert span.context.trace_id == parent.context.trace_id
+        assert [c.name for c in collected.children(span)] == ["chat gpt-4o-mini"]
+    collected.tracer_provider.shutdown()
+    collected.meter_provider.shutdown()

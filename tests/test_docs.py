@@ -35,6 +35,8 @@ DOCS = [
     "docs/TESTING.md",
     "docs/DISTRIBUTED.md",
     "docs/RATE_LIMITS.md",
+    "docs/COST.md",
+    "docs/TRACING.md",
 ]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 

@@ -425,4 +425,4 @@ def test_taskexec_run_with_its_own_engine_flag_announces_nothing(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert "switched" not in done.stderr
-    assert json.loads(done.stdout)[0]["engine"] == "legacy"
+    assert json.loads(done.stdout)["results"][0]["engine"] == "legacy"

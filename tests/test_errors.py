@@ -30,6 +30,8 @@ def test_every_public_error_is_exported_and_derives_from_taskexec_error() -> Non
 def test_every_error_survives_pickling(error: type[Exception]) -> None:
     if error is taskexec.PlanError:
         original: Exception = taskexec.PlanError(["a: bad", "b: worse"], source="plan.yaml")
+    elif error is taskexec.UnpricedAgentError:
+        original = taskexec.UnpricedAgentError(["llama", "qwen"], 2.5)
     else:
         original = error("agent 'x' cannot do that; fix it")
     copy = pickle.loads(pickle.dumps(original))
@@ -39,6 +41,9 @@ def test_every_error_survives_pickling(error: type[Exception]) -> None:
         assert isinstance(copy, taskexec.PlanError)
         assert (copy.problems, copy.source) == (["a: bad", "b: worse"], "plan.yaml")
         assert str(copy).startswith("plan.yaml: 2 problems found")
+    if isinstance(original, taskexec.UnpricedAgentError):
+        assert isinstance(copy, taskexec.UnpricedAgentError)
+        assert (copy.agents, copy.max_cost_usd) == (["llama", "qwen"], 2.5)
 
 
 def test_internal_errors_survive_pickling() -> None:

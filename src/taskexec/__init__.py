@@ -14,6 +14,7 @@ from ._errors import ProviderNotFoundError as ProviderNotFoundError
 from ._errors import SyncInAsyncContextError as SyncInAsyncContextError
 from ._errors import TaskexecError as TaskexecError
 from ._errors import UnknownAgentError as UnknownAgentError
+from ._errors import UnpricedAgentError as UnpricedAgentError
 from ._errors import UnsupportedModeError as UnsupportedModeError
 from ._executor import TaskExecutor as TaskExecutor
 from ._models import Agent as Agent
@@ -22,6 +23,7 @@ from ._models import ErrorKind as ErrorKind
 from ._models import ExecutionError as ExecutionError
 from ._models import ExecutionResult as ExecutionResult
 from ._models import ExecutionStatus as ExecutionStatus
+from ._models import Price as Price
 from ._models import ScriptEnv as ScriptEnv
 from ._models import Usage as Usage
 from ._orchestrator import ProjectOrchestrator as ProjectOrchestrator
@@ -53,6 +55,7 @@ __all__ = (
     "Plan",
     "PlanError",
     "PlanSettings",
+    "Price",
     "ProjectOrchestrator",
     "ProviderNotFoundError",
     "RetryPolicy",
@@ -61,6 +64,7 @@ __all__ = (
     "TaskExecutor",
     "TaskexecError",
     "UnknownAgentError",
+    "UnpricedAgentError",
     "UnsupportedModeError",
     "Usage",
     "__version__",

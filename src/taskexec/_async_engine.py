@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Generator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ._budget import with_budget
 from ._calls import CallSettings, Roster, prepare
 from ._models import (
     Agent,
@@ -30,6 +31,7 @@ from ._modes.api import run_api
 from ._modes.llm import run_llm
 from ._modes.script import run_script
 from ._results import Progress, make_result
+from ._tracing import trace_dispatch, trace_task
 from .bus import TaskEvent, _current_bus
 from .providers import secret_redactor
 
@@ -55,7 +57,7 @@ _MODES_RUN: dict[str, Callable[[Call], Coroutine[Any, Any, Outcome]]] = {
 }
 
 
-async def execute_task(
+def execute_task(
     roster: Roster,
     settings: CallSettings,
     task: AgentTask,
@@ -63,12 +65,27 @@ async def execute_task(
     mode: Mode | None,
     outputs: Mapping[str, str | None] | None = None,
     progress: Progress | None = None,
-) -> ExecutionResult:
+) -> Coroutine[Any, Any, ExecutionResult]:
     """Run one task on the running loop and return its result (never raises for task failures).
+
+    A plain function returning the coroutine: with no tracing, it is the task's own coroutine,
+    not one more frame around it (see :func:`taskexec._tracing.trace_task`).
 
     Raises:
         ConfigurationError: The task names an unknown agent or a mode its agent cannot serve.
     """
+    return trace_task(task, _execute_task(roster, settings, task, agent, mode, outputs, progress))
+
+
+async def _execute_task(
+    roster: Roster,
+    settings: CallSettings,
+    task: AgentTask,
+    agent: str | Agent | None,
+    mode: Mode | None,
+    outputs: Mapping[str, str | None] | None,
+    progress: Progress | None,
+) -> ExecutionResult:
     loop = asyncio.get_running_loop()
     started_at = datetime.now(UTC)
     start = loop.time()
@@ -139,6 +156,10 @@ class _Run:
 
     def __init__(self, batch: Batch, run_one: RunOne | None = None) -> None:
         self.run_one = run_one or self._in_process
+        if run_one is not None:  # tasks sent elsewhere (workers) get their span here
+            self.run_one = trace_dispatch(run_one)
+        if batch.settings.budget is not None:  # the run's cost ceiling, over any way of running
+            self.run_one = with_budget(self.run_one, batch.settings.budget, batch.roster)
         self.roster = batch.roster
         self.settings = batch.settings
         self.bus = batch.bus

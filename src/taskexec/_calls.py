@@ -8,15 +8,17 @@ and build its result the same way (:mod:`taskexec._results`). Neither needs the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
 
+from ._budget import Ledger, RunBudget, check_ceiling, unpriced_agents
 from ._callsite import MIGRATION_GUIDE, warn_at_caller
 from ._errors import (
     ConfigurationError,
     ProviderNotFoundError,
     UnknownAgentError,
+    UnpricedAgentError,
     UnsupportedModeError,
 )
 from ._http import ClientPool
@@ -31,10 +33,18 @@ from ._models import (
 )
 from ._modes import Call
 from ._plan import mode_problem
+from ._pricing import to_decimal
 from ._retry import RetryPolicy
 from .providers import get_provider
 
-__all__ = ("DEFAULT_TIMEOUT_S", "MIGRATION_GUIDE", "CallSettings", "Roster", "prepare")
+__all__ = (
+    "DEFAULT_TIMEOUT_S",
+    "MIGRATION_GUIDE",
+    "CallSettings",
+    "Roster",
+    "budget_settings",
+    "prepare",
+)
 
 #: A task's deadline when neither the task nor its agent sets ``timeout_s``.
 DEFAULT_TIMEOUT_S = 600.0
@@ -164,6 +174,8 @@ class CallSettings:
     attempt_timeout_s: float | None = None
     #: Agents whose script use has been warned about (once per agent).
     warned_script_agents: set[str] = field(default_factory=set)
+    #: The run's cost ceiling (``max_cost_usd``), held by the engine that schedules the run.
+    budget: RunBudget | None = None
 
 
 def prepare(
@@ -219,3 +231,34 @@ def _index_agents(agents: Iterable[Agent]) -> dict[str, Agent]:
             )
         index[agent.name] = agent
     return index
+
+
+def budget_settings(
+    settings: CallSettings,
+    roster: Roster,
+    tasks: Iterable[AgentTask],
+    max_cost_usd: float | None,
+    *,
+    allow_unpriced: bool = False,
+    spent_usd: float = 0.0,
+) -> CallSettings:
+    """Return the call settings of a run held to ``max_cost_usd`` (unchanged without one).
+
+    Each call gets a ledger of its own: the ceiling is per run. ``spent_usd`` is what the run
+    spent before (``taskexec run --resume``: the cost of the results kept from the earlier
+    run), counted against the same ceiling.
+
+    Raises:
+        InvalidValueError: ``max_cost_usd`` is not a positive finite number.
+        UnpricedAgentError: Some agent of the run has no known price (unless
+            ``allow_unpriced``); the error names them all.
+    """
+    if max_cost_usd is None:
+        return settings
+    ceiling = check_ceiling(max_cost_usd)
+    unpriced = unpriced_agents(roster, tasks)
+    if unpriced and not allow_unpriced:
+        raise UnpricedAgentError(unpriced, max_cost_usd)
+    ledger = Ledger(ceiling)
+    ledger.spent = to_decimal(float(spent_usd))
+    return replace(settings, budget=RunBudget(ledger, allow_unpriced=allow_unpriced))

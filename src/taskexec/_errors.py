@@ -25,6 +25,7 @@ __all__ = (
     "SyncInAsyncContextError",
     "TaskexecError",
     "UnknownAgentError",
+    "UnpricedAgentError",
     "UnsupportedModeError",
 )
 
@@ -54,6 +55,34 @@ class UnsupportedModeError(ConfigurationError):
 
 class ProviderNotFoundError(ConfigurationError):
     """An agent names an LLM provider that is not registered."""
+
+
+class UnpricedAgentError(ConfigurationError):
+    """A run has a cost ceiling, but the cost of some of its agents' calls is unknown.
+
+    Neither the agent's ``price`` nor the price table knows their model, so the ceiling could
+    not be held; ``agents`` names them. Give each a ``price`` (all zeros for a local model), or
+    pass ``allow_unpriced=True`` to run them outside the ceiling.
+
+    Args:
+        agents: The names of the agents without a known price.
+        max_cost_usd: The ceiling that was asked for.
+    """
+
+    def __init__(self, agents: Sequence[str], max_cost_usd: float) -> None:
+        self.agents = list(agents)
+        self.max_cost_usd = max_cost_usd
+        names = ", ".join(repr(a) for a in self.agents)
+        super().__init__(
+            f"a cost ceiling (max_cost_usd={max_cost_usd:g}) needs the price of every agent "
+            f"that makes LLM calls, and none is known for: {names}. Set the agent's price "
+            "(USD per million tokens, e.g. price: {input_per_mtok: 0.15, output_per_mtok: "
+            "0.6}; all zeros for a local model), or allow_unpriced=True to run them outside "
+            "the ceiling"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (UnpricedAgentError, (self.agents, self.max_cost_usd))
 
 
 class SyncInAsyncContextError(TaskexecError, RuntimeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -55,6 +56,7 @@ from ._modes.script import (
 )
 from ._results import Progress, make_result
 from ._retry import AttemptFailed, attempt_timeout, next_wait, transport_failure
+from ._tracing import trace_task_blocking
 
 __all__ = ("LegacyRunner",)
 
@@ -72,6 +74,7 @@ class LegacyRunner:
         self._roster = roster
         self._settings = settings
 
+    @trace_task_blocking
     def execute(
         self,
         task: AgentTask,
@@ -231,7 +234,15 @@ class LegacyRunner:
                     )
                 else:
                     outputs = {d: results[d].output for d in task.depends_on}
-                    result = self.execute(task, outputs=outputs or None, on_interrupt=on_result)
+                    run = functools.partial(
+                        self.execute, task, outputs=outputs or None, on_interrupt=on_result
+                    )
+                    budget = self._settings.budget  # the run's cost ceiling, if it has one
+                    result = (
+                        budget.run_blocking(self._roster, task, outputs or None, run, "legacy")
+                        if budget is not None
+                        else run()
+                    )
                     if not result.ok and fail_fast:
                         stopped_by = task.id
             results[task.id] = result

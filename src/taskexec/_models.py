@@ -32,6 +32,7 @@ __all__ = (
     "ExecutionResult",
     "ExecutionStatus",
     "Mode",
+    "Price",
     "ScriptEnv",
     "Usage",
 )
@@ -144,10 +145,35 @@ def _fill(text: str, outputs: Mapping[str, str | None]) -> str:
 
 
 class Usage(_Model):
-    """Token counts reported by the provider (zero when it reports none)."""
+    """Token counts reported by the provider (zero when it reports none), and their cost.
+
+    ``input_tokens`` counts every prompt token, cached ones included, on every vendor (Anthropic
+    reports cache reads and writes apart from its ``input_tokens``; they are added here);
+    ``cache_read_tokens`` and ``cache_write_tokens`` say how many of them were read from or
+    written to the vendor's prompt cache. ``output_tokens`` counts every billed output token
+    (Gemini's thinking tokens included). ``cost_usd`` is None when the price is unknown: never a
+    guess.
+    """
 
     input_tokens: int = Field(default=0, ge=0)
     output_tokens: int = Field(default=0, ge=0)
+    cache_read_tokens: int = Field(default=0, ge=0)
+    cache_write_tokens: int = Field(default=0, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class Price(_Model):
+    """What an agent's model costs, in US dollars per million tokens.
+
+    It wins over the maintained price table (``genai-prices``): set it for a model the table
+    does not know (a local model: all zeros) or for negotiated prices. A cache price left unset
+    is the input price (an upper bound: cached tokens are never cheaper to count that way).
+    """
+
+    input_per_mtok: float = Field(ge=0, allow_inf_nan=False)
+    output_per_mtok: float = Field(ge=0, allow_inf_nan=False)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class ErrorKind(enum.StrEnum):
@@ -179,6 +205,9 @@ class ErrorKind(enum.StrEnum):
     #: Distributed runs: the result stored for the task in Redis is not one this version can
     #: read (another program or version wrote it); the message names the key.
     BAD_RESULT = "bad_result"
+    #: The run's cost ceiling (``max_cost_usd``) could not hold the task's worst-case cost, so
+    #: the task never started (``skipped``).
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 class ExecutionError(_Model):
@@ -280,6 +309,8 @@ class Agent(_Model):
     tpm: int | None = Field(default=None, gt=0)
     #: Requests of this agent's key and model out at once (across processes with Redis).
     max_in_flight: int | None = Field(default=None, gt=0)
+    #: USD per million tokens; wins over the maintained price table (None: use the table).
+    price: Price | None = None
 
     @model_validator(mode="after")
     def _tpm_fits_one_request(self) -> Agent:

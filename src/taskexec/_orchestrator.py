@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Self
 
+from ._budget import check_ceiling
+from ._calls import budget_settings
 from ._engines import entry
 from ._engines.base import Batch, check_run_id
 from ._errors import InvalidValueError, PlanError
@@ -35,9 +37,16 @@ class ProjectOrchestrator:
         executor: Runs each task; without one, the orchestrator makes (and owns) its own.
         max_concurrency: Most tasks running at once.
         bus: Where lifecycle events go and agents coordinate (default: a new :class:`MessageBus`).
+        max_cost_usd: The most each run (each call of :meth:`execute_tasks`, :meth:`stream`,
+            :meth:`run`) may spend, in USD; a plan's ``settings.max_cost_usd`` applies when
+            this is None. A task whose worst-case cost does not fit what is left is
+            ``skipped`` with error kind ``budget_exhausted``.
+        allow_unpriced: With a ceiling, run agents whose price is unknown outside it, instead
+            of refusing the run with :class:`UnpricedAgentError`.
 
     Raises:
-        InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
+        InvalidValueError: ``max_concurrency`` is below 1, or ``max_cost_usd`` is not a
+            positive number (a ``ValueError``).
     """
 
     def __init__(
@@ -46,9 +55,15 @@ class ProjectOrchestrator:
         *,
         max_concurrency: int = 64,
         bus: Bus | None = None,
+        max_cost_usd: float | None = None,
+        allow_unpriced: bool = False,
     ) -> None:
         if max_concurrency < 1:
             raise InvalidValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        if max_cost_usd is not None:
+            check_ceiling(max_cost_usd)
+        self.max_cost_usd = max_cost_usd
+        self.allow_unpriced = allow_unpriced
         self._executor = executor
         self._owns_executor = executor is None
         self.max_concurrency = max_concurrency
@@ -85,15 +100,25 @@ class ProjectOrchestrator:
         limit: int | None = None,
         on_result: Callable[[ExecutionResult], None] | None = None,
         run_id: str | None = None,
+        max_cost_usd: float | None = None,
     ) -> Batch:
         executor = executor or self.executor
-        return executor.parts.batch(
+        tasks = list(tasks)
+        parts = executor.parts
+        # The cost ceiling rides on the run's call settings, so every engine holds it.
+        ceiling = self.max_cost_usd if self.max_cost_usd is not None else max_cost_usd
+        settings = budget_settings(
+            parts.settings, parts.roster, tasks, ceiling, allow_unpriced=self.allow_unpriced
+        )
+        return Batch(
+            parts.roster,
+            settings,
             tasks,
-            fail_fast=fail_fast,
-            limit=limit or self.max_concurrency,
-            bus=self.bus,
-            on_result=on_result,
-            run_id=run_id,
+            fail_fast,
+            limit or self.max_concurrency,
+            self.bus,
+            on_result,
+            run_id,
         )
 
     async def execute_tasks(
@@ -123,6 +148,7 @@ class ProjectOrchestrator:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
             ConfigurationError: ``run_id`` cannot name a run.
+            UnpricedAgentError: With a cost ceiling, some agent's price is unknown.
         """
         if run_id is not None:
             check_run_id(run_id)  # in-process too: the same call must not fail only on workers
@@ -179,10 +205,14 @@ class ProjectOrchestrator:
         else:
             executor = self._plan_executor(plan)
         limit = settings.max_concurrency or self.max_concurrency
-        batch = self._batch(
-            plan.tasks, fail_fast=settings.fail_fast, executor=executor, limit=limit
-        )
         try:
+            batch = self._batch(
+                plan.tasks,
+                fail_fast=settings.fail_fast,
+                executor=executor,
+                limit=limit,
+                max_cost_usd=settings.max_cost_usd,
+            )
             return await entry.execute_tasks(executor.parts.engines, batch)
         finally:
             if self._executor is None:

@@ -39,6 +39,8 @@ class PlanSettings(BaseModel):
     max_concurrency: int | None = Field(default=None, ge=1)
     fail_fast: bool = False
     engine: Literal["async", "legacy"] | None = None
+    #: The run's cost ceiling in USD (``ProjectOrchestrator(max_cost_usd=...)``).
+    max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class Plan(BaseModel):

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 from ._http import HttpResponse, TransportError
 from ._models import ExecutionError
 from ._secrets import Redactor
+from ._tracing import add_event, error_type
 
 
 class Budget(Protocol):
@@ -225,4 +226,6 @@ async def run_attempts(
             wait = next_wait(call, failed, loop.time())
             if wait is None:
                 return None, failed.error
+            event = {"taskexec.wait_s": wait, "taskexec.attempt": call.attempts}
+            add_event("taskexec.retry.backoff", {**event, "error.type": error_type(failed.error)})
             await asyncio.sleep(wait)

@@ -180,9 +180,15 @@ class ProjectOrchestrator:
         *,
         max_concurrency: int = 64,
         bus: Bus | None = None,
+        max_cost_usd: float | None = None,
+        allow_unpriced: bool = False,
     ) -> None:
         self._async = _AsyncProjectOrchestrator(
-            _bridge.unwrap(executor), max_concurrency=max_concurrency, bus=bus
+            _bridge.unwrap(executor),
+            max_concurrency=max_concurrency,
+            bus=bus,
+            max_cost_usd=max_cost_usd,
+            allow_unpriced=allow_unpriced,
         )
 
     def __repr__(self) -> str:
@@ -218,8 +224,9 @@ class ProjectOrchestrator:
             fail_fast: Cancel everything left at the first task that does not succeed.
             on_result: Called with each result the moment its task ends (also for tasks
                 skipped, or cut off by cancellation), from the thread that runs the tasks.
-            run_id: On workers, the distributed run's id: results already stored under it are
-                kept instead of running their tasks again (default: a new run). Ignored when
+            run_id: On workers, the distributed run's id (1-64 letters, digits, ``_`` or
+                ``-``): results stored under it for the same inputs are kept instead of running
+                their tasks again (default: a new run). Checked, and otherwise unused, when
                 tasks run in this process.
 
         Returns:
@@ -228,6 +235,8 @@ class ProjectOrchestrator:
         Raises:
             PlanError: Before anything runs, listing every problem (duplicate ids, unknown
                 dependencies, cycles, unknown agents).
+            ConfigurationError: ``run_id`` cannot name a run.
+            UnpricedAgentError: With a cost ceiling, some agent's price is unknown.
         """
         return _bridge.call_entry(
             self._async.execute_tasks,

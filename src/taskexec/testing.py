@@ -88,12 +88,14 @@ Directives in a prompt (they apply to every request that carries them):
   [[latency=0.5]]       that latency instead of --latency
   [[barrier=N]]         hold the reply until N such requests are in flight, then release them
   [[barrier=N:30]]      the same, with a timeout (seconds) after which they get a 503
+  [[cached=N]]          report N of the prompt's tokens as read from the prompt cache
+  [[cache_write=N]]     report N of them as written to it (Anthropic's cache_creation_input_tokens)
 """
 
 FAULTS = frozenset(
     {"429", "429q", "400", "401", "408", "409", "500", "503", "reset", "malformed", "stall"}
 )
-_DIRECTIVE_RE = re.compile(r"\[\[(fault|latency|barrier)=([^\]]+)\]\]")
+_DIRECTIVE_RE = re.compile(r"\[\[(fault|latency|barrier|cached|cache_write)=([^\]]+)\]\]")
 _CHAT_PATHS = ("/v1/chat/completions", "/v1/messages", "/agent")
 _GEMINI_RE = re.compile(r"^/v1(?:beta)?/models/([^/:]+):generateContent$")
 #: How long a held reply (a stall) waits for its client to go away.
@@ -496,6 +498,11 @@ class MockServer:
         p_tokens, c_tokens = len(prompt.split()), len(text.split())
         if path == "/agent":
             return {"output": text}
+        # Cache counts in each vendor's own form: Anthropic reports them apart from its
+        # input_tokens, OpenAI and Gemini as a part of the prompt's count.
+        directives = dict(_DIRECTIVE_RE.findall(prompt))
+        cached = min(int(directives.get("cached", 0)), p_tokens)
+        written = min(int(directives.get("cache_write", 0)), p_tokens - cached)
         if path == "/v1/messages":
             return {
                 "id": f"msg_mock_{self._counter}",
@@ -505,7 +512,12 @@ class MockServer:
                 "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": {"input_tokens": p_tokens, "output_tokens": c_tokens},
+                "usage": {
+                    "input_tokens": p_tokens - cached - written,
+                    "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": written,
+                    "output_tokens": c_tokens,
+                },
             }
         if path == "/v1/chat/completions":
             return {
@@ -524,6 +536,7 @@ class MockServer:
                     "prompt_tokens": p_tokens,
                     "completion_tokens": c_tokens,
                     "total_tokens": p_tokens + c_tokens,
+                    "prompt_tokens_details": {"cached_tokens": cached},
                 },
             }
         return {
@@ -536,6 +549,7 @@ class MockServer:
             ],
             "usageMetadata": {
                 "promptTokenCount": p_tokens,
+                "cachedContentTokenCount": cached,
                 "candidatesTokenCount": c_tokens,
                 "totalTokenCount": p_tokens + c_tokens,
             },

@@ -45,10 +45,19 @@ class ExecutorParts:
         bus: Bus,
         on_result: OnResult | None = None,
         run_id: str | None = None,
+        settings: CallSettings | None = None,
     ) -> Batch:
-        """Describe a run of many tasks."""
+        """Describe a run of many tasks (with ``settings`` instead of the executor's: a run's
+        own, such as one held to a cost ceiling)."""
         return Batch(
-            self.roster, self.settings, list(tasks), fail_fast, limit, bus, on_result, run_id
+            self.roster,
+            settings or self.settings,
+            list(tasks),
+            fail_fast,
+            limit,
+            bus,
+            on_result,
+            run_id,
         )
 
     def with_agents(

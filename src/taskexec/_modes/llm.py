@@ -13,8 +13,11 @@ from .._limits import (
     has_limits,
     limiter_for,
 )
-from .._models import Agent, ExecutionError
+from .._models import Agent, ExecutionError, Usage
+from .._pricing import priced
 from .._retry import AttemptFailed, run_attempts
+from .._tracing import add_event
+from .._tracing_llm import traced_complete
 from ..providers import Provider, get_provider
 from ..providers.base import ChatReply
 from . import Call, Outcome
@@ -47,24 +50,30 @@ async def run_llm(call: Call) -> Outcome:
         else None
     )
     waited = 0.0
+    complete = traced_complete(provider, agent)  # provider.complete, in a span when traced
 
     async def attempt(timeout_s: float | None) -> ChatReply:
         nonlocal waited
         if limiter is None:
-            return await provider.complete(agent, call.prompt, call.pool, timeout_s)
+            return await complete(agent, call.prompt, call.pool, timeout_s)
         estimate = estimate_tokens(agent, call.prompt)
         loop = asyncio.get_running_loop()
         # The limiter's clock is time.monotonic(); the deadline is on the loop's clock.
         deadline = call.deadline - loop.time() + time.monotonic()
         try:
-            waited += await limiter.acquire(estimate, deadline)
+            wait = await limiter.acquire(estimate, deadline)
+            waited += wait
+            if wait > 0:
+                add_event("taskexec.rate_limit.wait", {"taskexec.wait_s": wait})
             async with limiter.request(deadline):
                 try:
-                    reply = await provider.complete(agent, call.prompt, call.pool, timeout_s)
+                    reply = await complete(agent, call.prompt, call.pool, timeout_s)
                 except AttemptFailed as failed:
                     if failed.error.status_code == 429:
                         # One 429 pauses the agent, not one task (its Retry-After, else 1 s).
-                        await limiter.pause(failed.retry_after_s or 1.0)
+                        pause = failed.retry_after_s or 1.0
+                        add_event("taskexec.rate_limit.pause", {"taskexec.wait_s": pause})
+                        await limiter.pause(pause)
                     raise
         except LimitWaitTooLong as exc:
             message = (
@@ -84,8 +93,9 @@ async def run_llm(call: Call) -> Outcome:
     if limiter is not None:
         metadata["rate_limit_wait_s"] = round(waited, 6)
     if reply is None:
-        return Outcome(error=error, metadata=metadata)
-    return Outcome(output=reply.text, usage=reply.usage, metadata=metadata)
+        return Outcome(error=error, usage=priced(agent, Usage()), metadata=metadata)
+    usage = priced(agent, reply.usage, reply.model)
+    return Outcome(output=reply.text, usage=usage, metadata=metadata)
 
 
 def _endpoint(provider: Provider, agent: Agent) -> str:

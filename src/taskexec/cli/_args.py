@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from .. import flags
 from .._errors import TaskexecError
 from .._models import EngineName
 
-__all__ = ("engine_name", "faults", "positive_int", "seconds")
+__all__ = ("engine_name", "faults", "positive_float", "positive_int", "seconds")
 
 
 def engine_name(value: str) -> EngineName | None:
@@ -24,6 +25,17 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """A finite number > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {value}")
     return number
 
 

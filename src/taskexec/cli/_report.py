@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from .._limits import waiting_now
 from .._models import AgentTask, ExecutionResult, ExecutionStatus
+from .._spend import spend_table, summarize_spend
 from ._output import UsageError, printable, warn
 
 __all__ = (
@@ -156,12 +158,15 @@ FAILED_SHOWN = 40
 def print_summary(
     results: Sequence[ExecutionResult], elapsed: float, as_json: bool, full_table: bool = False
 ) -> None:
+    spend = summarize_spend(results)
     if as_json:
-        # Each result serialised by pydantic directly: no round trip through json.loads.
+        # {"results": [...], "usage": {...}}; each result serialised by pydantic directly, with
+        # no round trip through json.loads.
         out = sys.stdout
-        out.write("[\n" if results else "[")
+        out.write('{"results": [\n' if results else '{"results": [')
         out.write(",\n".join(r.model_dump_json(indent=2) for r in results))
-        out.write("\n]\n" if results else "]\n")
+        out.write("\n],\n" if results else "],\n")
+        out.write(f'"usage": {json.dumps(spend.to_dict(), indent=2)}}}\n')
         return
     console = Console(file=sys.stdout, width=max(100, Console().width))
     counts: dict[str, int] = {}
@@ -181,8 +186,15 @@ def print_summary(
                     f"... and {len(failed) - FAILED_SHOWN} more (--full-table, --json or "
                     "--output FILE.jsonl list them all)"
                 )
+    if spend.total.tasks and (spend.total.input_tokens or spend.total.output_tokens):
+        console.print(spend_table(spend))
     parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     console.print(f"{len(results)} tasks: {parts} in {elapsed:.2f} s")
+    if spend.total.unpriced:
+        console.print(
+            f"{spend.total.unpriced} result(s) have no known price: their cost is not in the "
+            "totals (set the agent's price, see docs/COST.md)"
+        )
 
 
 def _table(title: str, results: Sequence[ExecutionResult]) -> Table:

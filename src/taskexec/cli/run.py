@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 from .. import flags
+from .._calls import budget_settings
 from .._engines.base import Batch, Engine, check_run_id, new_run_id
 from .._engines.registry import select_engine
 from .._executor import TaskExecutor
 from .._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from .._plan import load_plan
 from ..bus import MessageBus
-from ._args import engine_name, positive_int
+from ._args import engine_name, positive_float, positive_int
 from ._output import UsageError
 from ._report import FULL_TABLE_MAX, Reporter, open_for_append, print_summary, read_previous
 from ._signals import Interrupts
@@ -59,6 +60,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--fsync",
         action="store_true",
         help="fsync --output after every line (survives a machine crash; slower)",
+    )
+    run_parser.add_argument(
+        "--max-cost",
+        type=positive_float,
+        metavar="USD",
+        help="stop starting tasks whose worst-case cost no longer fits under this many USD "
+        "(default: the plan's settings.max_cost_usd)",
+    )
+    run_parser.add_argument(
+        "--allow-unpriced",
+        action="store_true",
+        help="with a cost ceiling, run agents whose price is unknown outside it (default: refuse)",
     )
     run_parser.add_argument(
         "--broker",
@@ -108,6 +121,17 @@ def run(args: argparse.Namespace) -> int:
     todo = [t.without_done(outputs) for t in plan.tasks if t.id not in previous]
     if kept:
         print(f"taskexec: resuming, {len(kept)} task(s) already succeeded", file=sys.stderr)
+    max_cost = args.max_cost if args.max_cost is not None else plan.settings.max_cost_usd
+    # A run's own call settings: held to the ceiling, counting what the kept results cost
+    # (UnpricedAgentError, exit 2, names the agents whose price is unknown).
+    settings = budget_settings(
+        executor.parts.settings,
+        executor.parts.roster,
+        todo,
+        max_cost,
+        allow_unpriced=args.allow_unpriced,
+        spent_usd=sum(r.usage.cost_usd or 0.0 for r in kept),
+    )
     with flags.use_engine(override) if override else contextlib.nullcontext():
         # The one place an engine is chosen; the command's own --engine is no news to announce.
         engine = select_engine(executor.parts.engines, announce=False)
@@ -134,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
                     bus=bus,
                     on_result=report.finished,
                     run_id=run_id,
+                    settings=settings,
                 )
                 if engine.runs_in_caller_thread:
                     completed = _run_in_thread(engine, batch, interrupts)

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 
 from .._engines.base import new_run_id
 from .._models import AgentTask, ExecutionResult, Mode
+from .._tracing import inject_trace_context
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
@@ -205,7 +206,13 @@ class Dispatcher:
         self._pending[key] = (future, agent, mode, loop.time())
         try:
             message = TaskMessage(
-                run_id=run_id, agent=agent, mode=mode, task=task, outputs=outputs, inputs=inputs
+                run_id=run_id,
+                agent=agent,
+                mode=mode,
+                task=task,
+                outputs=outputs,
+                inputs=inputs,
+                trace=inject_trace_context() or None,  # the task span this run_one runs in
             )
             if not await self._publish(message):
                 reason = "the broker did not take the task (its connection is down)"

@@ -67,6 +67,9 @@ class TaskMessage(BaseModel):
     #: in the result's metadata, and a re-run of the run id reuses the result only if it
     #: still matches.
     inputs: str | None = None
+    #: The W3C trace context of the orchestrator's task span (``traceparent``, ``tracestate``),
+    #: so that the worker's spans are its children (empty without the otel extra).
+    trace: dict[str, str] | None = None
 
     def encode(self) -> bytes:
         """Return the message body."""

@@ -40,6 +40,7 @@ from .._engines import entry
 from .._errors import ClusterUnavailableError, ConfigurationError
 from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
+from .._tracing import trace_context_from
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
@@ -342,7 +343,9 @@ class Worker:
                 return
             try:
                 job = self._parts.job(task, msg.agent, msg.mode, msg.outputs)
-                result = await entry.execute(self._parts.engines, job)
+                # The worker's spans join the orchestrator's trace (a no-op without otel).
+                with trace_context_from(msg.trace):
+                    result = await entry.execute(self._parts.engines, job)
             except ConfigurationError as exc:
                 # This worker's own definition of the agent cannot serve the task (another mode
                 # than the orchestrator's plan, say): a failed result, not a retry elsewhere.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .._models import Agent, Usage
-from .base import ChatReply, HttpProvider, tokens
+from .base import ChatReply, HttpProvider, text_or_none, tokens
 
 __all__ = ("AnthropicProvider",)
 
@@ -49,10 +49,21 @@ class AnthropicProvider(HttpProvider):
             raise TypeError("content is not a list of blocks")
         text = "".join(b["text"] for b in blocks if b.get("type") == "text")
         usage = data.get("usage") or {}
+        # Anthropic's input_tokens counts only the tokens after the last cache breakpoint:
+        # cache reads and cache writes are reported apart. Usage.input_tokens is every prompt
+        # token on every vendor, so they are added back (and priced at their own rates).
+        read = tokens(usage.get("cache_read_input_tokens"))
+        write = tokens(usage.get("cache_creation_input_tokens"))
+        stop = data.get("stop_reason")
         return ChatReply(
             text,
             Usage(
-                input_tokens=tokens(usage.get("input_tokens")),
+                input_tokens=tokens(usage.get("input_tokens")) + read + write,
                 output_tokens=tokens(usage.get("output_tokens")),
+                cache_read_tokens=read,
+                cache_write_tokens=write,
             ),
+            model=text_or_none(data.get("model")),
+            response_id=text_or_none(data.get("id")),
+            finish_reasons=(stop,) if isinstance(stop, str) else (),
         )

@@ -32,6 +32,13 @@ class ChatReply:
     usage: Usage
     #: The reply's HTTP headers (rate-limit headers tighten the agent's limiter).
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: The model that answered, as the vendor names it (it may be more precise than the
+    #: request's, e.g. a dated version); None when the reply does not say.
+    model: str | None = None
+    #: The vendor's id of the reply, when it sends one.
+    response_id: str | None = None
+    #: Why the model stopped, one entry per choice (``stop``, ``end_turn``, ``STOP``...).
+    finish_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,3 +236,8 @@ class HttpProvider(Provider):
 def tokens(value: Any) -> int:
     """Return a token count from a vendor's usage field (missing or null counts as 0)."""
     return int(value) if isinstance(value, int | float) else 0
+
+
+def text_or_none(value: Any) -> str | None:
+    """Return a string field of a reply, or None when it is missing or not a string."""
+    return value if isinstance(value, str) and value else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .._models import Agent, Usage
-from .base import ChatReply, HttpProvider, tokens
+from .base import ChatReply, HttpProvider, text_or_none, tokens
 
 __all__ = ("GeminiProvider",)
 
@@ -44,13 +44,24 @@ class GeminiProvider(HttpProvider):
         return body
 
     def parse(self, data: Any) -> ChatReply:
-        parts = data["candidates"][0]["content"]["parts"]
+        candidates = data["candidates"]
+        parts = candidates[0]["content"]["parts"]
         text = "".join(p["text"] for p in parts if "text" in p)
         usage = data.get("usageMetadata") or {}
+        # promptTokenCount includes the cached ones (cachedContentTokenCount); thinking tokens
+        # (thoughtsTokenCount) are billed as output but not counted in candidatesTokenCount.
         return ChatReply(
             text,
             Usage(
-                input_tokens=tokens(usage.get("promptTokenCount")),
-                output_tokens=tokens(usage.get("candidatesTokenCount")),
+                input_tokens=tokens(usage.get("promptTokenCount"))
+                + tokens(usage.get("toolUsePromptTokenCount")),
+                output_tokens=tokens(usage.get("candidatesTokenCount"))
+                + tokens(usage.get("thoughtsTokenCount")),
+                cache_read_tokens=tokens(usage.get("cachedContentTokenCount")),
+            ),
+            model=text_or_none(data.get("modelVersion")),
+            response_id=text_or_none(data.get("responseId")),
+            finish_reasons=tuple(
+                str(c["finishReason"]) for c in candidates if c.get("finishReason")
             ),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .._models import Agent, Usage
-from .base import ChatReply, HttpProvider, tokens
+from .base import ChatReply, HttpProvider, text_or_none, tokens
 
 __all__ = ("OpenAIProvider",)
 
@@ -45,10 +45,19 @@ class OpenAIProvider(HttpProvider):
         if not isinstance(content, str):
             raise TypeError("choices[0].message.content is not a string")
         usage = data.get("usage") or {}
+        # prompt_tokens includes the cached ones (prompt_tokens_details.cached_tokens); OpenAI
+        # charges nothing extra to write its automatic cache.
+        details = usage.get("prompt_tokens_details") or {}
         return ChatReply(
             content,
             Usage(
                 input_tokens=tokens(usage.get("prompt_tokens")),
                 output_tokens=tokens(usage.get("completion_tokens")),
+                cache_read_tokens=tokens(details.get("cached_tokens")),
+            ),
+            model=text_or_none(data.get("model")),
+            response_id=text_or_none(data.get("id")),
+            finish_reasons=tuple(
+                str(c["finish_reason"]) for c in data["choices"] if c.get("finish_reason")
             ),
         )
