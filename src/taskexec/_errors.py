@@ -21,6 +21,7 @@ __all__ = (
     "NotARequestError",
     "PlanError",
     "ProviderNotFoundError",
+    "StreamNotFinishedError",
     "SyncInAsyncContextError",
     "TaskexecError",
     "UnknownAgentError",
@@ -53,6 +54,10 @@ class UnsupportedModeError(ConfigurationError):
 
 class ProviderNotFoundError(ConfigurationError):
     """An agent names an LLM provider that is not registered."""
+
+
+class StreamNotFinishedError(TaskexecError, RuntimeError):
+    """A stream's ``result`` was read before its iteration ended or its block exited."""
 
 
 class SyncInAsyncContextError(TaskexecError, RuntimeError):

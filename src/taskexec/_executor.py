@@ -19,6 +19,7 @@ from ._engines import Job, current_engine, dispatched
 from ._http import ClientPool
 from ._models import Agent, AgentTask, ExecutionResult, Mode
 from ._retry import RetryPolicy
+from ._stream import TaskStream, create_stream
 
 __all__ = ("DEFAULT_TIMEOUT_S", "TaskExecutor")
 
@@ -116,6 +117,33 @@ class TaskExecutor:
             ConfigurationError: No agent is named anywhere and there is no default.
         """
         return await current_engine().execute(self._job(task, agent, mode))
+
+    # -- streaming (issue 20) ------------------------------------------------------------------
+    def stream(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> TaskStream:
+        """Stream a task's reply: iterate the returned :class:`TaskStream` for text deltas.
+
+        Nothing is sent until the stream is iterated; leaving its block early closes the
+        request at once. Its ``result`` is the task's result once the stream has ended.
+
+        Args:
+            task: The task to run.
+            agent: An agent name or an :class:`Agent`; wins over ``task.agent``.
+            mode: ``"llm"``, ``"api"`` or ``"script"``; wins over ``task.mode`` and the agent's.
+
+        Returns:
+            The task's stream.
+
+        Raises:
+            UnknownAgentError: The agent named is not registered.
+            UnsupportedModeError: The agent cannot serve the mode.
+            ConfigurationError: No agent is named anywhere and there is no default.
+        """
+        # TODO(issue 17): the engine seam picks the stream's engine; for now the flag does.
+        return create_stream(self._job(task, agent, mode))
+
+    # -------------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """Close every pooled HTTP connection."""

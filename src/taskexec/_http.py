@@ -18,10 +18,13 @@ import contextlib
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import aiohttp
 import httpx
+
+if TYPE_CHECKING:
+    from ._http_stream import BlockingStream, HttpStream
 
 __all__ = (
     "AiohttpClient",
@@ -74,6 +77,13 @@ class HttpClient(Protocol):
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
+        ...
+
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpStream:
+        """POST ``body`` and read the reply as it arrives (``timeout_s``: most time between
+        two reads); see :mod:`taskexec._http_stream`."""
         ...
 
 
@@ -130,6 +140,15 @@ class AiohttpClient:
             raise TransportError("timeout", "no response before the attempt timed out") from exc
         except aiohttp.ClientError as exc:
             raise TransportError("connection", _describe(exc)) from exc
+
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpStream:
+        from ._http_stream import AiohttpStream
+
+        # No total: a stream lasts as long as the reply; a stall is caught between reads.
+        timeout = aiohttp.ClientTimeout(sock_connect=self._connect_timeout_s, sock_read=timeout_s)
+        return AiohttpStream(self._session, url, body, headers, timeout)
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -191,6 +210,14 @@ class HttpxClient:
             raise TransportError("connection", _describe(exc)) from exc
         return HttpResponse(response.status_code, response.headers, response.content)
 
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpStream:
+        from ._http_stream import HttpxStream
+
+        timeout = httpx.Timeout(None, connect=self._connect_timeout_s, read=timeout_s)
+        return HttpxStream(self._client, url, body, headers, timeout)
+
     async def aclose(self) -> None:
         """Leave the caller's client open: its owner closes it."""
 
@@ -218,6 +245,17 @@ class BlockingClient:
         except httpx.TransportError as exc:
             raise TransportError("connection", _describe(exc)) from exc
         return HttpResponse(reply.status_code, reply.headers, reply.content)
+
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> BlockingStream:
+        """POST ``body`` and read the reply as it arrives (``timeout_s`` between reads)."""
+        from ._http_stream import BlockingStream
+
+        connect = min(self._connect_timeout_s, timeout_s)
+        return BlockingStream(
+            self._client, url, body, headers, httpx.Timeout(None, connect=connect, read=timeout_s)
+        )
 
     def close(self) -> None:
         self._client.close()

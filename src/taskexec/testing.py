@@ -654,7 +654,7 @@ class MockServer:
             events.append((b"data: [DONE]\n\n", False))
             return events
         if path == "/v1/messages":
-            message = {
+            message: dict[str, Any] = {
                 "id": f"msg_mock_{self._counter}",
                 "type": "message",
                 "role": "assistant",
@@ -672,12 +672,12 @@ class MockServer:
             events.append((sse(start, "content_block_start"), False))
             events.append((sse({"type": "ping"}, "ping"), False))
             for piece in pieces:
-                delta = {
+                block_delta = {
                     "type": "content_block_delta",
                     "index": 0,
                     "delta": {"type": "text_delta", "text": piece},
                 }
-                events.append((sse(delta, "content_block_delta"), True))
+                events.append((sse(block_delta, "content_block_delta"), True))
             stop = {"type": "content_block_stop", "index": 0}
             events.append((sse(stop, "content_block_stop"), False))
             end = {

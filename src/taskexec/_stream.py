@@ -1,0 +1,382 @@
+"""Streaming one task: :class:`TaskStream`, and how each engine opens one.
+
+``TaskExecutor.stream(task)`` returns a :class:`TaskStream` at once; nothing is sent until it is
+iterated. The engine that runs it is the one the rollback flag names when ``stream()`` is called:
+
+- the async engine (:func:`open_stream_async`): the mode's async generator of deltas
+  (:mod:`taskexec._modes.streaming`) on the caller's loop;
+- the legacy engine (:func:`open_stream_blocking`): a blocking iterator over the legacy
+  engine's blocking client (:mod:`taskexec._legacy_stream`), iterated in a worker thread for
+  async callers and in the caller's own thread for sync callers.
+
+Whatever ends a stream ends it once and gives it one result: the end of the reply (``success``
+or the mode's failure), the deadline (``timeout``), the caller leaving early (``aclose()``, a
+``break`` out of ``async with``, an exception, the caller's cancellation, or the stream being
+dropped) (``cancelled``). The text received so far is the result's ``output``; on success the
+joined deltas are the output exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self
+
+from ._calls import CallSettings, Roster, prepare
+from ._errors import ConfigurationError, StreamNotFinishedError
+from ._models import (
+    Agent,
+    AgentTask,
+    Engine,
+    ExecutionError,
+    ExecutionResult,
+    ExecutionStatus,
+    Mode,
+)
+from ._modes import Call, Outcome
+from ._modes.streaming import STREAM_MODES, StreamState
+from ._results import make_result
+from .flags import get_engine
+
+if TYPE_CHECKING:
+    from ._legacy_stream import LegacyStream
+
+__all__ = (
+    "StreamJob",
+    "StreamRun",
+    "TaskStream",
+    "create_stream",
+    "open_stream_async",
+    "open_stream_blocking",
+    "render_deltas",
+)
+
+#: The environment variables that send work to workers (as ``_engines.CLUSTER_ENV_VARS``).
+_CLUSTER_ENV_VARS = ("TASKEXEC_BROKER_URL", "TASKEXEC_RESULTS_URL")
+
+
+class StreamJob(Protocol):
+    """One task to stream, with the agents and call settings of its executor (an engine Job)."""
+
+    @property
+    def roster(self) -> Roster: ...
+    @property
+    def settings(self) -> CallSettings: ...
+    @property
+    def task(self) -> AgentTask: ...
+    @property
+    def agent(self) -> str | Agent | None: ...
+    @property
+    def mode(self) -> Mode | None: ...
+
+
+class StreamRun:
+    """One streamed task under way: its call, the text received so far, how it is going."""
+
+    __slots__ = ("call", "deadline_s", "engine", "mode", "parts", "start", "started_at", "state")
+
+    def __init__(self, job: StreamJob, engine: Engine, start: float) -> None:
+        self.started_at = datetime.now(UTC)
+        self.start = start
+        self.call: Call
+        self.call, self.mode, self.deadline_s = prepare(
+            job.roster, job.settings, job.task, job.agent, job.mode, None, start
+        )
+        self.engine: Engine = engine
+        self.state = StreamState()
+        self.parts: list[str] = []
+
+    @property
+    def deadline(self) -> float:
+        """When the task must be over (``time.monotonic()``, the loop's clock)."""
+        return self.call.deadline
+
+    def timeout_error(self) -> ExecutionError:
+        """The error of a stream stopped by its deadline (the same words as ``execute``)."""
+        message = (
+            f"task {self.call.task.id!r} did not finish within its {self.deadline_s:g} s deadline"
+        )
+        return ExecutionError(kind="timeout", message=message)
+
+    def result(self, error: ExecutionError | None = None) -> ExecutionResult:
+        """Return the task's result: ``error`` (a deadline, the caller leaving) wins over the
+        mode's own; the text received so far is the output."""
+        error = error or self.state.error
+        text = "".join(self.parts)
+        # A failure before any text has no output, as with execute(); a stream cut short by
+        # its caller or after some text has arrived keeps what arrived.
+        keep = error is None or error.kind == "cancelled" or bool(self.parts)
+        metadata = {"execution_mode": self.mode, **self.state.metadata, "streamed": True}
+        outcome = Outcome(
+            output=text if keep else None,
+            error=error,
+            usage=self.state.usage,
+            metadata=metadata,
+        )
+        duration = max(0.0, time.monotonic() - self.start)
+        return make_result(self.call, self.mode, outcome, self.started_at, duration, self.engine)
+
+
+def _cancelled(message: str) -> ExecutionError:
+    return ExecutionError(kind="cancelled", message=message)
+
+
+def open_stream_async(job: StreamJob) -> tuple[StreamRun, AsyncGenerator[str, None]]:
+    """The async engine's stream: the task's run record and its deltas, on the running loop.
+
+    Nothing is sent before the generator is first iterated. Closing the generator closes the
+    request (or kills the script); its deadline is kept by :class:`TaskStream`.
+    """
+    run = StreamRun(job, "async", asyncio.get_running_loop().time())
+    return run, STREAM_MODES[run.mode](run.call, run.state)
+
+
+def open_stream_blocking(job: StreamJob) -> LegacyStream:
+    """The legacy engine's stream: a blocking iterator of deltas over its blocking client."""
+    from ._legacy_stream import LegacyStream  # loaded only when the rollback flag is set
+
+    return LegacyStream(job, StreamRun(job, "legacy", time.monotonic()))
+
+
+class _ThreadedDeltas:
+    """A blocking stream iterated from a coroutine: each step in a worker thread, so the
+    loop never blocks; a cancelled step aborts the blocking read before it goes on."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: LegacyStream) -> None:
+        self._stream = stream
+
+    async def __anext__(self) -> str:
+        step = asyncio.ensure_future(asyncio.to_thread(self._stream.next_or_none))
+        try:
+            delta = await asyncio.shield(step)
+        except BaseException:
+            # The thread cannot be interrupted, its read can: close the response (kill the
+            # script), wait for the thread to notice, then let the cancellation go on.
+            self._stream.abort()
+            await asyncio.wait([step])
+            raise
+        if delta is None:
+            raise StopAsyncIteration
+        return delta
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._stream.close)
+
+
+class TaskStream:
+    """A task's reply as it arrives: ``async for delta in stream`` gives ``str`` deltas.
+
+    Made by :meth:`TaskExecutor.stream`; nothing is sent until the stream is iterated. Use it
+    as ``async with executor.stream(task) as stream:`` so that leaving the block, however,
+    closes the request at once; ``aclose()`` does the same by hand, and a stream dropped
+    half-read is closed by the event loop that ran it.
+
+    After the iteration ended or the block exited, :attr:`result` is the task's
+    :class:`ExecutionResult`: on success its ``output`` is the joined deltas; a stream left
+    early is ``cancelled`` and a stream that failed after some text arrived is ``failed``,
+    both with the text received so far as ``output``. Retries happen only before the first
+    delta, within the task's deadline, which covers the whole stream.
+    """
+
+    __slots__ = ("__weakref__", "_deltas", "_engine", "_job", "_legacy", "_result", "_run")
+
+    def __init__(self, job: StreamJob, engine: Engine) -> None:
+        self._job = job
+        self._engine: Engine = engine
+        self._run: StreamRun | None = None
+        self._deltas: AsyncGenerator[str, None] | _ThreadedDeltas | None = None
+        self._legacy: LegacyStream | None = None
+        self._result: ExecutionResult | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._deltas is not None else "done" if self.finished else "new"
+        return f"<TaskStream task={self._job.task.id!r} engine={self._engine} {state}>"
+
+    @property
+    def finished(self) -> bool:
+        """True once the stream has ended and :attr:`result` can be read."""
+        if self._result is None and self._legacy is not None:
+            self._result = self._legacy.result
+        return self._result is not None
+
+    @property
+    def result(self) -> ExecutionResult:
+        """The task's result, once the iteration has ended or the block has exited.
+
+        Raises:
+            StreamNotFinishedError: The stream has not ended yet.
+        """
+        if not self.finished:
+            raise StreamNotFinishedError(
+                f"the stream of task {self._job.task.id!r} has not ended: read its result "
+                "after the loop over its deltas ends or its block exits (or close it first)"
+            )
+        assert self._result is not None
+        return self._result
+
+    def _open(self) -> AsyncGenerator[str, None] | _ThreadedDeltas:
+        if self._engine == "legacy":
+            self._legacy = open_stream_blocking(self._job)
+            self._run = self._legacy.run
+            self._deltas = _ThreadedDeltas(self._legacy)
+        else:
+            self._run, self._deltas = open_stream_async(self._job)
+        return self._deltas
+
+    def blocking_iterator(self) -> LegacyStream | None:
+        """The stream as a blocking iterator for a caller's own thread, when its engine runs
+        in the caller's thread (the legacy engine); None otherwise (iterate on a loop)."""
+        if self._engine != "legacy":
+            return None
+        if self._legacy is None and self._result is None:
+            self._legacy = open_stream_blocking(self._job)
+            self._run = self._legacy.run
+        return self._legacy
+
+    def _end(self, error: ExecutionError | None) -> None:
+        run = self._run
+        assert run is not None
+        self._deltas = None
+        self._result = run.result(error)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        deltas = self._deltas
+        if deltas is None:
+            if self.finished:
+                raise StopAsyncIteration
+            deltas = self._open()
+        run = self._run
+        assert run is not None
+        deadline = asyncio.timeout_at(run.deadline)
+        try:
+            async with deadline:
+                delta = await deltas.__anext__()
+        except StopAsyncIteration:
+            self._end(None)
+            raise
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            # The cancellation went through the mode's generator: the request is closed.
+            self._end(run.timeout_error())
+            raise StopAsyncIteration from None
+        except BaseException:
+            # The caller's cancellation (or an interrupt) went through the mode's generator,
+            # which closed the request on its way out: record the end, then let it go on.
+            self._end(_cancelled("cancelled while streaming"))
+            raise
+        run.parts.append(delta)
+        return delta
+
+    async def aclose(self) -> None:
+        """Close the stream: the request is closed (the script killed) before this returns.
+
+        The result is then ``cancelled`` with the text received so far, unless the stream had
+        already ended.
+        """
+        if self.finished:
+            return
+        deltas = self._deltas
+        if deltas is None:
+            self._end_unopened()
+            return
+        try:
+            await deltas.aclose()
+        finally:
+            if self._result is None:
+                self._end(_cancelled("the stream was closed before its end"))
+
+    def _end_unopened(self) -> None:
+        """Give a stream closed before it was ever iterated its ``cancelled`` result."""
+        if self._legacy is not None:
+            self._legacy.close()
+            return
+        job = self._job
+        error = _cancelled("the stream was closed before it was read")
+        result = job.roster.not_run_result(job.task, ExecutionStatus.CANCELLED, error, self._engine)
+        self._result = result.model_copy(update={"output": ""})
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def create_stream(job: StreamJob) -> TaskStream:
+    """Return the stream of a job on the engine the rollback flag names now.
+
+    Raises:
+        UnknownAgentError: The agent named is not registered.
+        UnsupportedModeError: The agent cannot serve the mode.
+        ConfigurationError: No agent is named anywhere and there is no default, or tasks go to
+            workers (streaming through workers is not available yet).
+    """
+    job.roster.resolve(job.task, job.agent, job.mode)
+    engine = get_engine()
+    if engine == "async" and any(os.environ.get(v, "").strip() for v in _CLUSTER_ENV_VARS):
+        # TODO(issue 20, workers): carry deltas from the worker once the engine seam lands.
+        raise ConfigurationError(
+            "streaming through workers is not available yet: use execute() with "
+            "TASKEXEC_BROKER_URL/TASKEXEC_RESULTS_URL set, or unset them to stream in-process"
+        )
+    return TaskStream(job, "legacy" if engine == "legacy" else "async")
+
+
+_CONTROL = dict.fromkeys(i for i in range(32) if i not in (9, 10))
+_CONTROL[127] = None
+
+
+def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], object]) -> None:
+    """Write deltas for a terminal, as ``taskexec run --stream`` shows them.
+
+    ``deltas`` gives ``(task_id, delta)`` pairs as they arrive. With one task the text is
+    written as it comes; when several tasks stream at once, each line is prefixed with its task
+    id, and a task's line is continued or started anew when another task's text came between.
+    Control characters (escape sequences, carriage returns) are removed, so a reply cannot
+    move the cursor, recolour or retitle the terminal.
+
+    Args:
+        deltas: ``(task_id, delta)`` pairs, in arrival order.
+        write: Where the text goes (``sys.stdout.write``).
+    """
+    current: str | None = None
+    at_line_start = True
+    seen: set[str] = set()
+    for task_id, delta in deltas:
+        seen.add(task_id)
+        text = delta.translate(_CONTROL)
+        if not text:
+            continue
+        several = len(seen) > 1
+        if several and current is not None and current != task_id and not at_line_start:
+            write("\n")
+            at_line_start = True
+        current = task_id
+        safe_id = task_id.translate(_CONTROL)
+        lines = text.split("\n")
+        for index, line in enumerate(lines):
+            if index:
+                write("\n")
+                at_line_start = True
+            if line:
+                if several and at_line_start:
+                    write(f"[{safe_id}] ")
+                write(line)
+                at_line_start = False
+    if not at_line_start:
+        write("\n")
