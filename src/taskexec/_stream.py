@@ -229,7 +229,7 @@ class TaskStream:
             self._run, self._deltas = open_stream_async(self._job)
         return self._deltas
 
-    def blocking_iterator(self) -> LegacyStream | None:
+    def _blocking_iterator(self) -> LegacyStream | None:
         """The stream as a blocking iterator for a caller's own thread, when its engine runs
         in the caller's thread (the legacy engine); None otherwise (iterate on a loop)."""
         if self._engine != "legacy":
