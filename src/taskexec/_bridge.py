@@ -59,6 +59,7 @@ class _SharedLoop:
         self._driving = False
         self._driver_meeting: _Meeting | None = None
         self._idle_since = 0.0
+        self._parents_loop: asyncio.AbstractEventLoop | None = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -149,6 +150,9 @@ class _SharedLoop:
         old = self._loop
         self._cond = threading.Condition()
         self._loop, self._pid, self._driving, self._driver_meeting = None, 0, False, None
+        # Keep the parent's loop referenced for the child's life: collected here, it would warn
+        # (unclosed loop, sockets) about objects that are the parent's to close, not ours.
+        self._parents_loop = old
         if old is not None:
             for pool in list(ClientPool.instances):
                 pool.forget(old)

@@ -55,6 +55,66 @@ class _Deadline(Exception):
 class LegacyStream:
     """A task's deltas, blocking: ``next()`` for each, ``close()`` to stop early.
 
+    A thin owner of the stream's state (:class:`_Core`, whose generators refer back to it):
+    with no reference cycle here, a stream dropped half-read is closed the moment its last
+    reference goes, not at some later garbage collection.
+
+    Args:
+        job: The task, with its executor's agents and call settings.
+        run: The task's run record (its call, its text so far, its state).
+    """
+
+    __slots__ = ("_core",)
+
+    def __init__(self, job: StreamJob, run: StreamRun) -> None:
+        self._core = _Core(job, run)
+
+    @property
+    def run(self) -> StreamRun:
+        """The task's run record."""
+        return self._core.run
+
+    @property
+    def result(self) -> ExecutionResult | None:
+        """The task's result once the stream has ended (None before)."""
+        return self._core.result
+
+    @result.setter
+    def result(self, value: ExecutionResult | None) -> None:
+        self._core.result = value
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> str:
+        delta = self._core.next_or_none()
+        if delta is None:
+            raise StopIteration
+        return delta
+
+    def next_or_none(self) -> str | None:
+        """Return the next delta, or None once the stream has ended (its result is then set)."""
+        return self._core.next_or_none()
+
+    def close(self) -> None:
+        """Stop the stream: its request is closed (its script killed) before this returns."""
+        self._core.close()
+
+    def abort(self) -> None:
+        """Stop a step blocked in another thread (thread-safe): close what it reads."""
+        self._core.abort()
+
+    def __del__(self) -> None:
+        # Dropped half-read: close its connection (kill its script) now.
+        core = self._core
+        if core.result is None and core.started:
+            with contextlib.suppress(Exception):
+                core.close()
+
+
+class _Core:
+    """The state of a :class:`LegacyStream`: its generators, what to abort, its result.
+
     Args:
         job: The task, with its executor's agents and call settings.
         run: The task's run record (its call, its text so far, its state).
@@ -70,14 +130,10 @@ class LegacyStream:
         self._aborter: Callable[[], None] | None = None
         self._aborted = False
 
-    def __iter__(self) -> Self:
-        return self
-
-    def __next__(self) -> str:
-        delta = self.next_or_none()
-        if delta is None:
-            raise StopIteration
-        return delta
+    @property
+    def started(self) -> bool:
+        """True once the stream was opened (its first delta asked for)."""
+        return self._deltas is not None
 
     def next_or_none(self) -> str | None:
         """Return the next delta, or None once the stream has ended (its result is then set)."""
@@ -121,13 +177,6 @@ class LegacyStream:
         if aborter is not None:
             with contextlib.suppress(Exception):
                 aborter()
-
-    def __del__(self) -> None:
-        # A sync stream dropped half-read: close its connection (kill its script) now, not
-        # whenever the client object happens to be collected.
-        if self.result is None and self._deltas is not None:
-            with contextlib.suppress(Exception):
-                self.close()
 
     def _end(self, error: ExecutionError | None) -> None:
         self._deltas = None

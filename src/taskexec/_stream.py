@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from datetime import UTC, datetime
@@ -243,7 +244,16 @@ class TaskStream:
         run = self._run
         assert run is not None
         self._deltas = None
+        legacy = self._legacy
+        if legacy is not None and (error is None or legacy.result is None):
+            # The legacy stream ended itself (or is told how it ended): one result for both.
+            if legacy.result is None:
+                legacy.result = run.result(error)
+            self._result = legacy.result
+            return
         self._result = run.result(error)
+        if legacy is not None:
+            legacy.result = self._result
 
     def __aiter__(self) -> Self:
         return self
@@ -274,7 +284,8 @@ class TaskStream:
             # which closed the request on its way out: record the end, then let it go on.
             self._end(_cancelled("cancelled while streaming"))
             raise
-        run.parts.append(delta)
+        if self._legacy is None:  # a legacy stream keeps its own record of the text
+            run.parts.append(delta)
         return delta
 
     async def aclose(self) -> None:
@@ -337,8 +348,14 @@ def create_stream(job: StreamJob) -> TaskStream:
     return TaskStream(job, "legacy" if engine == "legacy" else "async")
 
 
-_CONTROL = dict.fromkeys(i for i in range(32) if i not in (9, 10))
-_CONTROL[127] = None
+#: Terminal escape sequences (CSI ``ESC [ ... final``, OSC ``ESC ] ... BEL|ESC \\``, and
+#: two-character ones), then every other control character but tab and newline.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?")
+_CONTROL = dict.fromkeys([*(i for i in range(32) if i not in (9, 10)), 127, *range(0x80, 0xA0)])
+
+
+def _terminal_safe(text: str) -> str:
+    return _ESCAPES.sub("", text).translate(_CONTROL)
 
 
 def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], object]) -> None:
@@ -359,7 +376,7 @@ def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], obje
     seen: set[str] = set()
     for task_id, delta in deltas:
         seen.add(task_id)
-        text = delta.translate(_CONTROL)
+        text = _terminal_safe(delta)
         if not text:
             continue
         several = len(seen) > 1
@@ -367,7 +384,7 @@ def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], obje
             write("\n")
             at_line_start = True
         current = task_id
-        safe_id = task_id.translate(_CONTROL)
+        safe_id = _terminal_safe(task_id)
         lines = text.split("\n")
         for index, line in enumerate(lines):
             if index:
