@@ -245,6 +245,21 @@ async def test_api_json_reply_is_one_delta(driver: str) -> None:
     assert deltas == ["json reply to hi"] == [result.output]
 
 
+async def test_a_stream_longer_than_the_read_ahead_is_read_whole(
+    driver: str, mock_server: MockServer
+) -> None:
+    # Far more deltas than a sync stream reads ahead (64), arriving at once: the caller empties
+    # the buffer from its own thread and must still get the pump reading again.
+    prompt = " ".join(f"x{i}" for i in range(300))
+    deltas, result = await consume(
+        driver, agents_for(mock_server), AgentTask(id="long", prompt=prompt), "openai"
+    )
+    assert result is not None
+    assert result.status is ExecutionStatus.SUCCESS
+    assert len(deltas) == 303
+    assert "".join(deltas) == result.output == f"mock reply to: {prompt}"
+
+
 # -- leaving early -----------------------------------------------------------------------------
 
 

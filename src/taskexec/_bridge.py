@@ -383,6 +383,11 @@ class _Pump:
         loop = asyncio.get_running_loop()
         if self.task is None:
             self.task = loop.create_task(self.run())
+        # The caller may have emptied the buffer from its own thread (the fast path in
+        # SyncIteration.next), which cannot wake the pump: let it read on now.
+        space = self.space
+        if space is not None and not space.done():
+            space.set_result(None)
         while not self.items:
             if self.ended:
                 if self.error is not None:
@@ -390,11 +395,7 @@ class _Pump:
                 return None
             self.waiter = loop.create_future()
             await self.waiter
-        item = self.items.popleft()
-        space = self.space
-        if space is not None and not space.done():
-            space.set_result(None)
-        return item
+        return self.items.popleft()
 
     async def aclose(self) -> None:
         """Stop the pump and wait until the stream is closed."""
