@@ -181,7 +181,9 @@ async def test_joined_deltas_are_the_output(
     if name in HTTP_AGENTS:
         assert mock_server.stats.chat_requests == 1
         (record,) = mock_server.streams
-        assert record.completed
+        # The server marks it complete once its last write returned, which may be just after
+        # the client read it.
+        await eventually(lambda: record.completed)
     if name != "api":  # usage comes from the stream itself
         assert result.usage.input_tokens == 4
         assert result.usage.output_tokens == 7
@@ -357,6 +359,7 @@ async def test_failure_after_text_is_not_retried(
     task = AgentTask(id="f", prompt=LONG)
     # Learn how long the stream is, then cut the next one half-way through its body.
     await consume(driver, agents_for(mock_server), task, name)
+    await eventually(lambda: _last_stream(mock_server).completed)
     whole = _last_stream(mock_server).bytes_sent
     mock_server.reset()
     mock_server.set_faults([f"cut:{whole // 2}"])
@@ -507,6 +510,7 @@ def test_cut_at_every_byte_offset_gives_one_result_never_repeated_text(name: str
         task = AgentTask(id="cut", prompt=prompt, max_retries=1)
         with executor.stream(task, agent=name) as stream:
             assert "".join(stream) == full
+        wait_until(lambda: server.streams[-1].completed, "the whole stream written")
         whole = server.streams[-1].bytes_sent
 
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -622,3 +626,131 @@ def test_render_deltas_prefixes_task_ids_and_strips_escapes() -> None:
     out.clear()
     render_deltas(iter([("only", "one\x07 two")]), out.append)
     assert "".join(out) == "one two\n"
+
+
+def test_render_deltas_can_always_prefix() -> None:
+    out: list[str] = []
+    render_deltas(iter([("a", "one\ntwo"), ("a", " more")]), out.append, prefix=True)
+    assert "".join(out) == "[a] one\n[a] two more\n"
+
+
+@pytest.mark.parametrize("engine", ["async", "legacy"])
+async def test_stream_task_fills_dependencies_and_reports_progress(
+    engine: str, mock_server: MockServer
+) -> None:
+    from taskexec._engines import Job
+    from taskexec._results import Progress
+    from taskexec._stream import stream_task
+
+    executor = taskexec.TaskExecutor(agents_for(mock_server))
+    task = AgentTask(id="child", prompt="expand {{parent}}", depends_on=["parent"])
+    seen: list[tuple[str, str]] = []
+    progress = Progress()
+    with flags.use_engine(engine):
+        result = await stream_task(
+            Job(executor._roster, executor._settings, task, "openai"),
+            lambda task_id, delta: seen.append((task_id, delta)),
+            {"parent": "the outline"},
+            progress,
+        )
+    await executor.aclose()
+    assert result.status is ExecutionStatus.SUCCESS
+    assert result.output == "mock reply to: expand the outline"
+    assert "".join(d for _, d in seen) == result.output
+    assert {t for t, _ in seen} == {"child"}
+    assert progress.call is not None
+
+
+def test_streaming_through_workers_is_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
+) -> None:
+    monkeypatch.setenv("TASKEXEC_BROKER_URL", "amqp://127.0.0.1:1/")
+    monkeypatch.setenv("TASKEXEC_RESULTS_URL", "redis://127.0.0.1:1/0")
+    executor = taskexec.TaskExecutor(agents_for(mock_server))
+    with pytest.raises(taskexec.ConfigurationError, match="through workers"):
+        executor.stream(AgentTask(id="w", prompt="x"), agent="openai")
+
+
+def test_an_unknown_agent_raises_when_the_stream_is_made(mock_server: MockServer) -> None:
+    executor = taskexec.TaskExecutor(agents_for(mock_server))
+    with pytest.raises(taskexec.UnknownAgentError):
+        executor.stream(AgentTask(id="x", prompt="x"), agent="nobody")
+    assert mock_server.stats.chat_requests == 0
+
+
+async def test_a_provider_without_a_key_falls_back_to_its_script_stream(driver: str) -> None:
+    command = [sys.executable, str(AGENTS_DIR / "streamer.py"), "0.0"]
+    agent = Agent(name="fallback", provider="openai", command=command)  # no key anywhere
+    deltas, result = await consume(driver, [agent], AgentTask(id="fb", prompt="a b"), "fallback")
+    assert result is not None
+    assert result.status is ExecutionStatus.SUCCESS
+    assert result.metadata["execution_mode"] == "script_fallback"
+    assert result.metadata["fallback_reason"] == "missing_api_key"
+    assert "".join(deltas) == result.output
+
+
+async def test_a_provider_without_a_key_or_script_is_a_configuration_failure(driver: str) -> None:
+    agent = Agent(name="nokey", provider="anthropic")
+    deltas, result = await consume(driver, [agent], AgentTask(id="nk", prompt="a"), "nokey")
+    assert result is not None
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert result.error.kind == "configuration"
+    assert deltas == []
+
+
+async def test_a_custom_provider_streams_in_one_piece(driver: str) -> None:
+    from taskexec.providers import ChatReply, ClientPool, Provider, register_provider
+
+    class Whole(Provider):
+        name = "whole-test"
+
+        async def complete(
+            self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
+        ) -> ChatReply:
+            return ChatReply(f"whole: {prompt}", taskexec.Usage(input_tokens=1, output_tokens=2))
+
+    register_provider(Whole())
+    agent = Agent(name="w", provider="whole-test")  # type: ignore[arg-type]
+    deltas, result = await consume(driver, [agent], AgentTask(id="cp", prompt="p"), "w")
+    assert result is not None
+    assert deltas == ["whole: p"] == [result.output]
+    assert result.usage.output_tokens == 2
+
+
+@pytest.mark.parametrize("how", ["whole", "break"])
+async def test_streams_over_a_callers_httpx_client(how: str, mock_server: MockServer) -> None:
+    import httpx
+
+    task = AgentTask(id="hx", prompt=f"[[chunk_delay=0.02]] {LONG}" if how == "break" else "a b")
+    async with httpx.AsyncClient() as client:
+        executor = taskexec.TaskExecutor(agents_for(mock_server), http_client=client)
+        deltas, result = await _consume_async(
+            executor, task, "anthropic", 1 if how == "break" else None, "break"
+        )
+        await executor.aclose()
+    assert result is not None
+    if how == "whole":
+        assert result.status is ExecutionStatus.SUCCESS
+        assert "".join(deltas) == result.output == "mock reply to: a b"
+    else:
+        assert result.status is ExecutionStatus.CANCELLED
+        await eventually(lambda: _last_stream(mock_server).disconnected_at is not None)
+
+
+async def test_a_refused_connection_is_retried_then_reported(driver: str) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = Agent(name="gone", provider="openai", base_url=f"http://127.0.0.1:{port}/v1")
+    deltas, result = await consume(
+        driver, [agent], AgentTask(id="g", prompt="x", max_retries=1), "gone"
+    )
+    assert result is not None
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert result.error.kind == "connection"
+    assert result.attempts == 2
+    assert deltas == []

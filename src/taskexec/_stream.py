@@ -22,7 +22,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
@@ -40,7 +40,7 @@ from ._models import (
 )
 from ._modes import Call, Outcome
 from ._modes.streaming import STREAM_MODES, StreamState
-from ._results import make_result
+from ._results import Progress, make_result
 from .flags import get_engine
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ __all__ = (
     "open_stream_async",
     "open_stream_blocking",
     "render_deltas",
+    "stream_task",
 )
 
 #: The environment variables that send work to workers (as ``_engines.CLUSTER_ENV_VARS``).
@@ -80,12 +81,18 @@ class StreamRun:
 
     __slots__ = ("call", "deadline_s", "engine", "mode", "parts", "start", "started_at", "state")
 
-    def __init__(self, job: StreamJob, engine: Engine, start: float) -> None:
+    def __init__(
+        self,
+        job: StreamJob,
+        engine: Engine,
+        start: float,
+        outputs: Mapping[str, str | None] | None = None,
+    ) -> None:
         self.started_at = datetime.now(UTC)
         self.start = start
         self.call: Call
         self.call, self.mode, self.deadline_s = prepare(
-            job.roster, job.settings, job.task, job.agent, job.mode, None, start
+            job.roster, job.settings, job.task, job.agent, job.mode, outputs, start
         )
         self.engine: Engine = engine
         self.state = StreamState()
@@ -126,21 +133,26 @@ def _cancelled(message: str) -> ExecutionError:
     return ExecutionError(kind="cancelled", message=message)
 
 
-def open_stream_async(job: StreamJob) -> tuple[StreamRun, AsyncGenerator[str, None]]:
+def open_stream_async(
+    job: StreamJob, outputs: Mapping[str, str | None] | None = None
+) -> tuple[StreamRun, AsyncGenerator[str, None]]:
     """The async engine's stream: the task's run record and its deltas, on the running loop.
 
     Nothing is sent before the generator is first iterated. Closing the generator closes the
-    request (or kills the script); its deadline is kept by :class:`TaskStream`.
+    request (or kills the script); its deadline is kept by :class:`TaskStream`. ``outputs``
+    fill the prompt's ``{{dep}}`` placeholders (an orchestrated task's dependencies).
     """
-    run = StreamRun(job, "async", asyncio.get_running_loop().time())
+    run = StreamRun(job, "async", asyncio.get_running_loop().time(), outputs)
     return run, STREAM_MODES[run.mode](run.call, run.state)
 
 
-def open_stream_blocking(job: StreamJob) -> LegacyStream:
+def open_stream_blocking(
+    job: StreamJob, outputs: Mapping[str, str | None] | None = None
+) -> LegacyStream:
     """The legacy engine's stream: a blocking iterator of deltas over its blocking client."""
     from ._legacy_stream import LegacyStream  # loaded only when the rollback flag is set
 
-    return LegacyStream(job, StreamRun(job, "legacy", time.monotonic()))
+    return LegacyStream(job, StreamRun(job, "legacy", time.monotonic(), outputs))
 
 
 class _ThreadedDeltas:
@@ -185,10 +197,28 @@ class TaskStream:
     delta, within the task's deadline, which covers the whole stream.
     """
 
-    __slots__ = ("__weakref__", "_deltas", "_engine", "_job", "_legacy", "_result", "_run")
+    __slots__ = (
+        "__weakref__",
+        "_deltas",
+        "_engine",
+        "_job",
+        "_legacy",
+        "_outputs",
+        "_progress",
+        "_result",
+        "_run",
+    )
 
-    def __init__(self, job: StreamJob, engine: Engine) -> None:
+    def __init__(
+        self,
+        job: StreamJob,
+        engine: Engine,
+        outputs: Mapping[str, str | None] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self._job = job
+        self._outputs = outputs
+        self._progress = progress
         self._engine: Engine = engine
         self._run: StreamRun | None = None
         self._deltas: AsyncGenerator[str, None] | _ThreadedDeltas | None = None
@@ -223,11 +253,14 @@ class TaskStream:
 
     def _open(self) -> AsyncGenerator[str, None] | _ThreadedDeltas:
         if self._engine == "legacy":
-            self._legacy = open_stream_blocking(self._job)
+            self._legacy = open_stream_blocking(self._job, self._outputs)
             self._run = self._legacy.run
             self._deltas = _ThreadedDeltas(self._legacy)
         else:
-            self._run, self._deltas = open_stream_async(self._job)
+            self._run, self._deltas = open_stream_async(self._job, self._outputs)
+        run = self._run
+        if self._progress is not None:
+            self._progress.begin(run.call, run.mode, run.started_at, run.start)
         return self._deltas
 
     def _blocking_iterator(self) -> LegacyStream | None:
@@ -236,7 +269,7 @@ class TaskStream:
         if self._engine != "legacy":
             return None
         if self._legacy is None and self._result is None:
-            self._legacy = open_stream_blocking(self._job)
+            self._legacy = open_stream_blocking(self._job, self._outputs)
             self._run = self._legacy.run
         return self._legacy
 
@@ -351,6 +384,28 @@ def create_stream(job: StreamJob) -> TaskStream:
 #: Terminal escape sequences (CSI ``ESC [ ... final``, OSC ``ESC ] ... BEL|ESC \\``, and
 #: two-character ones), then every other control character but tab and newline.
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?")
+
+
+async def stream_task(
+    job: StreamJob,
+    on_delta: Callable[[str, str], object],
+    outputs: Mapping[str, str | None] | None = None,
+    progress: Progress | None = None,
+) -> ExecutionResult:
+    """Stream one task to ``on_delta(task_id, delta)`` and return its result.
+
+    Shaped for the orchestrator's ``RunOne`` hook (``taskexec run --stream``): ``outputs`` fill
+    the prompt's placeholders and ``progress`` learns when the task started, so a run cancelled
+    mid-stream still reports it. Runs on the engine the rollback flag names now.
+    """
+    job.roster.resolve(job.task, job.agent, job.mode)
+    engine: Engine = "legacy" if get_engine() == "legacy" else "async"
+    async with TaskStream(job, engine, outputs, progress) as stream:
+        async for delta in stream:
+            on_delta(job.task.id, delta)
+    return stream.result
+
+
 _CONTROL = dict.fromkeys([*(i for i in range(32) if i not in (9, 10)), 127, *range(0x80, 0xA0)])
 
 
@@ -358,7 +413,12 @@ def _terminal_safe(text: str) -> str:
     return _ESCAPES.sub("", text).translate(_CONTROL)
 
 
-def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], object]) -> None:
+def render_deltas(
+    deltas: Iterator[tuple[str, str]],
+    write: Callable[[str], object],
+    *,
+    prefix: bool | None = None,
+) -> None:
     """Write deltas for a terminal, as ``taskexec run --stream`` shows them.
 
     ``deltas`` gives ``(task_id, delta)`` pairs as they arrive. With one task the text is
@@ -370,6 +430,8 @@ def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], obje
     Args:
         deltas: ``(task_id, delta)`` pairs, in arrival order.
         write: Where the text goes (``sys.stdout.write``).
+        prefix: Prefix lines with task ids (None: from the moment a second task speaks; a
+            command running several tasks at once passes True).
     """
     current: str | None = None
     at_line_start = True
@@ -379,7 +441,7 @@ def render_deltas(deltas: Iterator[tuple[str, str]], write: Callable[[str], obje
         text = _terminal_safe(delta)
         if not text:
             continue
-        several = len(seen) > 1
+        several = len(seen) > 1 if prefix is None else prefix
         if several and current is not None and current != task_id and not at_line_start:
             write("\n")
             at_line_start = True
