@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ._legacy_stream import LegacyStream
 
 __all__ = (
+    "DeltaPrinter",
     "StreamJob",
     "StreamRun",
     "TaskStream",
@@ -413,49 +414,67 @@ def _terminal_safe(text: str) -> str:
     return _ESCAPES.sub("", text).translate(_CONTROL)
 
 
+class DeltaPrinter:
+    """Writes deltas for a terminal as they arrive, as ``taskexec run --stream`` shows them.
+
+    With one task the text is written as it comes; when several tasks stream at once, each
+    line is prefixed with its task id (``[id] ``), and a task's text starts a new line when
+    another task's text came in between. Terminal escape sequences and control characters
+    (but tab and newline) are removed, so a reply cannot move the cursor, clear, recolour or
+    retitle the terminal.
+
+    Args:
+        write: Where the text goes (``sys.stdout.write``).
+        prefix: Prefix lines with task ids (None: from the moment a second task speaks; a
+            command running several tasks at once passes True).
+    """
+
+    __slots__ = ("_at_line_start", "_current", "_prefix", "_seen", "_write")
+
+    def __init__(self, write: Callable[[str], object], *, prefix: bool | None = None) -> None:
+        self._write = write
+        self._prefix = prefix
+        self._current: str | None = None
+        self._at_line_start = True
+        self._seen: set[str] = set()
+
+    def feed(self, task_id: str, delta: str) -> None:
+        """Write one delta of task ``task_id``."""
+        self._seen.add(task_id)
+        text = _terminal_safe(delta)
+        if not text:
+            return
+        write = self._write
+        several = len(self._seen) > 1 if self._prefix is None else self._prefix
+        if several and self._current not in (None, task_id) and not self._at_line_start:
+            write("\n")
+            self._at_line_start = True
+        self._current = task_id
+        for index, line in enumerate(text.split("\n")):
+            if index:
+                write("\n")
+                self._at_line_start = True
+            if line:
+                if several and self._at_line_start:
+                    write(f"[{_terminal_safe(task_id)}] ")
+                write(line)
+                self._at_line_start = False
+
+    def close(self) -> None:
+        """End the last line."""
+        if not self._at_line_start:
+            self._write("\n")
+            self._at_line_start = True
+
+
 def render_deltas(
     deltas: Iterator[tuple[str, str]],
     write: Callable[[str], object],
     *,
     prefix: bool | None = None,
 ) -> None:
-    """Write deltas for a terminal, as ``taskexec run --stream`` shows them.
-
-    ``deltas`` gives ``(task_id, delta)`` pairs as they arrive. With one task the text is
-    written as it comes; when several tasks stream at once, each line is prefixed with its task
-    id, and a task's line is continued or started anew when another task's text came between.
-    Control characters (escape sequences, carriage returns) are removed, so a reply cannot
-    move the cursor, recolour or retitle the terminal.
-
-    Args:
-        deltas: ``(task_id, delta)`` pairs, in arrival order.
-        write: Where the text goes (``sys.stdout.write``).
-        prefix: Prefix lines with task ids (None: from the moment a second task speaks; a
-            command running several tasks at once passes True).
-    """
-    current: str | None = None
-    at_line_start = True
-    seen: set[str] = set()
+    """Write ``(task_id, delta)`` pairs for a terminal with a :class:`DeltaPrinter`."""
+    printer = DeltaPrinter(write, prefix=prefix)
     for task_id, delta in deltas:
-        seen.add(task_id)
-        text = _terminal_safe(delta)
-        if not text:
-            continue
-        several = len(seen) > 1 if prefix is None else prefix
-        if several and current is not None and current != task_id and not at_line_start:
-            write("\n")
-            at_line_start = True
-        current = task_id
-        safe_id = _terminal_safe(task_id)
-        lines = text.split("\n")
-        for index, line in enumerate(lines):
-            if index:
-                write("\n")
-                at_line_start = True
-            if line:
-                if several and at_line_start:
-                    write(f"[{safe_id}] ")
-                write(line)
-                at_line_start = False
-    if not at_line_start:
-        write("\n")
+        printer.feed(task_id, delta)
+    printer.close()
