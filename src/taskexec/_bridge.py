@@ -438,10 +438,12 @@ def _abandon(pump: _Pump) -> None:
         with contextlib.suppress(BaseException):
             _shared.run(pump.aclose(), contextvars.copy_context())
 
-    if running is None:
-        close()
+    if running is None and not _shared._driving:
+        close()  # the usual case: dropped in the caller's thread, the loop idle: close it here
     else:
-        # Dropped in a thread that runs another loop: the shared loop cannot be driven here.
+        # Dropped in a thread that runs another loop (the shared loop cannot be driven here),
+        # or while a thread, perhaps this one between two steps, holds the shared loop: a
+        # short-lived thread waits for the loop and closes the stream on it.
         threading.Thread(target=close, name="taskexec-stream-close", daemon=True).start()
 
 
