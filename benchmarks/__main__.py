@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed, limits, scenarios, tracing
+from . import distributed, limits, scenarios, streaming, tracing
 from ._server import ServerProcess
 
 HERE = Path(__file__).resolve().parent
@@ -132,6 +132,7 @@ def main() -> int:
     services = "skipped" not in results["distributed"]
     # Each rate-limit run takes seconds by design (it waits on the limit): three are enough.
     results["limits"] = limits.run_all(quick, RESULTS_URL if services else None, min(repeats, 3))
+    results["streaming"] = streaming.run_all(quick, repeats)
     results["tracing"] = tracing.run_all(quick, min(repeats, 3))
     results["elapsed_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -335,6 +336,7 @@ def render(r: dict[str, Any]) -> str:
     ]
     lines += render_distributed(r["distributed"])
     lines += render_limits(r["limits"])
+    lines += streaming.render(r["streaming"])
     lines += tracing.render(r["tracing"])
     fw = r["framework"]
     fw_ratio = fw["taskexec_us"]["median"] / fw["floor_us"]["median"]
@@ -619,9 +621,11 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     used = tpm["tokens/s"] / lim["tpm"]["server tokens per s"]
     add("8.3", "429s <= 1% of requests", share, "{:.1%}", share <= 0.01)
     add("8.3", "throughput >= 90% of the token limit", used, "{:.0%}", used >= 0.9)
+    for section, target, value, shown, met in streaming.targets(r["streaming"]):
+        add(section, target, value, shown, met)
     for key, shown in (("offline", "offline"), ("http", "mock server")):
         ratio = r["tracing"][key]["on / off"]
-        add("9", f"tracing on <= 1.05x off ({shown})", ratio, "{:.2f}x", ratio <= 1.05)
+        add("10", f"tracing on <= 1.05x off ({shown})", ratio, "{:.2f}x", ratio <= 1.05)
     return found
 
 

@@ -1,4 +1,4 @@
-"""Section 9: what OpenTelemetry tracing costs a run of 1,000 tasks.
+"""Section 10: what OpenTelemetry tracing costs a run of 1,000 tasks.
 
 Each contender runs in a fresh process (a tracer provider can be set once per process):
 
@@ -105,9 +105,9 @@ def run_all(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def render(d: dict[str, Any]) -> list[str]:
-    """Section 9 of RESULTS.md."""
+    """Section 10 of RESULTS.md."""
     lines = [
-        "## 9. Tracing (OpenTelemetry)",
+        "## 10. Tracing (OpenTelemetry)",
         "",
         "1,000 tasks per run, each contender in a fresh process; medians of "
         f"{d['offline']['samples']} runs. `SDK, no-op exporter`: an SDK `TracerProvider` with a "
@@ -138,7 +138,7 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 GAP = """
-**Section 9, tracing on against off: {us:.0f} us per task in this run, above 5% of these runs.**
+**Section 10, tracing on against off: {us:.0f} us per task in this run, above 5% of these runs.**
 What tracing costs is the OpenTelemetry SDK's own work for two spans per task (the task's and
 its attempt's CLIENT span, which the issue asks for): per span it makes ids, checks every
 attribute (`opentelemetry.attributes._clean_attribute` is the largest single cost in a

@@ -140,11 +140,27 @@ class Generator:
         doc = _sync_doc(shim.docs.get(""), inspect.getdoc(cls) or "")
         check_docstring(shim, shim.name, doc)
         out = [f"class {shim.name}:", _docstring(doc, 4)]
-        params, forward = self.signature(cls.__init__, module)
+        iterator = hasattr(cls, "__anext__")
+        if shim.wraps:
+            # Made by another shim's method around the async object it returned, never by
+            # users: the constructor takes that object.
+            out += [
+                f"    def __init__(self, wrapped: {alias}) -> None:",
+                "        self._async = wrapped",
+            ]
+            if iterator:
+                # The whole iteration runs in one task on the bridge's shared loop (or in this
+                # thread on the legacy engine); see taskexec._bridge.SyncIteration.
+                out.append("        self._iteration = _bridge.SyncIteration(wrapped)")
+            out.append("")
+        else:
+            params, forward = self.signature(cls.__init__, module)
+            out += [
+                f"    def __init__({params}) -> None:",
+                f"        self._async = {alias}({', '.join(forward)})",
+                "",
+            ]
         out += [
-            f"    def __init__({params}) -> None:",
-            f"        self._async = {alias}({', '.join(forward)})",
-            "",
             "    def __repr__(self) -> str:",
             '        return f"<sync {self._async!r}>"',
             "",
@@ -152,7 +168,22 @@ class Generator:
         for name, member in cls.__dict__.items():
             if name.startswith("_") or name in shim.exclude:
                 continue
+            if iterator and name == "aclose":
+                out += self.render_iterator_close(shim, member)
+                continue
             out += self.render_member(shim, cls, name, member, module)
+        if iterator:
+            item = inspect.signature(cls.__anext__).return_annotation
+            self.need(str(item), module)
+            out += [
+                "    def __iter__(self) -> Self:",
+                "        return self",
+                "",
+                f"    def __next__(self) -> {item}:",
+                "        return self._iteration.next()",
+                "",
+            ]
+            self.imports.setdefault("typing", set()).add("Self")
         if hasattr(cls, "__aenter__"):
             out += [
                 "    def __enter__(self) -> Self:",
@@ -170,6 +201,17 @@ class Generator:
             self.imports.setdefault("typing", set()).add("Self")
             self.imports.setdefault("types", set()).add("TracebackType")
         return "\n".join(out)
+
+    def render_iterator_close(self, shim: Shim, member: Any) -> list[str]:
+        """``aclose()`` of an async iterator: ``close()`` stops the iteration's own task."""
+        text = _sync_doc(shim.docs.get("aclose"), inspect.getdoc(member) or "")
+        check_docstring(shim, f"{shim.name}.close", text)
+        return [
+            "    def close(self) -> None:",
+            _docstring(text, 8),
+            "        self._iteration.close()",
+            "",
+        ]
 
     def render_member(
         self, shim: Shim, cls: type, name: str, member: Any, module: ModuleType
@@ -203,7 +245,17 @@ class Generator:
             body = f"        return _bridge.{bridge}({args})"
         else:
             body = f"        return self._async.{name}({', '.join(forward)})"
+            wrapper = self.shim_returned(member)
+            if wrapper is not None:
+                # The async method returns an object that has a shim of its own (a stream):
+                # hand back the shim around it.
+                body = f"        return {wrapper}(self._async.{name}({', '.join(forward)}))"
         return [f"    def {sync_name}({params}){returns}:", doc, body, ""]
+
+    def shim_returned(self, member: Any) -> str | None:
+        """The shim class a plain method's return annotation names, if any."""
+        annotation = str(inspect.signature(member).return_annotation)
+        return annotation if annotation in self.shim_names else None
 
     def render(self) -> str:
         classes = [self.render_class(shim) for shim in SHIMS]

@@ -23,6 +23,9 @@ class Shim:
     module: str
     name: str
     exclude: dict[str, str] = field(default_factory=dict)
+    #: Instances come from another class's method (``TaskExecutor.stream``), not from users:
+    #: the shim wraps the async object that method returned.
+    wraps: bool = False
     #: Sync docstrings for members ("" is the class) whose async docstring does not hold. One
     #: without an ``Args:`` section gets the async docstring's sections (Args, Raises, ...).
     docs: dict[str, str] = field(default_factory=dict)
@@ -61,12 +64,39 @@ Raises:
     InvalidValueError: ``max_concurrency`` is below 1 (a ``ValueError``).
 """
 
+_STREAM_DOC = """A task's reply as it arrives, blocking: ``for delta in stream`` gives deltas.
+
+Made by :meth:`TaskExecutor.stream`; nothing is sent until the stream is iterated. Use it
+as ``with executor.stream(task) as stream:`` so that leaving the block, however (``break``,
+an exception, Ctrl-C), closes the request at once; ``close()`` does the same by hand, and a
+stream dropped half-read is closed when it is collected. The whole stream runs in one task
+on the process's shared loop (or, on the legacy engine, in the calling thread).
+
+After the iteration ended or the block exited, :attr:`result` is the task's
+:class:`ExecutionResult`: on success its ``output`` is the joined deltas; a stream left
+early is ``cancelled`` and a stream that failed after some text arrived is ``failed``, both
+with the text received so far as ``output``. Retries happen only before the first delta,
+within the task's deadline, which covers the whole stream.
+"""
+
+_STREAM_CLOSE_DOC = """Close the stream: its request is closed (its script killed) first.
+
+The result is then ``cancelled`` with the text received so far, unless the stream had
+already ended.
+"""
+
 SHIMS = (
     Shim(
         "taskexec._executor",
         "TaskExecutor",
         docs={"": _EXECUTOR_DOC},
         entries=frozenset({"execute"}),
+    ),
+    Shim(
+        "taskexec._stream",
+        "TaskStream",
+        wraps=True,
+        docs={"": _STREAM_DOC, "aclose": _STREAM_CLOSE_DOC},
     ),
     Shim(
         "taskexec._orchestrator",

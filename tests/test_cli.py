@@ -792,6 +792,11 @@ def test_control_characters_never_reach_the_terminal(tmp_path: Path) -> None:
     assert by_id["good"].output == nasty.strip()  # the JSONL keeps the exact text
 
 
+def _task_row(line: str) -> bool:
+    """A row of the summary's task table (not of the tokens-and-cost table's ``total``)."""
+    return line.startswith("│ t") and line.split()[1][1:].isdigit()
+
+
 def test_a_large_run_summarises_instead_of_listing_every_task(tmp_path: Path) -> None:
     tasks = "\n".join(f"  - {{id: t{i:02d}, prompt: 'task {i}'}}" for i in range(60))
     tasks += "\n  - {id: broken, prompt: x, agent: none}"
@@ -807,20 +812,25 @@ def test_a_large_run_summarises_instead_of_listing_every_task(tmp_path: Path) ->
     assert "the 10 slowest tasks" in short.stdout
     assert "tasks that did not succeed (1)" in short.stdout
     assert "61 tasks: 1 failed, 60 success" in short.stdout
-    listed = {line.split()[1] for line in short.stdout.splitlines() if line.startswith("│ t")}
+    listed = {line.split()[1] for line in short.stdout.splitlines() if _task_row(line)}
     assert len(listed) in (9, 10)  # the ten slowest; "broken" may be one of them
     assert len(lines(out)) == 61
     full = taskexec("run", str(plan), "--full-table")
-    full_listed = {line.split()[1] for line in full.stdout.splitlines() if line.startswith("│ t")}
+    full_listed = {line.split()[1] for line in full.stdout.splitlines() if _task_row(line)}
     assert full_listed == {f"t{i:02d}" for i in range(60)}
     assert "slowest" not in full.stdout
 
 
-def test_json_output_is_a_list_of_results(tmp_path: Path) -> None:
+def test_json_output_is_the_results_and_their_usage(tmp_path: Path) -> None:
     completed = taskexec("run", str(EXAMPLE), "--json")
     assert completed.returncode == 0
-    parsed = [ExecutionResult.model_validate(r) for r in json.loads(completed.stdout)["results"]]
+    data = json.loads(completed.stdout)
+    parsed = [ExecutionResult.model_validate(r) for r in data["results"]]
     assert [r.task_id for r in parsed] == ["design", "implement-api", "implement-storage", "review"]
+    total = data["usage"]["total"]
+    assert total["tasks"] == 4
+    assert total["output_tokens"] == sum(r.usage.output_tokens for r in parsed) > 0
+    assert total["cost_usd"] == 0  # the offline provider is free
 
 
 def _priced_plan(tmp_path: Path, server: MockServer, tasks: int, *, priced: bool = True) -> Path:
@@ -876,3 +886,45 @@ def test_run_with_a_ceiling_refuses_agents_without_a_price(
     bad = taskexec("run", str(plan), "--max-cost", "-3")
     assert bad.returncode == 2
     assert "--max-cost" in bad.stderr
+
+
+def test_run_stream_prints_each_tasks_text_as_it_arrives(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        "agents: [{name: w}]\n"
+        "tasks:\n"
+        "  - {id: first, prompt: 'alpha beta'}\n"
+        "  - {id: second, prompt: 'then {{first}}', depends_on: [first]}\n",
+    )
+    out = tmp_path / "out.jsonl"
+    for engine in ("async", "legacy"):
+        done = taskexec("run", str(plan), "--stream", "--engine", engine, "--output", str(out))
+        assert done.returncode == 0, done.stderr
+        results = {r.task_id: r for r in lines(out)[-2:]}
+        streamed = done.stdout
+        for task_id, result in results.items():
+            assert result.output is not None
+            # Several tasks may run at once: each line names its task.
+            for line in result.output.splitlines():
+                assert f"[{task_id}] {line}" in streamed
+        assert results["second"].engine == engine
+    one = taskexec("run", str(plan), "--stream", "--concurrency", "1")
+    assert one.returncode == 0, one.stderr
+    assert "[first]" not in one.stdout  # one task at a time: the text as it comes
+
+
+def test_run_stream_refuses_json_and_engines_that_cannot_stream(tmp_path: Path) -> None:
+    both = taskexec("run", str(EXAMPLE), "--stream", "--json")
+    assert both.returncode == 2
+    assert "--stream" in both.stderr
+    workers = taskexec(
+        "run",
+        str(EXAMPLE),
+        "--stream",
+        env={
+            "TASKEXEC_BROKER_URL": "amqp://127.0.0.1:1/",
+            "TASKEXEC_RESULTS_URL": "redis://127.0.0.1:1/0",
+        },
+    )
+    assert workers.returncode == 2
+    assert "streaming is not available on the workers engine" in workers.stderr

@@ -36,6 +36,7 @@ def test_all_is_the_public_surface() -> None:
     assert all(issubclass(e, taskexec.TaskexecError) for e in errors)
 
 
-def test_sync_exports_the_two_shims() -> None:
-    assert set(taskexec.sync.__all__) == {"TaskExecutor", "ProjectOrchestrator"}
+def test_sync_exports_the_shims() -> None:
+    assert set(taskexec.sync.__all__) == {"TaskExecutor", "ProjectOrchestrator", "TaskStream"}
     assert taskexec.sync.TaskExecutor is not taskexec.TaskExecutor
+    assert taskexec.sync.TaskStream is not taskexec.TaskStream

@@ -11,6 +11,7 @@ from ._errors import NotAModelError as NotAModelError
 from ._errors import NotARequestError as NotARequestError
 from ._errors import PlanError as PlanError
 from ._errors import ProviderNotFoundError as ProviderNotFoundError
+from ._errors import StreamNotFinishedError as StreamNotFinishedError
 from ._errors import SyncInAsyncContextError as SyncInAsyncContextError
 from ._errors import TaskexecError as TaskexecError
 from ._errors import UnknownAgentError as UnknownAgentError
@@ -32,6 +33,7 @@ from ._plan import PlanSettings as PlanSettings
 from ._plan import load_agents as load_agents
 from ._plan import load_plan as load_plan
 from ._retry import RetryPolicy as RetryPolicy
+from ._stream import TaskStream as TaskStream
 from ._version import __version__ as __version__
 from .bus import MessageBus as MessageBus
 
@@ -60,8 +62,10 @@ __all__ = (
     "ProviderNotFoundError",
     "RetryPolicy",
     "ScriptEnv",
+    "StreamNotFinishedError",
     "SyncInAsyncContextError",
     "TaskExecutor",
+    "TaskStream",
     "TaskexecError",
     "UnknownAgentError",
     "UnpricedAgentError",

@@ -31,16 +31,18 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Coroutine, Generator
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, cast
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from ._callsite import caller_site, enter_sync_call
 from ._engines.entry import BLOCKING_CALLER, NEED_LOOP
 from ._errors import SyncInAsyncContextError
 from ._http import ClientPool
 
-__all__ = ("call", "call_entry", "unwrap")
+__all__ = ("SyncIteration", "call", "call_entry", "unwrap")
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -61,6 +63,7 @@ class _SharedLoop:
         self._driving = False
         self._driver_meeting: _Meeting | None = None
         self._idle_since = 0.0
+        self._parents_loop: asyncio.AbstractEventLoop | None = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -151,6 +154,9 @@ class _SharedLoop:
         old = self._loop
         self._cond = threading.Condition()
         self._loop, self._pid, self._driving, self._driver_meeting = None, 0, False, None
+        # Keep the parent's loop referenced for the child's life: collected here, it would warn
+        # (unclosed loop, sockets) about objects that are the parent's to close, not ours.
+        self._parents_loop = old
         if old is not None:
             for pool in list(ClientPool.instances):
                 pool.forget(old)
@@ -397,3 +403,202 @@ def _call(coro: Coroutine[Any, Any, T], entry: bool) -> T:
         return _shared.run(coro, context)
     finally:
         _restore_context(context)
+
+
+# -- streams (issue 20) ----------------------------------------------------------------------------
+#
+# A sync stream runs its whole iteration in ONE task on the shared loop (the pump), never one
+# task per item: a stream's request, its deadline and its cleanup belong to one task, as they do
+# for an async caller. The caller's thread takes deltas from the pump's buffer, and runs the
+# shared loop (through _SharedLoop.run, like any sync call) only while it waits for the next
+# one; nobody runs the loop for an abandoned stream, and the pump stops reading after a bounded
+# buffer anyway, so a stream left after `break` is not read to its end. Leaving (close(), the
+# `with` block, Ctrl-C, the stream being dropped) closes the request before it returns.
+
+#: Deltas a pump reads ahead of its caller before it waits for the caller to take some.
+_READ_AHEAD = 64
+
+
+class _AsyncStream(Protocol):
+    """What a sync stream needs of an async one (:class:`taskexec._stream.TaskStream`)."""
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+    async def aclose(self) -> None: ...
+    def _blocking_iterator(self) -> Iterator[str] | None: ...
+
+
+class _Pump:
+    """The one task that iterates an async stream for a sync caller, and its buffer."""
+
+    __slots__ = ("ended", "error", "items", "space", "stream", "task", "waiter")
+
+    def __init__(self, stream: _AsyncStream) -> None:
+        self.stream = stream
+        self.items: deque[str] = deque()
+        self.ended = False
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.space: asyncio.Future[None] | None = None
+
+    async def run(self) -> None:
+        stream = self.stream
+        try:
+            async for delta in stream:
+                self.items.append(delta)
+                self._wake()
+                if len(self.items) >= _READ_AHEAD:
+                    self.space = asyncio.get_running_loop().create_future()
+                    await self.space
+        except asyncio.CancelledError:
+            pass  # closed by the caller (close(), Ctrl-C, a dropped stream): ends below
+        except Exception as exc:  # a bug, not a task failure (those are results): re-raise there
+            self.error = exc
+        finally:
+            try:
+                await stream.aclose()  # closes the request if the loop was left mid-way
+            finally:
+                self.ended = True
+                self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> str | None:
+        """Return the next delta (None: the stream ended), starting the pump on first use."""
+        loop = asyncio.get_running_loop()
+        if self.task is None:
+            self.task = loop.create_task(self.run())
+        # The caller may have emptied the buffer from its own thread (the fast path in
+        # SyncIteration.next), which cannot wake the pump: let it read on now.
+        space = self.space
+        if space is not None and not space.done():
+            space.set_result(None)
+        while not self.items:
+            if self.ended:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self.waiter = loop.create_future()
+            await self.waiter
+        return self.items.popleft()
+
+    async def aclose(self) -> None:
+        """Stop the pump and wait until the stream is closed."""
+        task = self.task
+        if task is None:
+            self.ended = True
+            await self.stream.aclose()
+            return
+        if not task.done():
+            task.cancel()
+        await asyncio.wait([task])
+
+
+def _on_shared_loop(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        coro.close()
+        raise SyncInAsyncContextError(
+            "a taskexec.sync stream blocks, and this thread is running an event loop; use "
+            "`async for` over taskexec.TaskExecutor.stream(...) here instead"
+        )
+    return _shared.run(coro, contextvars.copy_context())
+
+
+def _abandon(pump: _Pump) -> None:
+    """Close the stream of a sync stream dropped without ``close()`` (its finalizer)."""
+    task = pump.task
+    if task is None or task.done():
+        return
+    loop = task.get_loop()
+    running = asyncio._get_running_loop()
+    if running is loop:
+        task.cancel()  # dropped on the shared loop's own thread: the loop is running here
+        return
+
+    def close() -> None:
+        with contextlib.suppress(BaseException):
+            _shared.run(pump.aclose(), contextvars.copy_context())
+
+    if running is None and not _shared._driving:
+        close()  # the usual case: dropped in the caller's thread, the loop idle: close it here
+    else:
+        # Dropped in a thread that runs another loop (the shared loop cannot be driven here),
+        # or while a thread, perhaps this one between two steps, holds the shared loop: a
+        # short-lived thread waits for the loop and closes the stream on it.
+        threading.Thread(target=close, name="taskexec-stream-close", daemon=True).start()
+
+
+class SyncIteration:
+    """A generated sync stream's engine room: ``next()`` and ``close()`` for blocking callers.
+
+    On the legacy engine the stream is the engine's own blocking iterator, in the caller's
+    thread; otherwise it is pumped on the shared loop (see above).
+    """
+
+    __slots__ = ("__weakref__", "_blocking", "_finalizer", "_pump", "_stream")
+
+    def __init__(self, stream: _AsyncStream) -> None:
+        self._stream = stream
+        self._blocking: Iterator[str] | None = None
+        self._pump: _Pump | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def _start(self) -> None:
+        blocking = self._stream._blocking_iterator()
+        if blocking is not None:
+            self._blocking = blocking
+            return
+        pump = self._pump = _Pump(self._stream)
+        # Not a method of self: the finalizer must not keep this object alive.
+        self._finalizer = weakref.finalize(self, _abandon, pump)
+        self._finalizer.atexit = False
+
+    def next(self) -> str:
+        """Return the next delta, blocking until it arrives.
+
+        Raises:
+            StopIteration: The stream ended.
+        """
+        if self._blocking is None and self._pump is None:
+            self._start()
+        if self._blocking is not None:
+            return next(self._blocking)
+        pump = self._pump
+        assert pump is not None
+        if pump.items:
+            return pump.items.popleft()  # read ahead already: no loop needed
+        try:
+            item = _on_shared_loop(pump.get())
+        except BaseException:
+            # Ctrl-C while waiting: close the request first, then let the interrupt reach the
+            # caller. A second Ctrl-C stops waiting for the close.
+            with contextlib.suppress(KeyboardInterrupt):
+                _on_shared_loop(pump.aclose())
+            raise
+        if item is None:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Close the stream; its request is closed before this returns."""
+        if self._blocking is None and self._pump is None:
+            self._start()
+        if self._blocking is not None:
+            close = getattr(self._blocking, "close", None)
+            if close is not None:
+                close()
+            return
+        pump = self._pump
+        assert pump is not None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if pump.ended and pump.task is not None and pump.task.done():
+            return
+        _on_shared_loop(pump.aclose())

@@ -37,7 +37,7 @@ from ._models import (
     ExecutionStatus,
     Mode,
 )
-from ._pricing import is_priced, to_decimal, worst_case_cost
+from ._pricing import is_priced, load_table, to_decimal, worst_case_cost
 
 if TYPE_CHECKING:
     from ._results import Progress
@@ -246,6 +246,7 @@ def with_budget(run_one: RunOne, budget: RunBudget, roster: Roster) -> RunOne:
     async def run(
         task: AgentTask, outputs: Mapping[str, str | None] | None, progress: Progress
     ) -> ExecutionResult:
+        await load_table()  # once per process, in a thread: the loop never waits on it
         amount = budget.worst_case(roster, task, outputs)
         held = await budget.ledger.reserve_waiting(amount)
         if held is None:

@@ -22,6 +22,7 @@ __all__ = (
     "NotARequestError",
     "PlanError",
     "ProviderNotFoundError",
+    "StreamNotFinishedError",
     "SyncInAsyncContextError",
     "TaskexecError",
     "UnknownAgentError",
@@ -83,6 +84,10 @@ class UnpricedAgentError(ConfigurationError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (UnpricedAgentError, (self.agents, self.max_cost_usd))
+
+
+class StreamNotFinishedError(TaskexecError, RuntimeError):
+    """A stream's ``result`` was read before its iteration ended or its block exited."""
 
 
 class SyncInAsyncContextError(TaskexecError, RuntimeError):

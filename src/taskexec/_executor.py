@@ -17,10 +17,11 @@ import httpx
 from ._calls import DEFAULT_TIMEOUT_S, CallSettings, Roster
 from ._engines import entry
 from ._engines.parts import ExecutorParts
-from ._engines.registry import EngineSet
+from ._engines.registry import EngineSet, select_engine
 from ._http import ClientPool
 from ._models import Agent, AgentTask, ExecutionResult, Mode
 from ._retry import RetryPolicy
+from ._stream import TaskStream, create_stream
 
 __all__ = ("DEFAULT_TIMEOUT_S", "TaskExecutor")
 
@@ -120,6 +121,35 @@ class TaskExecutor:
             ConfigurationError: No agent is named anywhere and there is no default.
         """
         return await entry.execute(self.parts.engines, self.parts.job(task, agent, mode))
+
+    # -- streaming (issue 20) ------------------------------------------------------------------
+    def stream(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> TaskStream:
+        """Stream a task's reply: iterate the returned :class:`TaskStream` for text deltas.
+
+        Nothing is sent until the stream is iterated; leaving its block early closes the
+        request at once. Its ``result`` is the task's result once the stream has ended.
+
+        Args:
+            task: The task to run.
+            agent: An agent name or an :class:`Agent`; wins over ``task.agent``.
+            mode: ``"llm"``, ``"api"`` or ``"script"``; wins over ``task.mode`` and the agent's.
+
+        Returns:
+            The task's stream.
+
+        Raises:
+            UnknownAgentError: The agent named is not registered.
+            UnsupportedModeError: The agent cannot serve the mode.
+            ConfigurationError: No agent is named anywhere and there is no default, or the
+                engine of the call cannot stream (workers, for now).
+        """
+        # The engine seam chooses, as for execute(); the stream runs on that engine.
+        engine = select_engine(self.parts.engines)
+        return create_stream(self.parts.job(task, agent, mode), engine)
+
+    # -------------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """Close every pooled HTTP connection, and the cluster connection if one was opened."""

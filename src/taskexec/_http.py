@@ -18,10 +18,16 @@ import contextlib
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import aiohttp
 import httpx
+
+from ._transport import TransportError as TransportError
+from ._transport import describe_error
+
+if TYPE_CHECKING:
+    from ._http_stream import BlockingStream, HttpStream
 
 __all__ = (
     "AiohttpClient",
@@ -47,18 +53,6 @@ class HttpResponse:
     body: bytes
 
 
-class TransportError(Exception):
-    """No complete response arrived: the connection failed or the attempt timed out."""
-
-    def __init__(self, kind: Literal["connection", "timeout"], message: str) -> None:
-        super().__init__(kind, message)
-        self.kind: Literal["connection", "timeout"] = kind
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
 class HttpClient(Protocol):
     """What the modes need from a transport: one POST with a body, and closing."""
 
@@ -76,10 +70,12 @@ class HttpClient(Protocol):
         """Close every pooled connection."""
         ...
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if str(exc) else text
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpStream:
+        """POST ``body`` and read the reply as it arrives (``timeout_s``: most time between
+        two reads); see :mod:`taskexec._http_stream`."""
+        ...
 
 
 class AiohttpClient:
@@ -129,7 +125,16 @@ class AiohttpClient:
             # reaches this frame as CancelledError and propagates untouched.
             raise TransportError("timeout", "no response before the attempt timed out") from exc
         except aiohttp.ClientError as exc:
-            raise TransportError("connection", _describe(exc)) from exc
+            raise TransportError("connection", describe_error(exc)) from exc
+
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpStream:
+        from ._http_stream import AiohttpStream
+
+        # No total: a stream lasts as long as the reply; a stall is caught between reads.
+        timeout = aiohttp.ClientTimeout(sock_connect=self._connect_timeout_s, sock_read=timeout_s)
+        return AiohttpStream(self._session, url, body, headers, timeout)
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -194,8 +199,16 @@ class HttpxClient:
         except httpx.TimeoutException as exc:
             raise TransportError("timeout", "no response before the attempt timed out") from exc
         except httpx.TransportError as exc:
-            raise TransportError("connection", _describe(exc)) from exc
+            raise TransportError("connection", describe_error(exc)) from exc
         return HttpResponse(response.status_code, response.headers, response.content)
+
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float | None
+    ) -> HttpStream:
+        from ._http_stream import HttpxStream
+
+        timeout = httpx.Timeout(None, connect=self._connect_timeout_s, read=timeout_s)
+        return HttpxStream(self._client, url, body, headers, timeout)
 
     async def aclose(self) -> None:
         """Leave the caller's client open: its owner closes it."""
@@ -222,8 +235,19 @@ class BlockingClient:
         except httpx.TimeoutException as exc:
             raise TransportError("timeout", "no response before the attempt timed out") from exc
         except httpx.TransportError as exc:
-            raise TransportError("connection", _describe(exc)) from exc
+            raise TransportError("connection", describe_error(exc)) from exc
         return HttpResponse(reply.status_code, reply.headers, reply.content)
+
+    def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> BlockingStream:
+        """POST ``body`` and read the reply as it arrives (``timeout_s`` between reads)."""
+        from ._http_stream import BlockingStream
+
+        connect = min(self._connect_timeout_s, timeout_s)
+        return BlockingStream(
+            self._client, url, body, headers, httpx.Timeout(None, connect=connect, read=timeout_s)
+        )
 
     def close(self) -> None:
         self._client.close()

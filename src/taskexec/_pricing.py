@@ -11,6 +11,7 @@ All arithmetic is in :class:`~decimal.Decimal` (prices are decimal numbers, and 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +26,9 @@ __all__ = (
     "Rates",
     "cost_usd",
     "is_priced",
+    "load_table",
     "model_of",
+    "needs_table",
     "priced",
     "prompt_token_bound",
     "table_provider_id",
@@ -86,6 +89,30 @@ class Rates:
             + usage.output_tokens * self.output
         )
         return total / _MTOK
+
+
+def needs_table(agent: Agent) -> bool:
+    """True when pricing ``agent``'s calls takes the maintained table (no price of its own)."""
+    return agent.price is None and agent.provider not in _FREE_PROVIDERS
+
+
+_table_loaded = False
+
+
+def _import_table() -> None:
+    global _table_loaded
+    import genai_prices  # noqa: F401 (loaded for the lookups that follow)
+
+    _table_loaded = True
+
+
+async def load_table() -> None:
+    """Load the price table in a worker thread, once: its import takes about 160 ms, which
+    would otherwise stall every task on the event loop at the first priced reply."""
+    if not _table_loaded:
+        # A flag, not sys.modules: a module another thread is still importing is already in
+        # sys.modules, and importing it from the loop would wait for that thread, blocking.
+        await asyncio.to_thread(_import_table)
 
 
 def table_provider_id(provider: str) -> str:

@@ -26,9 +26,10 @@ from taskexec._models import Agent, AgentTask, ExecutionResult, Mode
 from taskexec._orchestrator import ProjectOrchestrator as _AsyncProjectOrchestrator
 from taskexec._plan import Plan
 from taskexec._retry import RetryPolicy
+from taskexec._stream import TaskStream as _AsyncTaskStream
 from taskexec.bus import Bus
 
-__all__ = ("ProjectOrchestrator", "TaskExecutor")
+__all__ = ("ProjectOrchestrator", "TaskExecutor", "TaskStream")
 
 
 class TaskExecutor:
@@ -128,6 +129,30 @@ class TaskExecutor:
         """
         return _bridge.call_entry(self._async.execute, task, agent, mode)
 
+    def stream(
+        self, task: AgentTask, agent: str | Agent | None = None, mode: Mode | None = None
+    ) -> TaskStream:
+        """Stream a task's reply: iterate the returned :class:`TaskStream` for text deltas.
+
+        Nothing is sent until the stream is iterated; leaving its block early closes the
+        request at once. Its ``result`` is the task's result once the stream has ended.
+
+        Args:
+            task: The task to run.
+            agent: An agent name or an :class:`Agent`; wins over ``task.agent``.
+            mode: ``"llm"``, ``"api"`` or ``"script"``; wins over ``task.mode`` and the agent's.
+
+        Returns:
+            The task's stream.
+
+        Raises:
+            UnknownAgentError: The agent named is not registered.
+            UnsupportedModeError: The agent cannot serve the mode.
+            ConfigurationError: No agent is named anywhere and there is no default, or the
+                engine of the call cannot stream (workers, for now).
+        """
+        return TaskStream(self._async.stream(task, agent, mode))
+
     def close(self) -> None:
         """Close every pooled HTTP connection, and the cluster connection if one was opened."""
         return _bridge.call(self._async.aclose)
@@ -143,6 +168,69 @@ class TaskExecutor:
             ConfigurationError: No agent is named anywhere and there is no default.
         """
         return self._async.resolve(task, agent, mode)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class TaskStream:
+    """A task's reply as it arrives, blocking: ``for delta in stream`` gives deltas.
+
+    Made by :meth:`TaskExecutor.stream`; nothing is sent until the stream is iterated. Use it
+    as ``with executor.stream(task) as stream:`` so that leaving the block, however (``break``,
+    an exception, Ctrl-C), closes the request at once; ``close()`` does the same by hand, and a
+    stream dropped half-read is closed when it is collected. The whole stream runs in one task
+    on the process's shared loop (or, on the legacy engine, in the calling thread).
+
+    After the iteration ended or the block exited, :attr:`result` is the task's
+    :class:`ExecutionResult`: on success its ``output`` is the joined deltas; a stream left
+    early is ``cancelled`` and a stream that failed after some text arrived is ``failed``, both
+    with the text received so far as ``output``. Retries happen only before the first delta,
+    within the task's deadline, which covers the whole stream.
+    """
+
+    def __init__(self, wrapped: _AsyncTaskStream) -> None:
+        self._async = wrapped
+        self._iteration = _bridge.SyncIteration(wrapped)
+
+    def __repr__(self) -> str:
+        return f"<sync {self._async!r}>"
+
+    @property
+    def finished(self) -> bool:
+        """True once the stream has ended and :attr:`result` can be read."""
+        return self._async.finished
+
+    @property
+    def result(self) -> ExecutionResult:
+        """The task's result, once the iteration has ended or the block has exited.
+
+        Raises:
+            StreamNotFinishedError: The stream has not ended yet.
+        """
+        return self._async.result
+
+    def close(self) -> None:
+        """Close the stream: its request is closed (its script killed) first.
+
+        The result is then ``cancelled`` with the text received so far, unless the stream had
+        already ended.
+        """
+        self._iteration.close()
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> str:
+        return self._iteration.next()
 
     def __enter__(self) -> Self:
         return self

@@ -5,10 +5,14 @@ live below HTTP (a reset, a reply cut in half) are made on the connection's tran
 
 It speaks enough of each protocol for the official SDKs to accept it:
 
-- OpenAI: ``POST /v1/chat/completions`` (also ``"stream": true`` as server-sent events),
-- Anthropic: ``POST /v1/messages``,
+- OpenAI: ``POST /v1/chat/completions`` (also ``"stream": true`` as server-sent events, with
+  the final usage chunk when ``stream_options.include_usage`` is set),
+- Anthropic: ``POST /v1/messages`` (also ``"stream": true``: ``message_start``,
+  ``content_block_delta``, ..., ``message_stop`` events),
 - Gemini: ``POST /v1beta/models/{model}:generateContent`` (and ``/v1/...``, as google-genai sends),
-- an ``api``-mode agent: ``POST /agent`` (``{"output": ...}``),
+  and ``:streamGenerateContent?alt=sse``,
+- an ``api``-mode agent: ``POST /agent`` (``{"output": ...}``; server-sent ``data:`` events when
+  the request accepts ``text/event-stream``),
 
 plus ``GET /_stats``, ``POST /_reset`` and ``POST /_faults`` (a JSON list) to observe and steer it
 from another process. Replies are deterministic: ``mock reply to: <prompt>``.
@@ -24,6 +28,12 @@ in a prompt overrides the server's latency for that request. ``[[barrier=N]]`` (
 ``[[barrier=N:timeout_s]]``) holds each reply until N requests carrying the same directive are
 in flight, then releases them all; if they do not arrive within the timeout (30 s by default)
 the held requests get a 503. Tests use it to prove requests overlap without timing anything.
+
+Streams are written piece by piece (a word each), ``stream_delay_s`` apart (or
+``[[chunk_delay=0.05]]`` in the prompt), so a client can leave mid-way; every streamed reply is
+recorded in :attr:`MockServer.streams` (bytes and pieces sent, whether it completed, and when the
+client went away), so tests assert what the server saw. The fault ``cut:<n>`` sends the first
+``n`` bytes of a stream's body and then drops the connection.
 
 From another project's tests: ``pytest_plugins = ["taskexec.pytest_plugin"]`` gives the fixture
 ``taskexec_mock_server`` (a running :class:`MockServer`, counters cleared per test).
@@ -55,6 +65,7 @@ __all__ = (
     "MockServer",
     "MockStats",
     "RecordedRequest",
+    "StreamRecord",
     "mock_server_in_thread",
 )
 
@@ -62,9 +73,11 @@ __all__ = (
 USAGE = """\
 Endpoints (replies are deterministic: "mock reply to: <prompt>"):
   POST /v1/chat/completions                 OpenAI-compatible ("stream": true gives SSE)
-  POST /v1/messages                         Anthropic
+  POST /v1/messages                         Anthropic ("stream": true gives SSE)
   POST /v1beta/models/{model}:generateContent   Gemini (also /v1/...)
+  POST /v1beta/models/{model}:streamGenerateContent?alt=sse   Gemini, streamed
   POST /agent                               an api-mode agent: {"prompt"} -> {"output"}
+                                            (SSE data: events with Accept: text/event-stream)
 
 Control (to observe and steer it from another process):
   GET  /_stats     counters: requests, chat_requests, in_flight, max_in_flight,
@@ -75,7 +88,7 @@ Control (to observe and steer it from another process):
 Faults: 429 (Retry-After: 0), 429:<seconds>, 429ms:<millis> (retry-after-ms),
   429q (insufficient_quota), 400, 401 (echoes the caller's key), 401:<n> (after n characters
   of padding), 408, 409, 500, 503, reset (connection dropped), malformed (200, not JSON),
-  stall (half a body, then nothing).
+  stall (half a body, then nothing), cut:<n> (a stream cut after n bytes of its body).
 
 Provider-style limits (a request beyond the limit in any one-second window gets a 429 with
 Retry-After: 1, as real providers quantise their per-minute limits; rejected requests do not
@@ -86,6 +99,7 @@ count against the window):
 Directives in a prompt (they apply to every request that carries them):
   [[fault=500]]         that fault
   [[latency=0.5]]       that latency instead of --latency
+  [[chunk_delay=0.05]]  that wait between the pieces of a stream (default: none)
   [[barrier=N]]         hold the reply until N such requests are in flight, then release them
   [[barrier=N:30]]      the same, with a timeout (seconds) after which they get a 503
   [[cached=N]]          report N of the prompt's tokens as read from the prompt cache
@@ -95,16 +109,18 @@ Directives in a prompt (they apply to every request that carries them):
 FAULTS = frozenset(
     {"429", "429q", "400", "401", "408", "409", "500", "503", "reset", "malformed", "stall"}
 )
-_DIRECTIVE_RE = re.compile(r"\[\[(fault|latency|barrier|cached|cache_write)=([^\]]+)\]\]")
+_DIRECTIVE_RE = re.compile(
+    r"\[\[(fault|latency|barrier|cached|cache_write|chunk_delay)=([^\]]+)\]\]"
+)
 _CHAT_PATHS = ("/v1/chat/completions", "/v1/messages", "/agent")
-_GEMINI_RE = re.compile(r"^/v1(?:beta)?/models/([^/:]+):generateContent$")
+_GEMINI_RE = re.compile(r"^/v1(?:beta)?/models/([^/:]+):(generateContent|streamGenerateContent)$")
 #: How long a held reply (a stall) waits for its client to go away.
 _HOLD_S = 3600.0
 
 
 def _check_fault(spec: str) -> str:
     base = spec.split(":", 1)[0]
-    if base not in FAULTS and base != "429ms":
+    if base not in FAULTS and base not in ("429ms", "cut"):
         raise InvalidValueError(f"unknown fault {spec!r}; known: {', '.join(sorted(FAULTS))}")
     return spec
 
@@ -123,6 +139,10 @@ class MockStats:
     idle_closes: int = 0
     faults_served: int = 0
     rate_limited: int = 0
+    #: Streamed replies begun, finished whole, and left by their client before the end.
+    streams_started: int = 0
+    streams_completed: int = 0
+    stream_disconnects: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
 
@@ -132,6 +152,37 @@ class MockStats:
         data["statuses"] = {str(k): v for k, v in self.statuses.items()}
         data["paths"] = dict(self.paths)
         return data
+
+
+@dataclass
+class StreamRecord:
+    """One streamed reply, as the server wrote it (updated while it is being written).
+
+    Attributes:
+        path: The request's path.
+        prompt: The prompt it answered.
+        started_at: ``time.monotonic()`` when the first byte of the body was written.
+        pieces_sent: Text pieces written so far.
+        bytes_sent: Body bytes written so far.
+        completed: The whole stream was written (its terminator included).
+        cut: The server dropped the connection on purpose (the ``cut`` fault).
+        disconnected_at: ``time.monotonic()`` when the server saw the client go away before the
+            end (None: it did not).
+    """
+
+    path: str
+    prompt: str
+    started_at: float
+    pieces_sent: int = 0
+    bytes_sent: int = 0
+    completed: bool = False
+    cut: bool = False
+    disconnected_at: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        """True once the stream is over, whichever way."""
+        return self.completed or self.cut or self.disconnected_at is not None
 
 
 @dataclass(frozen=True)
@@ -179,6 +230,7 @@ class MockServer:
             window (None: no limit).
         idle_timeout_s: Close a keep-alive connection idle this long (None: never), as real
             servers do; counted in ``stats.idle_closes``.
+        stream_delay_s: Wait between the pieces of a streamed reply.
     """
 
     def __init__(
@@ -192,8 +244,12 @@ class MockServer:
         idle_timeout_s: float | None = None,
         rate_limit: int | None = None,
         token_limit: int | None = None,
+        stream_delay_s: float = 0.0,
     ) -> None:
         self.host = host
+        self.stream_delay_s = stream_delay_s
+        #: Every streamed reply of the last ``record`` requests, oldest first.
+        self.streams: deque[StreamRecord] = deque(maxlen=record)
         self.rate_limit = rate_limit
         self.token_limit = token_limit
         #: Accepted chat requests of the last second: (arrival, tokens).
@@ -248,6 +304,7 @@ class MockServer:
             setattr(stats, name, value)
         stats.max_in_flight = stats.in_flight
         self.recorded.clear()
+        self.streams.clear()
         self.faults.clear()
 
     async def start(self) -> None:
@@ -389,11 +446,16 @@ class MockServer:
                 )
             if latency > 0:
                 await asyncio.sleep(latency)  # a client that goes away cancels this handler
+            cut: int | None = None
             if fault is not None:
                 stats.faults_served += 1
-                return await self._fault(request, fault, path, headers)
-            if path == "/v1/chat/completions" and data.get("stream"):
-                return await self._stream_openai(request, prompt, model)
+                if not fault.startswith("cut:"):
+                    return await self._fault(request, fault, path, headers)
+                cut = int(fault.partition(":")[2])
+            events = self._stream_events(path, data, headers, prompt, model)
+            if events is not None:
+                delay = float(directives.get("chunk_delay", self.stream_delay_s))
+                return await self._stream(request, path, prompt, events, delay, cut)
             return web.json_response(self._reply(path, prompt, model))
         except asyncio.CancelledError:
             # handler_cancellation: the client closed the connection while this reply waited.
@@ -556,36 +618,178 @@ class MockServer:
             "modelVersion": model,
         }
 
-    async def _stream_openai(
-        self, request: web.BaseRequest, prompt: str, model: str
-    ) -> web.StreamResponse:
+    def _stream_events(
+        self, path: str, data: Any, headers: dict[str, str], prompt: str, model: str
+    ) -> list[tuple[bytes, bool]] | None:
+        """The events of a streamed reply as ``(bytes, is a text piece)``; None: not streamed.
+
+        Each vendor's own format: OpenAI ``chat.completion.chunk`` events and ``[DONE]``,
+        Anthropic's ``message_start`` ... ``message_stop``, Gemini's ``GenerateContentResponse``
+        per event (``\\r\\n`` line ends, no terminator, ``finishReason`` on the last).
+        """
+        gemini = _GEMINI_RE.match(path)
+        if gemini is not None:
+            if gemini.group(2) != "streamGenerateContent":
+                return None
+        elif path == "/agent":
+            if "text/event-stream" not in headers.get("accept", ""):
+                return None
+        elif not (isinstance(data, dict) and data.get("stream")):
+            return None
         self._counter += 1
-        ident = f"chatcmpl-mock-{self._counter}"
+        text = f"mock reply to: {prompt}"
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        p_tokens, c_tokens = len(prompt.split()), len(words)
+        events: list[tuple[bytes, bool]] = []
+
+        def sse(document: Any, event: str | None = None, end: str = "\n") -> bytes:
+            head = f"event: {event}{end}" if event else ""
+            return f"{head}data: {json.dumps(document)}{end}{end}".encode()
+
+        if path == "/agent":
+            # An api-mode agent's stream: the text of each piece as a data: line.
+            return [(f"data: {piece}\n\n".encode(), True) for piece in pieces]
+        if path == "/v1/chat/completions":
+            ident = f"chatcmpl-mock-{self._counter}"
+            options = data.get("stream_options")
+            usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            for i, piece in enumerate(pieces):
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                events.append((sse(_chunk(ident, model, delta, None, usage)), True))
+            events.append((sse(_chunk(ident, model, {}, "stop", usage)), False))
+            if usage:
+                final = _chunk(ident, model, {}, None, usage)
+                final["choices"] = []
+                final["usage"] = {
+                    "prompt_tokens": p_tokens,
+                    "completion_tokens": c_tokens,
+                    "total_tokens": p_tokens + c_tokens,
+                }
+                events.append((sse(final), False))
+            events.append((b"data: [DONE]\n\n", False))
+            return events
+        if path == "/v1/messages":
+            message: dict[str, Any] = {
+                "id": f"msg_mock_{self._counter}",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": model,
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": p_tokens, "output_tokens": 1},
+            }
+            block = {"type": "text", "text": ""}
+            events.append(
+                (sse({"type": "message_start", "message": message}, "message_start"), False)
+            )
+            start = {"type": "content_block_start", "index": 0, "content_block": block}
+            events.append((sse(start, "content_block_start"), False))
+            events.append((sse({"type": "ping"}, "ping"), False))
+            for piece in pieces:
+                block_delta = {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": piece},
+                }
+                events.append((sse(block_delta, "content_block_delta"), True))
+            stop = {"type": "content_block_stop", "index": 0}
+            events.append((sse(stop, "content_block_stop"), False))
+            end = {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": c_tokens},
+            }
+            events.append((sse(end, "message_delta"), False))
+            events.append((sse({"type": "message_stop"}, "message_stop"), False))
+            return events
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            candidate: dict[str, Any] = {
+                "content": {"parts": [{"text": piece}], "role": "model"},
+                "index": 0,
+            }
+            metadata: dict[str, Any] = {"promptTokenCount": p_tokens}
+            if last:
+                candidate["finishReason"] = "STOP"
+                metadata.update(candidatesTokenCount=c_tokens, totalTokenCount=p_tokens + c_tokens)
+            document = {"candidates": [candidate], "usageMetadata": metadata, "modelVersion": model}
+            events.append((sse(document, end="\r\n"), True))
+        return events
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        path: str,
+        prompt: str,
+        events: list[tuple[bytes, bool]],
+        delay: float,
+        cut: int | None,
+    ) -> web.StreamResponse:
+        """Write a stream event by event, ``delay`` apart between text pieces, and record it."""
+        stats = self._stats
+        record = StreamRecord(path, prompt, time.monotonic())
+        self.streams.append(record)
+        stats.streams_started += 1
         response = web.StreamResponse(status=200, headers={"cache-control": "no-cache"})
         response.content_type = "text/event-stream"
-        response.force_close()
-        await response.prepare(request)
-        words = f"mock reply to: {prompt}".split(" ")
-        for i, word in enumerate(words):
-            delta = {"content": word if i == 0 else " " + word}
-            if i == 0:
-                delta["role"] = "assistant"
-            chunk = _chunk(ident, model, delta, None)
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(f"data: {json.dumps(_chunk(ident, model, {}, 'stop'))}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for chunk, is_piece in events:
+                if is_piece and delay > 0 and record.pieces_sent:
+                    await asyncio.sleep(delay)  # a client that goes away cancels this handler
+                if cut is not None and record.bytes_sent + len(chunk) > cut:
+                    await self._cut(request, response, record, chunk[: cut - record.bytes_sent])
+                await response.write(chunk)
+                record.bytes_sent += len(chunk)
+                record.pieces_sent += is_piece
+            if cut is not None:
+                await self._cut(request, response, record, b"")
+            await response.write_eof()
+        except ConnectionError:
+            # The client left while a piece was being written: wait for aiohttp to notice the
+            # lost connection and cancel this handler, which records the disconnect.
+            await asyncio.sleep(_HOLD_S)
+        except asyncio.CancelledError:
+            if not (self._stopping or record.ended):
+                record.disconnected_at = time.monotonic()
+                stats.stream_disconnects += 1
+            raise
+        record.completed = True
+        stats.streams_completed += 1
         return response
 
+    async def _cut(
+        self,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+        record: StreamRecord,
+        part: bytes,
+    ) -> None:
+        """Send ``part`` and drop the connection (the ``cut`` fault); returns only by cancel."""
+        if part:
+            await response.write(part)
+            record.bytes_sent += len(part)
+        record.cut = True
+        if request.transport is not None:
+            request.transport.close()  # what was written is flushed first, then FIN
+        await asyncio.sleep(_HOLD_S)  # cancelled at once: the connection is gone
 
-def _chunk(ident: str, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    return {
+
+def _chunk(
+    ident: str, model: str, delta: dict[str, str], finish: str | None, usage: bool = False
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
         "id": ident,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+    if usage:
+        chunk["usage"] = None  # with include_usage, every chunk but the last has a null usage
+    return chunk
 
 
 def _error(message: str) -> dict[str, Any]:

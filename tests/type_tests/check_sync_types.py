@@ -4,7 +4,8 @@ from typing import assert_type
 
 from taskexec import AgentTask, ExecutionResult
 from taskexec import TaskExecutor as AsyncTaskExecutor
-from taskexec.sync import ProjectOrchestrator, TaskExecutor
+from taskexec import TaskStream as AsyncTaskStream
+from taskexec.sync import ProjectOrchestrator, TaskExecutor, TaskStream
 
 
 def shims_return_results_not_awaitables(task: AgentTask) -> None:
@@ -18,3 +19,20 @@ def shims_return_results_not_awaitables(task: AgentTask) -> None:
 
 async def async_side_is_awaited(task: AgentTask) -> None:
     assert_type(await AsyncTaskExecutor().execute(task), ExecutionResult)
+
+
+def sync_streams_iterate_str_not_awaitables(task: AgentTask) -> None:
+    with TaskExecutor().stream(task) as stream:
+        assert_type(stream, TaskStream)
+        for delta in stream:
+            assert_type(delta, str)
+    assert_type(stream.result, ExecutionResult)
+    assert_type(stream.close(), None)
+
+
+async def async_streams_are_async_iterators(task: AgentTask) -> None:
+    async with AsyncTaskExecutor().stream(task) as stream:
+        assert_type(stream, AsyncTaskStream)
+        async for delta in stream:
+            assert_type(delta, str)
+    assert_type(stream.result, ExecutionResult)

@@ -13,7 +13,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .._calls import CallSettings, Roster
 from .._errors import ConfigurationError, PlanError
@@ -116,6 +116,10 @@ class Engine(ABC):
     #: True when results outlive a run, under its id (``Batch.run_id``), so that running the
     #: same id again reuses them (the workers engine).
     keeps_runs: ClassVar[bool] = False
+    #: How the engine streams a task (``TaskExecutor.stream``): ``"loop"`` (the mode's own
+    #: stream, on the caller's event loop), ``"blocking"`` (the blocking client's, in the
+    #: caller's thread or a worker thread), or None (not available on this engine).
+    stream_path: ClassVar[Literal["loop", "blocking"] | None] = None
 
     @abstractmethod
     async def execute(self, job: Job) -> ExecutionResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .._async_engine import execute_task, run_batch
 from .._models import EngineName, ExecutionResult
@@ -15,6 +15,7 @@ class AsyncEngine(Engine):
     """Runs each task's mode on the running loop, sharing the executor's connection pool."""
 
     name: ClassVar[str] = "async"
+    stream_path: ClassVar[Literal["loop", "blocking"] | None] = "loop"
     result_engine: ClassVar[EngineName] = "async"
 
     async def execute(self, job: Job) -> ExecutionResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .._models import EngineName, ExecutionResult
 from .base import Batch, Engine, Job
@@ -20,6 +20,7 @@ class LegacyEngine(Engine):
     """
 
     name: ClassVar[str] = "legacy"
+    stream_path: ClassVar[Literal["loop", "blocking"] | None] = "blocking"
     result_engine: ClassVar[EngineName] = "legacy"
     runs_in_caller_thread: ClassVar[bool] = True
 

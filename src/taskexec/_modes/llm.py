@@ -14,7 +14,7 @@ from .._limits import (
     limiter_for,
 )
 from .._models import Agent, ExecutionError, Usage
-from .._pricing import priced
+from .._pricing import load_table, needs_table, priced
 from .._retry import AttemptFailed, run_attempts
 from .._tracing import add_event
 from .._tracing_llm import traced_complete
@@ -87,6 +87,8 @@ async def run_llm(call: Call) -> Outcome:
         return reply
 
     reply, error = await run_attempts(call, attempt)
+    if needs_table(agent):
+        await load_table()  # once per process, in a thread: the loop never waits on it
     metadata: dict[str, Any] = {"execution_mode": "llm", "provider": agent.provider}
     if agent.model:
         metadata["model"] = agent.model

@@ -9,15 +9,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 from .. import flags
+from .._async_engine import run_batch
 from .._calls import budget_settings
-from .._engines.base import Batch, Engine, check_run_id, new_run_id
+from .._engines.base import Batch, Engine, Job, check_run_id, new_run_id
 from .._engines.registry import select_engine
 from .._executor import TaskExecutor
 from .._models import AgentTask, ExecutionError, ExecutionResult, ExecutionStatus
 from .._plan import load_plan
+from .._results import Progress
+from .._stream import DeltaPrinter, stream_engine_name, stream_task
 from ..bus import MessageBus
 from ._args import engine_name, positive_float, positive_int
 from ._output import UsageError
@@ -62,6 +67,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="fsync --output after every line (survives a machine crash; slower)",
     )
     run_parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each task's text on stdout as it arrives (each line prefixed with its task "
+        "id when several tasks run at once)",
+    )
+    run_parser.add_argument(
         "--max-cost",
         type=positive_float,
         metavar="USD",
@@ -93,6 +104,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run(args: argparse.Namespace) -> int:
     """Run the plan; return the exit code."""
+    if args.stream and args.json:
+        raise UsageError(
+            "--stream prints the tasks' text on stdout, where --json prints the results: use "
+            "one, or --stream with --output FILE.jsonl"
+        )
     plan = load_plan(args.plan)
     if args.run_id is not None:
         check_run_id(args.run_id)
@@ -160,13 +176,20 @@ def run(args: argparse.Namespace) -> int:
                     run_id=run_id,
                     settings=settings,
                 )
-                if engine.runs_in_caller_thread:
+                printer: DeltaPrinter | None = None
+                if args.stream:
+                    stream_engine_name(engine)  # a usage error if this engine cannot stream
+                    several = concurrency > 1 and len(todo) > 1
+                    printer = DeltaPrinter(sys.stdout.write, prefix=several)
+                if engine.runs_in_caller_thread and printer is None:
                     completed = _run_in_thread(engine, batch, interrupts)
                 else:
                     # The command line's own entry point: it owns the process's event loop.
                     completed = asyncio.run(
-                        _run_on_loop(engine, batch, executor, report, interrupts, counts)
+                        _run_on_loop(engine, batch, executor, report, interrupts, counts, printer)
                     )
+                if printer is not None:
+                    printer.close()
                 for task in todo:
                     if task.id not in report.results:
                         cancelled = _cancelled(executor, task, engine, interrupts.name)
@@ -241,8 +264,12 @@ async def _run_on_loop(
     report: Reporter,
     interrupts: Interrupts,
     counts: dict[str, int],
+    printer: DeltaPrinter | None = None,
 ) -> bool:
-    """Run the batch on this (the command's) event loop; return False if interrupted."""
+    """Run the batch on this (the command's) event loop; return False if interrupted.
+
+    With a ``printer`` (``--stream``), each task's reply is streamed to it as it arrives.
+    """
     loop = asyncio.get_running_loop()
     bus = batch.bus
     assert isinstance(bus, MessageBus)  # the command's own bus, made in run()
@@ -258,7 +285,9 @@ async def _run_on_loop(
 
     # Results go to the report the moment each task ends (the batch's on_result), also the
     # "cancelled while running" results of tasks cut off by an interruption.
-    runner = asyncio.create_task(engine.execute_tasks(batch))
+    runner = asyncio.create_task(
+        engine.execute_tasks(batch) if printer is None else _streamed(engine, batch, printer)
+    )
     watcher = asyncio.create_task(watch_starts())
     ticker = asyncio.create_task(tick())
     interrupts.on_first = runner.cancel
@@ -279,6 +308,20 @@ async def _run_on_loop(
         ticker.cancel()
         await bus.aclose()
         await executor.aclose()
+
+
+async def _streamed(engine: Engine, batch: Batch, printer: DeltaPrinter) -> list[ExecutionResult]:
+    """Run the batch with the engine's scheduler, each task streamed to ``printer``: the same
+    dependencies, placeholders, bound and results as ``engine.execute_tasks``."""
+    batch.check()
+
+    def run_one(
+        task: AgentTask, outputs: Mapping[str, str | None] | None, progress: Progress
+    ) -> Coroutine[Any, Any, ExecutionResult]:
+        job = Job(batch.roster, batch.settings, task)
+        return stream_task(job, engine, printer.feed, outputs, progress)
+
+    return await run_batch(batch, run_one)
 
 
 def _run_in_thread(engine: Engine, batch: Batch, interrupts: Interrupts) -> bool:

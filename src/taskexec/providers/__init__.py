@@ -30,7 +30,16 @@ from .._models import Agent
 from .._retry import AttemptFailed, classify_response, transport_failure
 from .._secrets import Redactor
 from .anthropic import AnthropicProvider
-from .base import ChatReply, HttpProvider, Provider, Unavailable, redactor
+from .base import (
+    ChatReply,
+    HttpProvider,
+    Provider,
+    StreamDecoder,
+    StreamErrorEvent,
+    StreamReply,
+    Unavailable,
+    redactor,
+)
 from .gemini import GeminiProvider
 from .offline import OfflineProvider
 from .openai import OpenAIProvider
@@ -48,6 +57,9 @@ __all__ = (
     "OfflineProvider",
     "OpenAIProvider",
     "Provider",
+    "StreamDecoder",
+    "StreamErrorEvent",
+    "StreamReply",
     "TransportError",
     "Unavailable",
     "classify_response",

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from .._models import Agent, Usage
-from .base import ChatReply, HttpProvider, text_or_none, tokens
+from .base import (
+    ChatReply,
+    HttpProvider,
+    StreamDecoder,
+    StreamErrorEvent,
+    text_or_none,
+    tokens,
+)
 
 __all__ = ("AnthropicProvider",)
 
@@ -43,6 +51,9 @@ class AnthropicProvider(HttpProvider):
             body["temperature"] = agent.temperature
         return body
 
+    def stream_decoder(self) -> StreamDecoder:
+        return _AnthropicStream()
+
     def parse(self, data: Any) -> ChatReply:
         blocks = data["content"]
         if not isinstance(blocks, list):
@@ -67,3 +78,53 @@ class AnthropicProvider(HttpProvider):
             response_id=text_or_none(data.get("id")),
             finish_reasons=(stop,) if isinstance(stop, str) else (),
         )
+
+
+#: Anthropic's error types by the HTTP status they stand for (for retry decisions).
+_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+class _AnthropicStream(StreamDecoder):
+    """``message_start``, ``content_block_*``, ``message_delta`` (usage), ``message_stop``."""
+
+    def event(self, name: str, data: str) -> str | None:
+        document = json.loads(data)
+        kind = document["type"]
+        if kind == "content_block_delta":
+            delta = document["delta"]
+            if delta.get("type") != "text_delta":
+                return None  # tool input, thinking: not the reply's text
+            text = delta["text"]
+            if not isinstance(text, str):
+                raise TypeError("delta.text is not a string")
+            return text
+        if kind == "message_start":
+            usage = document["message"].get("usage") or {}
+            self.usage = Usage(
+                input_tokens=tokens(usage.get("input_tokens")),
+                output_tokens=tokens(usage.get("output_tokens")),
+            )
+        elif kind == "message_delta":
+            usage = document.get("usage") or {}
+            # output_tokens here is the running total of the whole message.
+            update = {"output_tokens": tokens(usage.get("output_tokens"))}
+            if usage.get("input_tokens") is not None:
+                update["input_tokens"] = tokens(usage.get("input_tokens"))
+            self.usage = self.usage.model_copy(update=update)
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            error = document.get("error") or {}
+            raise StreamErrorEvent(
+                str(error.get("message", "error")), _ERROR_STATUS.get(error.get("type", ""), 500)
+            )
+        return None

@@ -10,16 +10,26 @@ import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
-from .._http import ClientPool, TransportError
+from .._http import ClientPool, HttpResponse, TransportError
 from .._models import Agent, ExecutionError, Usage
 from .._retry import AttemptFailed, body_snippet, classify_response, transport_failure
 from .._secrets import Redactor
+from .._sse import SSEDecoder
 
-__all__ = ("ChatReply", "HttpProvider", "Provider", "Unavailable", "redactor")
+__all__ = (
+    "ChatReply",
+    "HttpProvider",
+    "Provider",
+    "StreamDecoder",
+    "StreamErrorEvent",
+    "StreamReply",
+    "Unavailable",
+    "redactor",
+)
 
 FallbackReason = Literal["missing_api_key", "missing_dependency"]
 
@@ -39,6 +49,46 @@ class ChatReply:
     response_id: str | None = None
     #: Why the model stopped, one entry per choice (``stop``, ``end_turn``, ``STOP``...).
     finish_reasons: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class StreamReply:
+    """What a streamed chat attempt reports besides its text, filled in as the stream goes."""
+
+    usage: Usage = field(default_factory=Usage)
+    #: The reply's HTTP headers (rate-limit headers tighten the agent's limiter).
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class StreamErrorEvent(Exception):
+    """A stream reported an error in an event of its own (after a 2xx status line)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+
+class StreamDecoder(ABC):
+    """Reads one vendor's stream, one server-sent event at a time (one decoder per attempt).
+
+    Attributes:
+        usage: The usage the stream reported so far (the last report wins).
+        done: The stream's own end marker arrived; a stream that stops without it was cut.
+    """
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.done = False
+
+    @abstractmethod
+    def event(self, name: str, data: str) -> str | None:
+        """Return the text an event adds, if any.
+
+        Raises:
+            StreamErrorEvent: The event reports an error.
+            KeyError, IndexError, TypeError, ValueError: The event is not what the protocol says.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +179,34 @@ class Provider(ABC):
                 f"provider {self.name!r} needs an API key: set {self.key_hint(agent)}",
             )
         return None
+
+    async def stream(
+        self,
+        agent: Agent,
+        prompt: str,
+        pool: ClientPool,
+        timeout_s: float | None,
+        reply: StreamReply,
+    ) -> AsyncGenerator[str, None]:
+        """Make one attempt at a chat reply, yielding its text as it arrives.
+
+        The default makes one :meth:`complete` call and yields its text whole: a provider
+        without a stream of its own still streams, in one piece.
+
+        Args:
+            agent: The agent.
+            prompt: The rendered task prompt.
+            pool: The client pool.
+            timeout_s: Most time between two pieces of the reply.
+            reply: Filled in with the usage and headers the stream reports.
+
+        Raises:
+            AttemptFailed: The attempt failed (before or after some text was yielded).
+        """
+        whole = await self.complete(agent, prompt, pool, timeout_s)
+        reply.usage, reply.headers = whole.usage, whole.headers
+        if whole.text:
+            yield whole.text
 
     @abstractmethod
     async def complete(
@@ -224,6 +302,97 @@ class HttpProvider(Provider):
             )
             raise AttemptFailed(ExecutionError(kind="bad_response", message=message)) from None
         return replace(reply, headers=response.headers)
+
+    def stream_endpoint(self, agent: Agent) -> str:
+        """Return the URL to POST a streamed request to (default: :meth:`endpoint`)."""
+        return self.endpoint(agent)
+
+    def stream_payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        """Return the JSON body of a streamed request (default: the payload, ``stream: true``)."""
+        return {**self.payload(agent, prompt), "stream": True}
+
+    def stream_decoder(self) -> StreamDecoder:
+        """Return a decoder for one streamed reply; a provider that streams overrides this."""
+        raise NotImplementedError(f"provider {self.name!r} has no stream decoder")
+
+    def stream_request(self, agent: Agent, prompt: str) -> tuple[str, dict[str, str], bytes]:
+        """Return the URL, headers and body of a streamed request (shared by both engines)."""
+        headers = self.headers(agent, self.api_key(agent))
+        headers["accept"] = "text/event-stream"
+        body = json.dumps(self.stream_payload(agent, prompt)).encode()
+        return self.stream_endpoint(agent), headers, body
+
+    def stream_failure(
+        self, agent: Agent, status: int, headers: Mapping[str, str], body: bytes
+    ) -> AttemptFailed:
+        """Return the failure a non-2xx reply to a streamed request stands for."""
+        key = self.api_key(agent)
+        redact = Redactor([key, self.environment_key()])
+        where = f"{self.name} at {self.stream_endpoint(agent)}"
+        failure = classify_response(HttpResponse(status, headers, body), redact, where=where)
+        assert failure is not None
+        if key is None and status in (401, 403) and self.environment_key():
+            failure.error = failure.error.model_copy(
+                update={"message": failure.error.message + self._withheld_hint()}
+            )
+        return failure
+
+    def stream_event_failure(self, agent: Agent, exc: Exception) -> AttemptFailed:
+        """Return the failure an unreadable or error event of a stream stands for."""
+        redact = Redactor([self.api_key(agent), self.environment_key()])
+        where = f"{self.name} at {self.stream_endpoint(agent)}"
+        if isinstance(exc, StreamErrorEvent):
+            status = exc.status_code
+            retryable = status is None or status in (408, 409, 429) or status >= 500
+            message = f"{where} reported an error mid-stream: {redact(exc.message)}"
+            return AttemptFailed(
+                ExecutionError(
+                    kind="http_status", message=message, status_code=status, retryable=retryable
+                )
+            )
+        message = f"{where} sent a stream event that is not what the protocol says ({exc!r})"
+        return AttemptFailed(ExecutionError(kind="bad_response", message=redact(message)))
+
+    async def stream(
+        self,
+        agent: Agent,
+        prompt: str,
+        pool: ClientPool,
+        timeout_s: float | None,
+        reply: StreamReply,
+    ) -> AsyncGenerator[str, None]:
+        url, headers, body = self.stream_request(agent, prompt)
+        decoder = self.stream_decoder()
+        try:
+            async with pool.get().stream(url, body, headers, timeout_s) as response:
+                reply.headers = response.headers
+                if not 200 <= response.status < 300:
+                    error_body = await response.read()
+                    raise self.stream_failure(agent, response.status, response.headers, error_body)
+                events = SSEDecoder()
+                async for chunk in response:
+                    for name, data in events.feed(chunk):
+                        try:
+                            text = decoder.event(name, data)
+                        except (
+                            StreamErrorEvent,
+                            KeyError,
+                            IndexError,
+                            TypeError,
+                            ValueError,
+                        ) as exc:
+                            raise self.stream_event_failure(agent, exc) from None
+                        reply.usage = decoder.usage
+                        if text:
+                            yield text
+        except TransportError as exc:
+            if decoder.done:
+                return  # the end event arrived; only the connection's own ending was lost
+            redact = Redactor([self.api_key(agent), self.environment_key()])
+            raise transport_failure(exc, redact, where=f"{self.name} at {url}") from None
+        if not decoder.done:
+            message = f"{self.name} at {url}: the stream ended before its end event"
+            raise AttemptFailed(ExecutionError(kind="connection", message=message, retryable=True))
 
     def _withheld_hint(self) -> str:
         names = " or ".join(self.key_env_vars)

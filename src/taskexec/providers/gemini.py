@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from .._models import Agent, Usage
-from .base import ChatReply, HttpProvider, text_or_none, tokens
+from .base import (
+    ChatReply,
+    HttpProvider,
+    StreamDecoder,
+    StreamErrorEvent,
+    text_or_none,
+    tokens,
+)
 
 __all__ = ("GeminiProvider",)
 
@@ -23,6 +31,16 @@ class GeminiProvider(HttpProvider):
     def endpoint(self, agent: Agent) -> str:
         model = agent.model or self.default_model
         return f"{self.base_url(agent)}/v1beta/models/{model}:generateContent"
+
+    def stream_endpoint(self, agent: Agent) -> str:
+        model = agent.model or self.default_model
+        return f"{self.base_url(agent)}/v1beta/models/{model}:streamGenerateContent?alt=sse"
+
+    def stream_payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        return self.payload(agent, prompt)  # the endpoint, not the body, asks for a stream
+
+    def stream_decoder(self) -> StreamDecoder:
+        return _GeminiStream()
 
     def headers(self, agent: Agent, key: str | None) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -65,3 +83,31 @@ class GeminiProvider(HttpProvider):
                 str(c["finishReason"]) for c in candidates if c.get("finishReason")
             ),
         )
+
+
+class _GeminiStream(StreamDecoder):
+    """One ``GenerateContentResponse`` per event; the last has a ``finishReason``.
+
+    Gemini sends no end marker: a candidate's ``finishReason`` is taken as the end, so that a
+    stream cut between two events is told from a finished one.
+    """
+
+    def event(self, name: str, data: str) -> str | None:
+        document = json.loads(data)
+        error = document.get("error")
+        if isinstance(error, dict):
+            raise StreamErrorEvent(str(error.get("message", "error")), error.get("code"))
+        usage = document.get("usageMetadata")
+        if usage:
+            self.usage = Usage(
+                input_tokens=tokens(usage.get("promptTokenCount")),
+                output_tokens=tokens(usage.get("candidatesTokenCount")),
+            )
+        candidates = document.get("candidates") or []
+        if not candidates:
+            return None
+        candidate = candidates[0]
+        if candidate.get("finishReason"):
+            self.done = True
+        parts = (candidate.get("content") or {}).get("parts") or []
+        return "".join(p["text"] for p in parts if "text" in p)

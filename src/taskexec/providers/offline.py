@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import AsyncGenerator
 from typing import ClassVar
 
 from .._http import ClientPool
 from .._models import Agent, Usage
-from .base import ChatReply, Provider
+from .base import ChatReply, Provider, StreamReply
 
-__all__ = ("OfflineProvider", "offline_reply")
+__all__ = ("OfflineProvider", "offline_pieces", "offline_reply")
+
+_PIECE = re.compile(r"\s*\S+")
+
+
+def offline_pieces(text: str) -> list[str]:
+    """Split a reply into the pieces its stream yields: each word with the spaces before it.
+
+    ``"".join(offline_pieces(text)) == text`` for every text whose end is not whitespace.
+    """
+    pieces = _PIECE.findall(text)
+    rest = text[sum(map(len, pieces)) :]
+    return [*pieces, rest] if rest else pieces
 
 
 def offline_reply(agent: str, model: str | None, prompt: str) -> str:
@@ -33,3 +47,16 @@ class OfflineProvider(Provider):
         text = offline_reply(agent.name, agent.model, prompt)
         usage = Usage(input_tokens=len(prompt.split()), output_tokens=len(text.split()))
         return ChatReply(text, usage)
+
+    async def stream(
+        self,
+        agent: Agent,
+        prompt: str,
+        pool: ClientPool,
+        timeout_s: float | None,
+        reply: StreamReply,
+    ) -> AsyncGenerator[str, None]:
+        whole = await self.complete(agent, prompt, pool, timeout_s)
+        reply.usage = whole.usage
+        for piece in offline_pieces(whole.text):
+            yield piece

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from .._models import Agent, Usage
-from .base import ChatReply, HttpProvider, text_or_none, tokens
+from .base import (
+    ChatReply,
+    HttpProvider,
+    StreamDecoder,
+    StreamErrorEvent,
+    text_or_none,
+    tokens,
+)
 
 __all__ = ("OpenAIProvider",)
 
@@ -40,6 +48,15 @@ class OpenAIProvider(HttpProvider):
             body["temperature"] = agent.temperature
         return body
 
+    def stream_payload(self, agent: Agent, prompt: str) -> dict[str, Any]:
+        # include_usage: one more chunk before [DONE] carries the usage of the whole request.
+        body = super().stream_payload(agent, prompt)
+        body["stream_options"] = {"include_usage": True}
+        return body
+
+    def stream_decoder(self) -> StreamDecoder:
+        return _OpenAIStream()
+
     def parse(self, data: Any) -> ChatReply:
         content = data["choices"][0]["message"]["content"]
         if not isinstance(content, str):
@@ -61,3 +78,30 @@ class OpenAIProvider(HttpProvider):
                 str(c["finish_reason"]) for c in data["choices"] if c.get("finish_reason")
             ),
         )
+
+
+class _OpenAIStream(StreamDecoder):
+    """``chat.completion.chunk`` events, a last chunk with the usage, then ``data: [DONE]``."""
+
+    def event(self, name: str, data: str) -> str | None:
+        if data == "[DONE]":
+            self.done = True
+            return None
+        chunk = json.loads(data)
+        error = chunk.get("error")
+        if error is not None:
+            message = error.get("message") if isinstance(error, dict) else error
+            raise StreamErrorEvent(str(message))
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = Usage(
+                input_tokens=tokens(usage.get("prompt_tokens")),
+                output_tokens=tokens(usage.get("completion_tokens")),
+            )
+        choices = chunk["choices"]
+        if not choices:
+            return None
+        content = choices[0]["delta"].get("content")
+        if content is not None and not isinstance(content, str):
+            raise TypeError("choices[0].delta.content is not a string")
+        return content
