@@ -1001,3 +1001,146 @@ async def test_a_workers_spans_join_the_orchestrators_trace_over_rabbitmq(
         assert [c.name for c in collected.children(span)] == ["chat gpt-4o-mini"]
     collected.tracer_provider.shutdown()
     collected.meter_provider.shutdown()
+
+
+def _streaming_agents(tmp_path: Path, server: MockServer) -> Path:
+    return write_agents(
+        tmp_path / "agents.yaml",
+        [
+            {
+                "name": "writer",
+                "provider": "openai",
+                "base_url": server.openai_base_url,
+                "api_key": "sk-test-not-real",
+                "max_retries": 0,
+            }
+        ],
+    )
+
+
+async def test_a_stream_through_a_worker_arrives_piece_by_piece(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
+) -> None:
+    """The worker streams the vendor's reply and publishes each piece as it arrives: the
+    caller has its first piece while the server is still writing, and the pieces join to the
+    stored result."""
+    agents_file = _streaming_agents(tmp_path, mock_server)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+    prompt = "one two three four five six seven eight [[chunk_delay=0.05]]"
+    with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+        await worker.registered()
+        executor = TaskExecutor(
+            taskexec.load_agents(agents_file),
+            broker_url=cluster.broker_url,
+            results_url=cluster.results_url,
+        )
+        async with executor:
+            deltas: list[str] = []
+            completed_at_first: bool | None = None
+            async with executor.stream(AgentTask(id="s", prompt=prompt)) as stream:
+                async for delta in stream:
+                    if not deltas:
+                        completed_at_first = mock_server.streams[-1].completed
+                    deltas.append(delta)
+            result = stream.result
+    assert result.status is ExecutionStatus.SUCCESS, result.error
+    assert "".join(deltas) == result.output
+    assert len(deltas) > 3
+    assert completed_at_first is False  # the first piece came while the server still wrote
+    assert result.metadata["worker"] == "w"
+    assert result.usage.output_tokens > 0
+    assert mock_server.stats.chat_requests == 1
+
+
+async def test_leaving_a_stream_through_a_worker_closes_the_request(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
+) -> None:
+    agents_file = _streaming_agents(tmp_path, mock_server)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+    words = " ".join(f"w{i}" for i in range(200))
+    prompt = f"{words} [[chunk_delay=0.05]]"  # ten seconds of pieces, if nobody leaves
+    with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+        await worker.registered()
+        executor = TaskExecutor(
+            taskexec.load_agents(agents_file),
+            broker_url=cluster.broker_url,
+            results_url=cluster.results_url,
+        )
+        async with executor:
+            got: list[str] = []
+            async with executor.stream(AgentTask(id="s", prompt=prompt)) as stream:
+                async for delta in stream:
+                    got.append(delta)
+                    if len(got) == 2:
+                        break
+            record = mock_server.streams[-1]
+            await eventually(lambda: record.disconnected_at is not None, timeout_s=10)
+    assert stream.result.status is ExecutionStatus.CANCELLED
+    assert stream.result.output == "".join(got)
+    assert not record.completed
+    assert record.pieces_sent < 100  # stopped long before the end
+    assert mock_server.stats.chat_requests == 1
+
+
+async def test_a_sync_stream_through_a_worker(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
+) -> None:
+    agents_file = _streaming_agents(tmp_path, mock_server)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+
+    def sync_caller() -> tuple[list[str], taskexec.ExecutionResult]:
+        with taskexec.sync.TaskExecutor(
+            taskexec.load_agents(agents_file),
+            broker_url=cluster.broker_url,
+            results_url=cluster.results_url,
+        ) as executor:
+            with executor.stream(AgentTask(id="s", prompt="a b c d")) as stream:
+                pieces = list(stream)
+            return pieces, stream.result
+
+    with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+        await worker.registered()
+        pieces, result = await asyncio.to_thread(sync_caller)
+    assert result.ok
+    assert "".join(pieces) == result.output
+
+
+async def test_a_worker_killed_mid_stream_ends_it_failed_without_repeating_text(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
+) -> None:
+    agents_file = _streaming_agents(tmp_path, mock_server)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+    words = [f"w{i}" for i in range(100)]
+    prompt = " ".join(words) + " [[chunk_delay=0.05]]"
+    first = WorkerProcess(agents_file, cluster, "first")
+    second: WorkerProcess | None = None
+    try:
+        await first.registered()
+        executor = TaskExecutor(
+            taskexec.load_agents(agents_file),
+            broker_url=cluster.broker_url,
+            results_url=cluster.results_url,
+        )
+        async with executor:
+            got: list[str] = []
+            async with executor.stream(AgentTask(id="s", prompt=prompt)) as stream:
+                async for delta in stream:
+                    got.append(delta)
+                    if len(got) == 5 and second is None:
+                        second = WorkerProcess(agents_file, cluster, "second")
+                        await second.registered()
+                        first.kill()  # the message goes to the second worker, from the start
+            result = stream.result
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert "lost mid-stream" in result.error.message
+    text = "".join(got)
+    assert result.output == text
+    said = text.split()
+    assert len(said) == len(set(said))  # no word twice: nothing was sent again
+    assert len(said) >= 5
+    assert mock_server.stats.chat_requests == 2  # the second worker started over

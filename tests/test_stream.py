@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +28,7 @@ from taskexec import (
     SyncInAsyncContextError,
     flags,
 )
+from taskexec._engines.inprocess import AsyncEngine
 from taskexec._sse import SSEDecoder
 from taskexec._stream import render_deltas
 from taskexec.providers import StreamErrorEvent
@@ -664,14 +665,20 @@ async def test_stream_task_fills_dependencies_and_reports_progress(
     assert progress.call is not None
 
 
-def test_streaming_through_workers_is_refused_clearly(
-    monkeypatch: pytest.MonkeyPatch, mock_server: MockServer
-) -> None:
-    monkeypatch.setenv("TASKEXEC_BROKER_URL", "amqp://127.0.0.1:1/")
-    monkeypatch.setenv("TASKEXEC_RESULTS_URL", "redis://127.0.0.1:1/0")
-    executor = taskexec.TaskExecutor(agents_for(mock_server))
-    with pytest.raises(taskexec.ConfigurationError, match="not available on the workers engine"):
-        executor.stream(AgentTask(id="w", prompt="x"), agent="openai")
+def test_an_engine_that_cannot_stream_says_so(mock_server: MockServer) -> None:
+    from taskexec._engines.registry import EngineSpec, register_engine
+
+    class NoStreams(AsyncEngine):
+        name: ClassVar[str] = "no-streams"
+        stream_path: ClassVar[Literal["loop", "blocking", "engine"] | None] = None
+
+    register_engine(EngineSpec("no-streams", lambda s: s.flag == "async", lambda s: NoStreams(), 1))
+    try:
+        executor = taskexec.TaskExecutor(agents_for(mock_server))
+        with pytest.raises(taskexec.ConfigurationError, match="not available on the no-streams"):
+            executor.stream(AgentTask(id="w", prompt="x"), agent="openai")
+    finally:
+        register_engine(EngineSpec("no-streams", lambda s: False, lambda s: NoStreams(), 1))
 
 
 def test_an_unknown_agent_raises_when_the_stream_is_made(mock_server: MockServer) -> None:

@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from ._engines.base import Job
 from ._errors import ConfigurationError, StreamNotFinishedError
 from ._models import (
     EngineName,
@@ -134,6 +135,7 @@ class TaskStream:
         "_progress",
         "_result",
         "_run",
+        "_source",
     )
 
     def __init__(
@@ -142,8 +144,11 @@ class TaskStream:
         engine: EngineName,
         outputs: Mapping[str, str | None] | None = None,
         progress: Progress | None = None,
+        source: Callable[[StreamRun], AsyncGenerator[str, None]] | None = None,
     ) -> None:
         self._job = job
+        #: The engine's own stream (the workers engine's), instead of the mode's here.
+        self._source = source
         self._outputs = outputs
         self._progress = progress
         self._engine: EngineName = engine
@@ -179,7 +184,11 @@ class TaskStream:
         return self._result
 
     def _open(self) -> AsyncGenerator[str, None] | _ThreadedDeltas:
-        if self._engine == "legacy":
+        if self._source is not None:
+            loop_time = asyncio.get_running_loop().time()
+            self._run = StreamRun(self._job, self._engine, loop_time, self._outputs)
+            self._deltas = self._source(self._run)
+        elif self._engine == "legacy":
             self._legacy = open_stream_blocking(self._job, self._outputs)
             self._run = self._legacy.run
             self._deltas = _ThreadedDeltas(self._legacy)
@@ -193,7 +202,7 @@ class TaskStream:
     def _blocking_iterator(self) -> LegacyStream | None:
         """The stream as a blocking iterator for a caller's own thread, when its engine runs
         in the caller's thread (the legacy engine); None otherwise (iterate on a loop)."""
-        if self._engine != "legacy":
+        if self._engine != "legacy" or self._source is not None:
             return None
         if self._legacy is None and self._result is None:
             self._legacy = open_stream_blocking(self._job, self._outputs)
@@ -301,10 +310,15 @@ def stream_engine_name(engine: Engine) -> EngineName:
             "there, or stream in-process (unset TASKEXEC_BROKER_URL/TASKEXEC_RESULTS_URL, "
             "or give the executor no broker_url)"
         )
-    return "legacy" if engine.stream_path == "blocking" else "async"
+    return "legacy" if engine.stream_path == "blocking" else engine.result_engine
 
 
-def create_stream(job: StreamJob, engine: Engine) -> TaskStream:
+def create_stream(
+    job: StreamJob,
+    engine: Engine,
+    outputs: Mapping[str, str | None] | None = None,
+    progress: Progress | None = None,
+) -> TaskStream:
     """Return the stream of a job on ``engine`` (the one the engine seam chose for the call).
 
     Raises:
@@ -314,7 +328,15 @@ def create_stream(job: StreamJob, engine: Engine) -> TaskStream:
             cannot stream.
     """
     job.roster.resolve(job.task, job.agent, job.mode)
-    return TaskStream(job, stream_engine_name(engine))
+    name = stream_engine_name(engine)
+    if engine.stream_path != "engine":
+        return TaskStream(job, name, outputs, progress)
+    engine_job = Job(job.roster, job.settings, job.task, job.agent, job.mode, outputs)
+
+    def source(run: StreamRun) -> AsyncGenerator[str, None]:
+        return engine.stream_deltas(engine_job, run)
+
+    return TaskStream(job, name, outputs, progress, source)
 
 
 #: Terminal escape sequences (CSI ``ESC [ ... final``, OSC ``ESC ] ... BEL|ESC \\``, and
@@ -336,7 +358,7 @@ async def stream_task(
     mid-stream still reports it. Runs on ``engine`` (the one the engine seam chose).
     """
     job.roster.resolve(job.task, job.agent, job.mode)
-    async with TaskStream(job, stream_engine_name(engine), outputs, progress) as stream:
+    async with create_stream(job, engine, outputs, progress) as stream:
         async for delta in stream:
             on_delta(job.task.id, delta)
     return stream.result

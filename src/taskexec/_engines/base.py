@@ -11,17 +11,28 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 from .._calls import CallSettings, Roster
 from .._errors import ConfigurationError, PlanError
 from .._graph import graph_problems
 from .._models import Agent, AgentTask, EngineName, ExecutionResult, Mode
+from .._modes import Call
+from .._modes.streaming import StreamState
 from ..bus import Bus
 
-__all__ = ("RUN_ID_PATTERN", "Batch", "Engine", "Job", "OnResult", "check_run_id", "new_run_id")
+__all__ = (
+    "RUN_ID_PATTERN",
+    "Batch",
+    "Engine",
+    "Job",
+    "OnResult",
+    "StreamRunLike",
+    "check_run_id",
+    "new_run_id",
+)
 
 #: What a run id may be: it names queues, routing keys and Redis keys.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -43,6 +54,15 @@ def check_run_id(run_id: str) -> str:
             f"run id {run_id!r} is not valid: use 1-64 letters, digits, '_' or '-'"
         )
     return run_id
+
+
+class StreamRunLike(Protocol):
+    """What an engine's own stream fills in (:class:`taskexec._stream_run.StreamRun` is one)."""
+
+    @property
+    def call(self) -> Call: ...
+    @property
+    def state(self) -> StreamState: ...
 
 
 #: Called with each result of a batch the moment it is known.
@@ -118,8 +138,9 @@ class Engine(ABC):
     keeps_runs: ClassVar[bool] = False
     #: How the engine streams a task (``TaskExecutor.stream``): ``"loop"`` (the mode's own
     #: stream, on the caller's event loop), ``"blocking"`` (the blocking client's, in the
-    #: caller's thread or a worker thread), or None (not available on this engine).
-    stream_path: ClassVar[Literal["loop", "blocking"] | None] = None
+    #: caller's thread or a worker thread), ``"engine"`` (the engine's own
+    #: :meth:`stream_deltas`), or None (not available on this engine).
+    stream_path: ClassVar[Literal["loop", "blocking", "engine"] | None] = None
 
     @abstractmethod
     async def execute(self, job: Job) -> ExecutionResult:
@@ -135,6 +156,15 @@ class Engine(ABC):
 
     def execute_tasks_blocking(self, batch: Batch) -> list[ExecutionResult]:
         """Run a batch in the calling thread (only where ``runs_in_caller_thread``)."""
+        raise NotImplementedError
+
+    def stream_deltas(self, job: Job, run: StreamRunLike) -> AsyncGenerator[str, None]:
+        """Stream a task's text from wherever the engine runs it (``stream_path="engine"``).
+
+        The generator yields the deltas in order and, before it ends, records the task's
+        outcome in ``run`` (its ``state``: usage, error, metadata; ``call.attempts``). Closing
+        it early must stop the task and close its request.
+        """
         raise NotImplementedError
 
     async def run_counts(self, run_id: str) -> dict[str, int]:

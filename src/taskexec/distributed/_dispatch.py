@@ -42,6 +42,7 @@ from ._wire import (
     CONTENT_TYPE,
     TASK_HEADER,
     TASK_VERSION,
+    DeltaEvent,
     FinishedEvent,
     TaskMessage,
     failure,
@@ -76,6 +77,8 @@ class Dispatcher:
         self._pending: dict[TaskKey, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
         self._attached: dict[str, asyncio.Future[Any]] = {}
         self._users: dict[str, int] = {}
+        #: Where the pieces of streamed tasks go, by task.
+        self._deltas: dict[TaskKey, asyncio.Queue[DeltaEvent]] = {}
         self._queue: AbstractQueue | None = None
         #: Tasks whose event arrived and whose result is to be read from Redis.
         self._wanted: set[TaskKey] = set()
@@ -195,6 +198,7 @@ class Dispatcher:
         mode: Mode,
         outputs: dict[str, str | None] | None = None,
         inputs: str | None = None,
+        deltas: asyncio.Queue[DeltaEvent] | None = None,
     ) -> ExecutionResult:
         """Send a task of an attached run to a worker that serves ``agent``; return the run's
         result for it."""
@@ -204,6 +208,8 @@ class Dispatcher:
             return await self._fail(key, agent, mode, "no_worker", self._no_worker(agent))
         future: asyncio.Future[ExecutionResult] = loop.create_future()
         self._pending[key] = (future, agent, mode, loop.time())
+        if deltas is not None:
+            self._deltas[key] = deltas  # the worker streams the reply here, piece by piece
         try:
             message = TaskMessage(
                 run_id=run_id,
@@ -213,6 +219,7 @@ class Dispatcher:
                 outputs=outputs,
                 inputs=inputs,
                 trace=inject_trace_context() or None,  # the task span this run_one runs in
+                stream=deltas is not None,
             )
             if not await self._publish(message):
                 reason = "the broker did not take the task (its connection is down)"
@@ -220,6 +227,7 @@ class Dispatcher:
             return await future
         finally:
             self._pending.pop(key, None)
+            self._deltas.pop(key, None)
 
     def _no_worker(self, agent: str) -> str:
         return (
@@ -298,6 +306,9 @@ class Dispatcher:
             entry[0].set_result(result)
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        if (message.routing_key or "").endswith(".delta"):
+            self._on_delta(message.body)
+            return
         try:
             event = FinishedEvent.model_validate_json(message.body)
         except ValidationError:
@@ -318,6 +329,16 @@ class Dispatcher:
         self._wanted.add(key)
         if self._reading is None:
             self._reading = asyncio.create_task(self._read_wanted())
+
+    def _on_delta(self, body: bytes) -> None:
+        try:
+            delta = DeltaEvent.model_validate_json(body)
+        except ValidationError:
+            log.warning("ignored a delta event that is not a taskexec event")
+            return
+        queue = self._deltas.get((delta.run_id, delta.task_id))
+        if queue is not None:
+            queue.put_nowait(delta)
 
     async def _read_wanted(self) -> None:
         keys: list[TaskKey] = []

@@ -15,19 +15,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .._async_engine import run_batch
-from .._engines.base import Batch, Engine, Job, check_run_id, new_run_id
+from .._engines.base import (
+    Batch,
+    Engine,
+    Job,
+    StreamRunLike,
+    check_run_id,
+    new_run_id,
+)
 from .._engines.registry import EngineSpec, register_engine
 from .._engines.selection import Selection
 from .._loops import close_with_loop
-from .._models import AgentTask, EngineName, ExecutionResult, ExecutionStatus
+from .._models import AgentTask, EngineName, ExecutionError, ExecutionResult, ExecutionStatus
 from .._plugins import wants_workers
 from .._results import Progress
 from ._config import Cluster
 from ._dispatch import Dispatcher
-from ._wire import inputs_digest
+from ._wire import DeltaEvent, inputs_digest
 
 __all__ = ("WorkersEngine", "register")
 
@@ -114,6 +121,8 @@ class WorkersEngine(Engine):
 
     name: ClassVar[str] = "workers"
     keeps_runs: ClassVar[bool] = True
+    #: Streams come from the worker running the task, piece by piece (:meth:`stream_deltas`).
+    stream_path: ClassVar[Literal["loop", "blocking", "engine"] | None] = "engine"
     #: Workers run tasks on the async engine, so results say ``engine="async"``.
     result_engine: ClassVar[EngineName] = "async"
 
@@ -232,6 +241,78 @@ class WorkersEngine(Engine):
             **{name: after[name] - before.get(name, 0) for name in after},
         }
         return results
+
+    async def stream_deltas(self, job: Job, run: StreamRunLike) -> AsyncGenerator[str, None]:
+        """Stream a task from the worker that runs it.
+
+        Each stream is a run of its own, so that leaving it early (the caller's ``break``,
+        ``aclose()``, cancellation) can mark just that run cancelled: the worker sees the mark
+        within :data:`~taskexec.distributed._worker.STREAM_CANCEL_POLL_S` and closes the
+        request. The text comes as the worker publishes it; the result, as for every task,
+        from Redis. If a second worker's pieces arrive (the first was lost mid-stream), the
+        stream ends ``failed`` with the text already received, which is never sent twice.
+        """
+        agent, mode = job.roster.resolve(job.task, job.agent, job.mode)
+        dispatcher = await self.dispatcher()
+        run_id = new_run_id()
+        await dispatcher.attach(run_id)
+        pieces: asyncio.Queue[DeltaEvent] = asyncio.Queue()
+        outputs = dict(job.outputs) if job.outputs is not None else None
+        runner = asyncio.ensure_future(
+            dispatcher.run(run_id, job.task, agent.name, mode, outputs, deltas=pieces)
+        )
+        received: list[str] = []
+        attempt: str | None = None
+        expected = 0
+        try:
+            while not runner.done() or not pieces.empty():
+                if pieces.empty():
+                    waiting = asyncio.ensure_future(pieces.get())
+                    try:
+                        await asyncio.wait({waiting, runner}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        if not waiting.done():
+                            waiting.cancel()
+                    if not waiting.done() or waiting.cancelled():
+                        continue
+                    piece = waiting.result()
+                else:
+                    piece = pieces.get_nowait()
+                attempt = attempt or piece.attempt
+                if piece.attempt != attempt:
+                    run.state.error = ExecutionError(
+                        kind="connection",
+                        message="the worker streaming the task was lost mid-stream, and the "
+                        "task started again elsewhere; the text received before is kept",
+                    )
+                    return
+                if piece.seq < expected:
+                    continue  # a piece delivered twice
+                expected = piece.seq + 1  # a gap is filled from the stored output below
+                received.append(piece.text)
+                yield piece.text
+            result = runner.result()
+            text = "".join(received)
+            output = result.output or ""
+            if result.ok and output != text:
+                if output.startswith(text):
+                    yield output[len(text) :]  # pieces lost on the way: the rest, once
+                else:
+                    run.state.error = ExecutionError(
+                        kind="bad_response",
+                        message="the streamed text does not match the task's stored result",
+                    )
+                    return
+            run.call.attempts = result.attempts
+            run.state.usage = result.usage
+            run.state.error = result.error
+            run.state.metadata.update(result.metadata)
+        finally:
+            if not runner.done():
+                # The caller left: the worker stops within its poll, the request is closed.
+                runner.cancel()
+                await asyncio.shield(dispatcher.store.set_cancelled(run_id, True))
+            await dispatcher.detach(run_id)
 
     async def run_counts(self, run_id: str) -> dict[str, int]:
         """What a run of this engine did this time: results ``reused`` from an earlier run of

@@ -223,6 +223,10 @@ class ResultStore:
             return STORED
         return None
 
+    async def is_cancelled(self, run_id: str) -> bool:
+        """True when a run was marked cancelled (its caller left)."""
+        return bool(await self.client.exists(self.cluster.key("run", run_id, "cancelled")))
+
     async def set_cancelled(self, run_id: str, cancelled: bool) -> None:
         """Mark a run cancelled (workers then drop its queued tasks), or clear the mark."""
         key = self.cluster.key("run", run_id, "cancelled")

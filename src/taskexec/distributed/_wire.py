@@ -31,6 +31,7 @@ __all__ = (
     "CONTENT_TYPE",
     "TASK_HEADER",
     "BadMessage",
+    "DeltaEvent",
     "FinishedEvent",
     "TaskMessage",
     "addressee",
@@ -70,6 +71,9 @@ class TaskMessage(BaseModel):
     #: The W3C trace context of the orchestrator's task span (``traceparent``, ``tracestate``),
     #: so that the worker's spans are its children (empty without the otel extra).
     trace: dict[str, str] | None = None
+    #: Stream the reply: the worker publishes its text as :class:`DeltaEvent` pieces (routing
+    #: key ``run.<run>.task.<task>.delta``) while it arrives, and stores the result as usual.
+    stream: bool = False
 
     def encode(self) -> bytes:
         """Return the message body."""
@@ -142,7 +146,7 @@ def addressee(body: bytes, headers: object) -> tuple[str, str, str] | None:
 
 #: Workers publish ``finished`` (a "started" event per task measured 10% of the throughput
 #: of two workers, for a state that the registry's in-flight counts already show).
-State = Literal["finished"]
+State = Literal["finished", "delta"]
 
 
 class FinishedEvent(BaseModel):
@@ -162,6 +166,23 @@ class FinishedEvent(BaseModel):
     worker: str
     result: ExecutionResult | None = None
     duplicate: bool = False
+
+
+class DeltaEvent(BaseModel):
+    """A piece of a streamed task's text, from the worker streaming it to its orchestrator.
+
+    ``attempt`` names one execution of the task (a worker's), ``seq`` orders its pieces from 0:
+    pieces of another attempt mean the first worker was lost mid-stream, and the text already
+    received is never sent twice.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    task_id: str
+    attempt: str
+    seq: int = Field(ge=0)
+    text: str
 
 
 def routing_key(run_id: str, task_id: str, state: State) -> str:

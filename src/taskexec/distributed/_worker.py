@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,16 +38,21 @@ from aio_pika.abc import (
 
 from .._calls import Roster
 from .._engines import entry
+from .._engines.base import Job
+from .._engines.registry import select_engine
 from .._errors import ClusterUnavailableError, ConfigurationError
 from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
+from .._stream import create_stream
 from .._tracing import trace_context_from
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
 from ._store import STORED, ResultStore, WorkerInfo, connect_redis, worker_info
 from ._wire import (
+    CONTENT_TYPE,
     BadMessage,
+    DeltaEvent,
     FinishedEvent,
     TaskMessage,
     addressee,
@@ -64,6 +70,8 @@ STOP_TIMEOUT_S = 5.0
 SUBSCRIBE_ATTEMPTS = 5
 #: How long a task that failed for want of Redis waits before it goes back to the queue.
 RETRY_PAUSE_S = 1.0
+#: How often a worker streaming a task checks that its caller is still there.
+STREAM_CANCEL_POLL_S = 0.05
 #: The concurrency is the channel's prefetch count, a 16-bit field in AMQP.
 MAX_CONCURRENCY = 65535
 #: A worker's name goes into the registry, log lines and ``taskexec workers``: no spaces or
@@ -345,7 +353,10 @@ class Worker:
                 job = self._parts.job(task, msg.agent, msg.mode, msg.outputs)
                 # The worker's spans join the orchestrator's trace (a no-op without otel).
                 with trace_context_from(msg.trace):
-                    result = await entry.execute(self._parts.engines, job)
+                    if msg.stream:
+                        result = await self._stream(msg, job)
+                    else:
+                        result = await entry.execute(self._parts.engines, job)
             except ConfigurationError as exc:
                 # This worker's own definition of the agent cannot serve the task (another mode
                 # than the orchestrator's plan, say): a failed result, not a retry elsewhere.
@@ -375,6 +386,55 @@ class Worker:
             # Not at once: a Redis that is down would otherwise spin the task through the queue.
             await asyncio.sleep(RETRY_PAUSE_S)
             await _settle(message.nack(requeue=True))
+
+    async def _stream(self, msg: TaskMessage, job: Job) -> ExecutionResult:
+        """Run a task as a stream, publishing its text to the orchestrator as it arrives.
+
+        The pieces go on the events exchange (the channel the orchestrator already listens to
+        for the run, in order, no confirm per piece). The orchestrator marks the run cancelled
+        when its caller leaves the stream: checked every :data:`STREAM_CANCEL_POLL_S`, and the
+        request is closed then, so nothing more is read or paid for.
+        """
+        assert self._store is not None
+        store = self._store
+        stream = create_stream(job, select_engine(self._parts.engines), job.outputs)
+        attempt = uuid.uuid4().hex[:12]
+
+        async def relay() -> None:
+            async with stream:
+                seq = 0
+                async for text in stream:
+                    delta = DeltaEvent(
+                        run_id=msg.run_id, task_id=msg.task.id, attempt=attempt, seq=seq, text=text
+                    )
+                    seq += 1
+                    await self._publish_delta(delta)
+
+        async def left() -> None:
+            # Polled: the mark is set in Redis by another process. A failed read is not a
+            # departure: the stream goes on, and the next read tells.
+            while True:
+                with contextlib.suppress(Exception):
+                    if await store.is_cancelled(msg.run_id):
+                        return
+                await asyncio.sleep(STREAM_CANCEL_POLL_S)
+
+        relaying, watching = asyncio.create_task(relay()), asyncio.create_task(left())
+        try:
+            await asyncio.wait({relaying, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relaying, watching):
+                task.cancel()
+            await asyncio.gather(relaying, watching, return_exceptions=True)
+        failed = None if relaying.cancelled() else relaying.exception()
+        if failed is not None:
+            raise failed  # Redis or the broker went away: handled as for any task
+        return stream.result
+
+    async def _publish_delta(self, delta: DeltaEvent) -> None:
+        assert self._events is not None
+        body = aio_pika.Message(delta.model_dump_json().encode(), content_type=CONTENT_TYPE)
+        await self._events.publish(body, routing_key(delta.run_id, delta.task_id, "delta"))
 
     async def _skip(self, message: AbstractIncomingMessage, msg: TaskMessage, reason: str) -> None:
         log.info(
