@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from taskexec import Agent, AgentTask, ProjectOrchestrator, TaskExecutor
+from taskexec import Agent, AgentTask, ProjectOrchestrator, TaskExecutor, load_agents
 from taskexec.distributed import Cluster
 from taskexec.distributed import _engine as engine_module
 from taskexec.distributed._dispatch import Dispatcher
@@ -401,6 +401,45 @@ def chaos(server: ServerProcess, n: int, every_s: float) -> dict[str, Any]:
     }
 
 
+# -- 7.5 streams through workers ------------------------------------------------------------------
+
+
+async def _first_deltas(agents: Path, n: int) -> list[float]:
+    """Seconds from opening each of ``n`` streams (one after another) to its first delta."""
+    firsts: list[float] = []
+    async with TaskExecutor(load_agents(agents)) as executor:
+        for i in range(n):
+            task = AgentTask(id=f"s{i}", prompt=f"stream {i} a b c d e f g h")
+            started = time.perf_counter()
+            async with executor.stream(task) as stream:
+                async for _ in stream:
+                    if len(firsts) == i:
+                        firsts.append(time.perf_counter() - started)
+            assert stream.result.ok, stream.result.error
+    return firsts
+
+
+def stream_first_delta(server: ServerProcess, n: int, repeats: int) -> dict[str, Any]:
+    """Time to first delta of a stream in-process against through one worker (same server)."""
+    out: dict[str, list[float]] = {"in-process p50 ms": [], "workers p50 ms": []}
+    with tempfile.TemporaryDirectory() as tmp, _cluster() as cluster:
+        folder = Path(tmp)
+        agents = _agents_file(folder, server.openai_base_url)
+        workers = _start(folder, agents, cluster, ["s"], 100)
+        try:
+            for _ in range(repeats):
+                with _environment(None):
+                    local = asyncio.run(_first_deltas(agents, n))
+                with _environment(cluster):
+                    remote = asyncio.run(_first_deltas(agents, n))
+                out["in-process p50 ms"].append(statistics.median(local) * 1e3)
+                out["workers p50 ms"].append(statistics.median(remote) * 1e3)
+        finally:
+            for w in workers:
+                w.stop()
+    return {"streams": n, "samples": out}
+
+
 def run_all(quick: bool, repeats: int) -> dict[str, Any]:
     """Every distributed scenario; skipped (with the reason) where RabbitMQ or Redis is absent."""
     try:
@@ -421,6 +460,8 @@ def run_all(quick: bool, repeats: int) -> dict[str, Any]:
         print(f"distributed recovery: {results['recovery']}", file=sys.stderr)
         results["chaos"] = chaos(server, n, 2.0)
         print(f"distributed chaos: {results['chaos']}", file=sys.stderr)
+        results["streams"] = stream_first_delta(server, 20 if quick else 200, repeats)
+        print(f"distributed streams: {results['streams']}", file=sys.stderr)
     return results
 
 

@@ -176,13 +176,7 @@ class WorkersEngine(Engine):
         agent, mode = job.roster.resolve(job.task, job.agent, job.mode)
         state = self._on_loop()
         dispatcher = await state.connected()
-        runs = state.call_runs
-        run_id, retired = runs.run_for(job.task.id)  # a task id called again runs again
-        if retired is not None or len(runs.task_ids) == 1:
-            await dispatcher.attach(run_id)  # held while it is the current run
-            if retired is not None:
-                await dispatcher.detach(retired)  # unbound when its last call ends
-        await dispatcher.attach(run_id)
+        run_id = await self._call_run(state, dispatcher, job.task.id)
         try:
             outputs = dict(job.outputs) if job.outputs is not None else None
             return await dispatcher.run(run_id, job.task, agent.name, mode, outputs)
@@ -242,20 +236,32 @@ class WorkersEngine(Engine):
         }
         return results
 
+    async def _call_run(self, state: _OnLoop, dispatcher: Dispatcher, task_id: str) -> str:
+        """The run of one call (attached: the caller detaches it when done)."""
+        runs = state.call_runs
+        run_id, retired = runs.run_for(task_id)  # a task id called again runs again
+        if retired is not None or len(runs.task_ids) == 1:
+            await dispatcher.attach(run_id)  # held while it is the current run
+            if retired is not None:
+                await dispatcher.detach(retired)  # unbound when its last call ends
+        await dispatcher.attach(run_id)
+        return run_id
+
     async def stream_deltas(self, job: Job, run: StreamRunLike) -> AsyncGenerator[str, None]:
         """Stream a task from the worker that runs it.
 
-        Each stream is a run of its own, so that leaving it early (the caller's ``break``,
-        ``aclose()``, cancellation) can mark just that run cancelled: the worker sees the mark
-        within :data:`~taskexec.distributed._worker.STREAM_CANCEL_POLL_S` and closes the
-        request. The text comes as the worker publishes it; the result, as for every task,
-        from Redis. If a second worker's pieces arrive (the first was lost mid-stream), the
-        stream ends ``failed`` with the text already received, which is never sent twice.
+        A stream is an ``execute()`` call's run (shared with other calls, see
+        :class:`_CallRuns`); leaving it early (the caller's ``break``, ``aclose()``,
+        cancellation) marks just its task cancelled: the worker sees the mark within
+        :data:`~taskexec.distributed._worker.STREAM_CANCEL_POLL_S` and closes the request.
+        The text comes as the worker publishes it; the result, as for every task, from Redis.
+        If a second worker's pieces arrive (the first was lost mid-stream), the stream ends
+        ``failed`` with the text already received, which is never sent twice.
         """
         agent, mode = job.roster.resolve(job.task, job.agent, job.mode)
-        dispatcher = await self.dispatcher()
-        run_id = new_run_id()
-        await dispatcher.attach(run_id)
+        state = self._on_loop()
+        dispatcher = await state.connected()
+        run_id = await self._call_run(state, dispatcher, job.task.id)
         pieces: asyncio.Queue[DeltaEvent] = asyncio.Queue()
         outputs = dict(job.outputs) if job.outputs is not None else None
         runner = asyncio.ensure_future(
@@ -311,7 +317,7 @@ class WorkersEngine(Engine):
             if not runner.done():
                 # The caller left: the worker stops within its poll, the request is closed.
                 runner.cancel()
-                await asyncio.shield(dispatcher.store.set_cancelled(run_id, True))
+                await asyncio.shield(dispatcher.store.cancel_task(run_id, job.task.id))
             await dispatcher.detach(run_id)
 
     async def run_counts(self, run_id: str) -> dict[str, int]:

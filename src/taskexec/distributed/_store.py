@@ -223,9 +223,18 @@ class ResultStore:
             return STORED
         return None
 
-    async def is_cancelled(self, run_id: str) -> bool:
-        """True when a run was marked cancelled (its caller left)."""
-        return bool(await self.client.exists(self.cluster.key("run", run_id, "cancelled")))
+    async def is_cancelled(self, run_id: str, task_id: str) -> bool:
+        """True when a task's run, or the task alone, was marked cancelled (its caller left)."""
+        keys = [
+            self.cluster.key("run", run_id, "cancelled"),
+            self.cluster.key("run", run_id, "cancelled", task_id),
+        ]
+        return bool(await self.client.exists(*keys))
+
+    async def cancel_task(self, run_id: str, task_id: str) -> None:
+        """Mark one task of a run cancelled (a stream whose caller left), not the whole run."""
+        key = self.cluster.key("run", run_id, "cancelled", task_id)
+        await self.client.set(key, b"1", ex=self.cluster.result_ttl_s)
 
     async def set_cancelled(self, run_id: str, cancelled: bool) -> None:
         """Mark a run cancelled (workers then drop its queued tasks), or clear the mark."""

@@ -415,7 +415,7 @@ class Worker:
             # departure: the stream goes on, and the next read tells.
             while True:
                 with contextlib.suppress(Exception):
-                    if await store.is_cancelled(msg.run_id):
+                    if await store.is_cancelled(msg.run_id, msg.task.id):
                         return
                 await asyncio.sleep(STREAM_CANCEL_POLL_S)
 
