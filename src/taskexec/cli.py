@@ -924,6 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most N tokens in any second (429 beyond)",
     )
     mock.set_defaults(handler=_cmd_mock_server)
+    from ._migrate.command import register as register_migrate
+
+    register_migrate(commands)
     return parser
 
 
