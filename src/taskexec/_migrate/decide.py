@@ -11,6 +11,7 @@ so the loop ends; what is left async is exactly what can be awaited all the way 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -146,9 +147,18 @@ def decide(flow: Flow) -> Decisions:
             why: str | None = None
             if context in async_ctx:
                 if isinstance(context, FuncInfo) and context in forced:
-                    why = f"{context.describe()} stays sync: {forced[context]}"
+                    why = f"{context.describe()}, which stays sync: {forced[context]}"
+                elif isinstance(context, ModuleInfo):
+                    why = _module_conflict(
+                        context,
+                        sites,
+                        lambda s, a=async_ctx: _needs(s, a, pinned, key_of),  # type: ignore[misc]
+                        sync_ctx,
+                        pinned,
+                        key_of,
+                    )
                 elif context in sync_ctx:
-                    why = f"{context.describe()} also {sync_ctx[context]}"
+                    why = f"{context.describe()}, which also {sync_ctx[context]}"
             for site in sites:
                 if not _needs(site, async_ctx, pinned, key_of):
                     continue
@@ -233,3 +243,49 @@ def _blocking(
                     grew = True
                     break
     return found
+
+
+def _module_conflict(
+    module: ModuleInfo,
+    sites: list[Site],
+    needs: Callable[[Site], bool],
+    sync_ctx: dict[Context, str],
+    pinned: dict[Slot, str],
+    key_of: Callable[[ShimCall | ShimWith], Slot],
+) -> str | None:
+    """Why a module's top level cannot await: a statement that blocks on the sync API lies
+    between the first and the last statement that would await (they run under one
+    ``asyncio.run``, where a blocking shim raises). Statements outside that run are fine."""
+
+    def position(site: Site) -> tuple[bool, int]:
+        if site.guard_top is not None:
+            guard = site.top
+            assert isinstance(guard, cst.If)
+            assert isinstance(guard.body, cst.IndentedBlock)
+            statements: list[cst.BaseStatement] = list(guard.body.body)
+            return True, statements.index(site.guard_top)
+        assert site.top is not None
+        statements = list(module.tree.body)
+        return False, statements.index(site.top)
+
+    awaiting = [position(s) for s in sites if needs(s)]
+    for site in sites:
+        what = None
+        if isinstance(site, ShimCall | ShimWith) and key_of(site) in pinned:
+            what = f"{module.line(site.node)} blocks on the sync API"
+        elif isinstance(site, FuncCall) and site.callee in sync_ctx:
+            assert site.callee is not None
+            what = (
+                f"{module.line(site.node)} calls {site.callee.describe()}, which blocks on the "
+                "sync API"
+            )
+        if what is None:
+            continue
+        guard, index = position(site)
+        same = [i for g, i in awaiting if g == guard]
+        if same and min(same) <= index <= max(same):
+            return (
+                f"the module level of {module.display}, which would run under asyncio.run(): "
+                f"line {what}"
+            )
+    return None

@@ -455,9 +455,11 @@ class Flow:
             if shim is not None:
                 ctor = ("node", call)
                 self.slot(call, context)
-                for arg in call.args:
+                for index, arg in enumerate(call.args):
                     # A sync orchestrator takes a sync executor: they move together.
-                    self.union(ctor, self.slot(arg.value, context))
+                    keyword = arg.keyword.value if arg.keyword is not None else None
+                    if shim == "ProjectOrchestrator" and (keyword == "executor" or index == 0):
+                        self.union(ctor, self.slot(arg.value, context))
             elif called is not None:
                 bound, callee = called
                 if isinstance(callee, ClassInfo):

@@ -60,9 +60,12 @@ class Migration:
 
 def _snippet(module: ModuleInfo, node: cst.CSTNode, limit: int = 72) -> str:
     if isinstance(node, cst.With):
-        text = "with " + ", ".join(module.code(item).strip() for item in node.items)
+        items = [item.with_changes(comma=cst.MaybeSentinel.DEFAULT) for item in node.items]
+        text = "with " + ", ".join(module.code(item).strip() for item in items)
     else:
-        text = module.code(node)
+        lines = module.code(node).splitlines()
+        # A statement's code starts with the comments above it: show the code.
+        text = " ".join(s for s in lines if s.strip() and not s.strip().startswith("#"))
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -107,7 +110,7 @@ def plan_migration(paths: Sequence[str], traced: Iterable[tuple[str, int]] = ())
     plans = _plans(flow, decisions, migration)
     for module in modules:
         migration.files.append(FileResult(module, rewrite(module, plans[module])))
-    migration.entries.sort()
+    migration.entries[:] = sorted(set(migration.entries))
     return migration
 
 

@@ -224,7 +224,7 @@ class _Rewriter(cst.CSTTransformer):
         )
         run = cst.SimpleStatementLine(
             [cst.Expr(_run(cst.Call(cst.Name(name))))],
-            leading_lines=[cst.EmptyLine()] * blank,
+            leading_lines=[cst.EmptyLine(indent=False)] * blank,
         )
         return [*updated[:first], function, run, *updated[last + 1 :]]
 
