@@ -184,10 +184,14 @@ class Flow:
             other = self.project.resolve_module(module, target)
             if attr is None:
                 return ("module", other) if other is not None else None
-            if other is None:
-                sub = self.project.resolve_module(module, f"{target}.{attr}")
-                return ("module", sub) if sub is not None else None
-            return self.member(other, attr)
+            joined = f"{target}{attr}" if target.endswith(".") else f"{target}.{attr}"
+            sub = self.project.resolve_module(module, joined)
+            defined = other is not None and (
+                attr in other.functions or attr in other.classes or attr in other.globals
+            )
+            if sub is not None and not defined:
+                return "module", sub  # `from package import submodule`
+            return self.member(other, attr) if other is not None else None
         if name in module.globals:
             return "slot", ("global", module, name)
         return None
