@@ -591,9 +591,14 @@ def call_graphs(draw: st.DrawFn) -> str:
     ]
     for i in range(n):
         body = [f"def f{i}(x):", f"    acc = [str(x), 'f{i}']"]
+        # A function's own executor can stay sync on its own; the shared one moves as one.
+        own = draw(st.booleans())
+        ex = "own" if own else "EX"
+        if own:
+            body.append("    own = TaskExecutor([Agent(name='o', provider='offline')])")
         if draw(st.booleans()):
             body.append(
-                f"    acc.append(EX.execute(AgentTask(id='t{i}', prompt=str(x))).output[-6:])"
+                f"    acc.append({ex}.execute(AgentTask(id='t{i}', prompt=str(x))).output[-6:])"
             )
         if draw(st.booleans()):
             body.append(f"    acc.append(BOX.ask('b{i}'))")
@@ -612,6 +617,8 @@ def call_graphs(draw: st.DrawFn) -> str:
                     f"    th = threading.Thread(target=lambda: OUT.append(f{j}(x)))\n"
                     "    th.start()\n    th.join()"
                 )
+        if own:
+            body.append("    own.close()")
         body.append("    return '|'.join(acc)")
         lines += body
     lines += [

@@ -142,10 +142,10 @@ def decide(flow: Flow) -> Decisions:
                     changed = True
 
         for context, sites in sites_of.items():
-            if is_native(context):
-                continue
             why: str | None = None
-            if context in async_ctx:
+            # An `async def` of the source is async already: only its lambdas and lazy
+            # generators can still bar an await.
+            if context in async_ctx and not is_native(context):
                 if isinstance(context, FuncInfo) and context in forced:
                     why = f"{context.describe()}, which stays sync: {forced[context]}"
                 elif isinstance(context, ModuleInfo):
@@ -232,6 +232,8 @@ def _blocking(
                 continue
             for site in sites:
                 what: str | None = None
+                if site.threaded:
+                    continue  # it blocks another thread: no event loop runs there
                 if isinstance(site, ShimCall | ShimWith) and key_of(site) in pinned:
                     code = dotted(site.node.func) if isinstance(site.node, cst.Call) else None
                     what = f"calls {code or 'an object'}() on the sync API"
@@ -271,6 +273,8 @@ def _module_conflict(
     awaiting = [position(s) for s in sites if needs(s)]
     for site in sites:
         what = None
+        if site.threaded:
+            continue
         if isinstance(site, ShimCall | ShimWith) and key_of(site) in pinned:
             what = f"{module.line(site.node)} blocks on the sync API"
         elif isinstance(site, FuncCall) and site.callee in sync_ctx:

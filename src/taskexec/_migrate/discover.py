@@ -16,7 +16,7 @@ from pathlib import Path
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from .model import ClassInfo, Context, FuncInfo, ModuleInfo
+from .model import EXECUTOR_CALLS, THREAD_CALLS, ClassInfo, Context, FuncInfo, ModuleInfo
 
 __all__ = (
     "Facts",
@@ -127,6 +127,11 @@ class Where:
     eager_genexp: cst.GeneratorExp | None
     top: cst.BaseStatement | None
     guard_top: cst.BaseStatement | None
+    threaded: bool
+
+
+#: Why an await cannot go in a lambda handed to a thread or an executor.
+THREADED = "in a lambda run on another thread"
 
 
 @dataclass
@@ -167,6 +172,7 @@ class _Collector(cst.CSTVisitor):
         self.barriers: list[list[tuple[str, cst.GeneratorExp | None]]] = [[]]
         self.declared_global: list[set[str]] = [set()]
         self.eager: set[cst.GeneratorExp] = set()
+        self.threaded: set[cst.Lambda] = set()
         self.top: cst.BaseStatement | None = None
         self.guard_top: cst.BaseStatement | None = None
 
@@ -190,7 +196,8 @@ class _Collector(cst.CSTVisitor):
                 eager = genexp
             else:
                 barrier = reason
-        return Where(self.context, barrier, eager, self.top, self.guard_top)
+        threaded = any(reason == THREADED for reason, _ in self.barriers[-1])
+        return Where(self.context, barrier, eager, self.top, self.guard_top, threaded)
 
     def bind(self, names: Iterable[str]) -> None:
         scope = self.scopes[-1] if self.scopes else None
@@ -271,7 +278,7 @@ class _Collector(cst.CSTVisitor):
     # -- what bars an await ------------------------------------------------------------------
 
     def visit_Lambda(self, node: cst.Lambda) -> None:
-        self.barriers[-1].append(("in a lambda", None))
+        self.barriers[-1].append((THREADED if node in self.threaded else "in a lambda", None))
 
     def leave_Lambda(self, original_node: cst.Lambda) -> None:
         self.barriers[-1].pop()
@@ -406,6 +413,8 @@ class _Collector(cst.CSTVisitor):
             and isinstance(node.args[0].value, cst.GeneratorExp)
         ):
             self.eager.add(node.args[0].value)
+        if name in THREAD_CALLS or name in EXECUTOR_CALLS:
+            self.threaded.update(a.value for a in node.args if isinstance(a.value, cst.Lambda))
         self.facts.calls.append((node, self.where()))
         for arg in node.args:
             self.facts.values.append((self.context, arg.value, node))

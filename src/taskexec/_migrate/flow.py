@@ -19,7 +19,9 @@ import libcst as cst
 from .discover import Facts, Where, binding_names, dotted
 from .model import (
     BLOCKING_METHODS,
+    EXECUTOR_CALLS,
     SHIM_CLASSES,
+    THREAD_CALLS,
     ClassInfo,
     Context,
     FuncCall,
@@ -35,9 +37,6 @@ __all__ = ("Component", "Flow", "Project")
 #: Builtins a shim object may be handed to without escaping the analysis.
 HARMLESS = frozenset({"print", "repr", "str", "id", "type", "isinstance", "len", "bool", "hash"})
 
-#: Calls that run a function on another thread, or later.
-THREAD_CALLS = frozenset({"Thread", "Timer", "start_new_thread"})
-EXECUTOR_CALLS = frozenset({"submit", "map", "run_in_executor", "apply_async", "starmap"})
 
 Slot = Hashable
 
@@ -561,6 +560,7 @@ class Flow:
         cst.GeneratorExp | None,
         cst.BaseStatement | None,
         cst.BaseStatement | None,
+        bool,
     ]:
         return (
             where.context,
@@ -570,6 +570,7 @@ class Flow:
             where.eager_genexp,
             where.top,
             where.guard_top,
+            where.threaded,
         )
 
     def _escapes(self, module: ModuleInfo, call: cst.Call, context: Context) -> None:

@@ -15,7 +15,9 @@ import libcst as cst
 
 __all__ = (
     "BLOCKING_METHODS",
+    "EXECUTOR_CALLS",
     "SHIM_CLASSES",
+    "THREAD_CALLS",
     "ClassInfo",
     "Context",
     "FuncCall",
@@ -28,6 +30,10 @@ __all__ = (
 
 #: The classes ``taskexec.sync`` exports, each the blocking twin of ``taskexec.<name>``.
 SHIM_CLASSES = frozenset({"TaskExecutor", "ProjectOrchestrator"})
+
+#: Calls that run a function on another thread, or later.
+THREAD_CALLS = frozenset({"Thread", "Timer", "start_new_thread"})
+EXECUTOR_CALLS = frozenset({"submit", "map", "run_in_executor", "apply_async", "starmap"})
 
 #: Methods of the shims that block, with the async method each becomes.
 BLOCKING_METHODS = {
@@ -147,6 +153,8 @@ class Site:
     eager_genexp: cst.GeneratorExp | None
     top: cst.BaseStatement | None
     guard_top: cst.BaseStatement | None
+    #: In a lambda handed to a thread or an executor: it blocks that thread, not the caller's.
+    threaded: bool
 
 
 @dataclass(eq=False)
