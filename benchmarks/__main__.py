@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed, limits, scenarios
+from . import distributed, limits, migrate, scenarios
 from ._server import ServerProcess
 
 HERE = Path(__file__).resolve().parent
@@ -132,6 +132,8 @@ def main() -> int:
     services = "skipped" not in results["distributed"]
     # Each rate-limit run takes seconds by design (it waits on the limit): three are enough.
     results["limits"] = limits.run_all(quick, RESULTS_URL if services else None, min(repeats, 3))
+    results["migrate"] = migrate.run_all(quick, repeats)
+    print(f"migrate: {results['migrate']['median files/s']:.0f} files/s", file=sys.stderr)
     results["elapsed_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, out / "scale.png")
@@ -334,6 +336,8 @@ def render(r: dict[str, Any]) -> str:
     ]
     lines += render_distributed(r["distributed"])
     lines += render_limits(r["limits"])
+    if "migrate" in r:
+        lines += migrate.render(r["migrate"])
     fw = r["framework"]
     fw_ratio = fw["taskexec_us"]["median"] / fw["floor_us"]["median"]
     gaps = []
@@ -604,6 +608,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     used = tpm["tokens/s"] / lim["tpm"]["server tokens per s"]
     add("8.3", "429s <= 1% of requests", share, "{:.1%}", share <= 0.01)
     add("8.3", "throughput >= 90% of the token limit", used, "{:.0%}", used >= 0.9)
+    if "migrate" in r:
+        rate = r["migrate"]["median files/s"]
+        add("9", "taskexec migrate >= 50 files/s", rate, "{:.0f} files/s", rate >= 50)
     return found
 
 

@@ -42,23 +42,6 @@ class Decisions:
     genexps: set[cst.GeneratorExp] = field(default_factory=set)
 
 
-class _Yields(cst.CSTVisitor):
-    """Whether a function body yields (nested functions and lambdas aside)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found = False
-
-    def visit_Yield(self, node: cst.Yield) -> None:
-        self.found = True
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        return False
-
-    def visit_Lambda(self, node: cst.Lambda) -> bool:
-        return False
-
-
 def _pinned_by_shape(flow: Flow, function: FuncInfo) -> str | None:
     """Why ``function`` cannot be a coroutine function whatever it calls, if it cannot."""
     name = function.node.name.value
@@ -67,9 +50,7 @@ def _pinned_by_shape(flow: Flow, function: FuncInfo) -> str | None:
     for decorator in function.decorators:
         if decorator not in TRANSPARENT_DECORATORS:
             return f"it is decorated with @{decorator}, which calls it without await"
-    yields = _Yields()
-    function.node.body.visit(yields)
-    if yields.found:
+    if function.yields:
         return "it is a generator: it would become an async generator, iterated differently"
     cls = function.cls
     if cls is not None:

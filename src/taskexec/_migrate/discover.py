@@ -155,8 +155,10 @@ class Facts:
     return_annotations: list[tuple[FuncInfo, cst.BaseExpression]] = field(default_factory=list)
     #: Calls already under ``await`` (code migrated before).
     awaited: set[cst.Call] = field(default_factory=set)
-    #: Names of shim classes used where nothing is constructed (``isinstance(x, TaskExecutor)``).
+    #: Every use of an imported ``taskexec.sync`` name (imports and attribute names aside).
     shim_refs: list[cst.Name] = field(default_factory=list)
+    #: The ``from taskexec.sync import`` statements, by the local name they bind.
+    shim_imports: dict[str, list[cst.ImportFrom]] = field(default_factory=dict)
 
 
 class _Collector(cst.CSTVisitor):
@@ -173,6 +175,8 @@ class _Collector(cst.CSTVisitor):
         self.declared_global: list[set[str]] = [set()]
         self.eager: set[cst.GeneratorExp] = set()
         self.threaded: set[cst.Lambda] = set()
+        #: Names that are not uses of a name: attribute names, imported names.
+        self.not_uses: set[cst.Name] = set()
         self.top: cst.BaseStatement | None = None
         self.guard_top: cst.BaseStatement | None = None
 
@@ -337,8 +341,13 @@ class _Collector(cst.CSTVisitor):
                 if isinstance(alias.asname, cst.AsName) and isinstance(alias.asname.name, cst.Name)
                 else name
             )
+            if isinstance(alias.name, cst.Name):
+                self.not_uses.add(alias.name)
+            if isinstance(alias.asname, cst.AsName) and isinstance(alias.asname.name, cst.Name):
+                self.not_uses.add(alias.asname.name)
             if base == "taskexec.sync":
                 self.module.shim_names[local] = name
+                self.facts.shim_imports.setdefault(local, []).append(node)
             elif base == "taskexec" and name == "sync":
                 self.module.sync_aliases.add(local)
             else:
@@ -395,6 +404,18 @@ class _Collector(cst.CSTVisitor):
             self.facts.values.append((self.context, node.value, None))
             if function is not None:
                 self.facts.returns.append((function, node.value))
+
+    def visit_Attribute(self, node: cst.Attribute) -> None:
+        self.not_uses.add(node.attr)
+
+    def visit_Name(self, node: cst.Name) -> None:
+        if node.value in self.module.shim_names and node not in self.not_uses:
+            self.facts.shim_refs.append(node)
+
+    def visit_Yield(self, node: cst.Yield) -> None:
+        function = self.function
+        if function is not None:
+            function.yields = True
 
     def visit_Await(self, node: cst.Await) -> None:
         if isinstance(node.expression, cst.Call):

@@ -208,12 +208,14 @@ def _imports(
                 moved_refs.update(_names(annotation))
     for module in flow.project.modules:
         plan = plans[module]
-        refs = _ShimRefs(set(module.shim_names))
-        module.tree.visit(refs)
-        for local, nodes in refs.found.items():
-            if nodes and all(n in moved_refs for n in nodes):
+        facts = flow.project.facts[module]
+        found: dict[str, list[cst.Name]] = {}
+        for ref in facts.shim_refs:
+            found.setdefault(ref.value, []).append(ref)
+        for local, nodes in found.items():
+            if all(n in moved_refs for n in nodes):
                 plan.moved_names.add(local)
-                line = min(module.line(n) for n in refs.imports.get(local, nodes))
+                line = min(module.line(n) for n in facts.shim_imports.get(local, nodes))
                 migration.entries.append(
                     Entry(
                         module.display,
@@ -255,31 +257,3 @@ def _names(node: cst.CSTNode) -> set[cst.Name]:
 
     node.visit(_Names())
     return found
-
-
-class _ShimRefs(cst.CSTVisitor):
-    """Every use of an imported shim name, outside the import itself."""
-
-    def __init__(self, names: set[str]) -> None:
-        super().__init__()
-        self.names = names
-        self.found: dict[str, list[cst.Name]] = {n: [] for n in names}
-        self.imports: dict[str, list[cst.CSTNode]] = {}
-        self._import: cst.ImportFrom | None = None
-
-    def visit_ImportFrom(self, node: cst.ImportFrom) -> bool:
-        if not isinstance(node.names, cst.ImportStar):
-            for alias in node.names:
-                local = alias.asname.name if alias.asname is not None else alias.name
-                if isinstance(local, cst.Name) and local.value in self.names:
-                    self.imports.setdefault(local.value, []).append(node)
-        return False
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        # `x.TaskExecutor` is not a use of the imported name, only `x` may be.
-        node.value.visit(self)
-        return False
-
-    def visit_Name(self, node: cst.Name) -> None:
-        if node.value in self.names:
-            self.found[node.value].append(node)

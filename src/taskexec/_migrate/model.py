@@ -73,6 +73,8 @@ class FuncInfo:
     locals: set[str] = field(default_factory=set)
     nested: dict[str, FuncInfo] = field(default_factory=dict)
     nested_classes: dict[str, ClassInfo] = field(default_factory=dict)
+    #: The body has a ``yield`` (of its own, not of a nested function).
+    yields: bool = False
 
     @property
     def is_async(self) -> bool:
