@@ -199,13 +199,16 @@ def _imports(
             ctor_calls.append((module, call))
             if isinstance(call.func, cst.Name):
                 moved_refs.add(call.func)
-    for facts in flow.project.facts.values():
+    annotations: list[tuple[ModuleInfo, cst.Name]] = []
+    for owner, facts in flow.project.facts.items():
         annotated = [(("local", f, p), a, f) for f, p, a in facts.param_annotations] + [
             (("return", f), a, f) for f, a in facts.return_annotations
         ]
         for slot, annotation, _ in annotated:
             if flow.find(slot) in converted:
-                moved_refs.update(_names(annotation))
+                names = _names(annotation)
+                moved_refs.update(names)
+                annotations += [(owner, n) for n in names if n.value in owner.shim_names]
     for module in flow.project.modules:
         plan = plans[module]
         facts = flow.project.facts[module]
@@ -224,6 +227,11 @@ def _imports(
                         f"{local} from taskexec.sync -> from taskexec (every use moved)",
                     )
                 )
+    for module, name in annotations:
+        # The name still means the sync class here: the annotation names the async one.
+        if name.value not in plans[module].moved_names:
+            plans[module].renames[name] = shim_class_expr(module, module.shim_names[name.value])
+            plans[module].import_taskexec |= not module.taskexec_aliases
     for module, call in ctor_calls:
         plan = plans[module]
         func = call.func

@@ -31,6 +31,8 @@ class ModulePlan:
     ctors: dict[cst.Call, cst.BaseExpression] = field(default_factory=dict)
     #: Imported shim names whose every use moved: imported from ``taskexec`` instead.
     moved_names: set[str] = field(default_factory=set)
+    #: Names in annotations of values that move, where the name itself stays sync.
+    renames: dict[cst.Name, cst.BaseExpression] = field(default_factory=dict)
     #: Top-level statements (and statements of the main guard) that now hold an ``await``.
     entry: set[cst.BaseStatement] = field(default_factory=set)
     import_taskexec: bool = False
@@ -42,6 +44,7 @@ class ModulePlan:
             or self.async_withs
             or self.ctors
             or self.moved_names
+            or self.renames
             or self.entry
         )
 
@@ -81,6 +84,9 @@ class _Rewriter(cst.CSTTransformer):
             lpar=updated_node.lpar,
             rpar=updated_node.rpar,
         )
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.BaseExpression:
+        return self.plan.renames.get(original_node, updated_node)
 
     def leave_Attribute(
         self, original_node: cst.Attribute, updated_node: cst.Attribute
