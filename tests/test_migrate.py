@@ -679,3 +679,14 @@ def test_the_benchmark_codebase_migrates_and_still_runs(tmp_path: Path) -> None:
     assert "    own = TaskExecutor(agents)\n" in text
     assert run_program(tmp_path) == before
     assert migrate(".", "--check", cwd=tmp_path)[0] == 0
+
+
+def test_the_guide_shows_what_the_codemod_writes(tmp_path: Path) -> None:
+    """docs/MIGRATION.md step 3: the program before, and the text shown after --write."""
+    guide = (ROOT / "docs" / "MIGRATION.md").read_text()
+    step = guide.split("## 3. Let the codemod move the call sites", 1)[1].split("\n## 4.", 1)[0]
+    before = step.split("cat > reviewer.py <<'PY'\n", 1)[1].split("\nPY\n", 1)[0] + "\n"
+    after = step.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "reviewer.py").write_text(before)
+    assert migrate("reviewer.py", "--write", cwd=tmp_path)[0] == 0
+    assert (tmp_path / "reviewer.py").read_text() == after
