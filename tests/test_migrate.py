@@ -690,3 +690,136 @@ def test_the_guide_shows_what_the_codemod_writes(tmp_path: Path) -> None:
     (tmp_path / "reviewer.py").write_text(before)
     assert migrate("reviewer.py", "--write", cwd=tmp_path)[0] == 0
     assert (tmp_path / "reviewer.py").read_text() == after
+
+
+def migrate_and_compare(tmp_path: Path, source: str) -> tuple[str, str]:
+    """Migrate a one-file program and check it prints what it printed; report and new text."""
+    path = tmp_path / "prog.py"
+    path.write_text(source)
+    before = run_in_process(source, path)
+    report, out = migrate_files(tmp_path, {"prog.py": source})
+    assert run_in_process(out["prog.py"], path) == before
+    return report, out["prog.py"]
+
+
+PROGRAM_HEAD = '''\
+"""A program."""
+
+from __future__ import annotations
+
+from taskexec import Agent, AgentTask
+from taskexec.sync import TaskExecutor
+
+T = AgentTask(id="t", prompt="x")
+EX = TaskExecutor([Agent(name="a", provider="offline")])
+'''
+
+
+def test_a_module_level_script_runs_under_one_asyncio_run(tmp_path: Path) -> None:
+    _, text = migrate_and_compare(
+        tmp_path,
+        PROGRAM_HEAD
+        + """log = []
+try:
+    first = EX.execute(AgentTask(id="a", prompt="one"))
+except ValueError as err:
+    log.append(err)
+import json
+
+
+class Holder:
+    value = 1
+
+
+def helper():
+    return "h"
+
+
+with open(__file__) as fh:
+    size = len(fh.read()) > 0
+count = 0
+count += 1
+out = [EX.execute(AgentTask(id=f"c{i}", prompt=str(i))).output[-4:] for i in range(2)]
+results = {"r": EX.execute(AgentTask(id="d", prompt="d"))}
+print(results["r"].output[-5:], first.output[-5:], out, size, count, helper(), Holder.value)
+print(json.dumps(log))
+""",
+    )
+    assert "    global Holder, count, err, fh, first, helper, json, out, results, size\n" in text
+    assert text.startswith(
+        '"""A program."""\n\nfrom __future__ import annotations\n\nimport asyncio\n'
+    )
+    assert '\n\nasyncio.run(_main())\nprint(results["r"].output[-5:], ' in text
+
+
+def test_a_blocking_statement_inside_the_run_keeps_the_module_sync(tmp_path: Path) -> None:
+    report, text = migrate_and_compare(
+        tmp_path,
+        PROGRAM_HEAD
+        + """import threading
+
+OWN = TaskExecutor([Agent(name="o", provider="offline")])
+
+
+def blocking():
+    return OWN.execute(T).output[-6:]
+
+
+threading.Thread(target=blocking).start()
+print(EX.execute(T).output[-6:])
+print(blocking())
+print(EX.execute(T).output[-6:])
+""",
+    )
+    assert (
+        "prog.py, which would run under asyncio.run(): line 21 calls blocking(), which blocks on "
+        "the sync API"
+    ) in report
+    assert "asyncio" not in text
+
+
+def test_values_are_followed_through_containers_methods_and_expressions(tmp_path: Path) -> None:
+    report, text = migrate_and_compare(
+        tmp_path,
+        PROGRAM_HEAD
+        + """
+
+class Base:
+    def run_one(self, t):
+        return self.ex.execute(t).output[-4:]
+
+
+class Child(Base):
+    def __init__(self, ex):
+        self.ex = ex
+
+    @staticmethod
+    def make(ex):
+        return Child(ex=ex)
+
+
+def use(flag):
+    pool = [EX]
+    table = {"a": pool[0]}
+    for ex in pool:
+        print(ex.execute(T).output[-3:])
+    print(table.get("a").execute(T).ok, table["a"].execute(T).ok)
+    chosen = pool[0] if flag else None
+    other = chosen or pool[0]
+    if (named := other) is not None:
+        print(named.execute(T).status.value)
+    first, second = pool[0], pool[0]
+    print(first.execute(T).ok, second.execute(T).ok)
+    print(Child.make(ex=EX).run_one(T))
+
+
+use(True)
+""",
+    )
+    assert "async def run_one(self, t):" in text
+    assert (
+        '    print((await table.get("a").execute(T)).ok, (await table["a"].execute(T)).ok)' in text
+    )
+    assert "        print((await named.execute(T)).status.value)" in text
+    assert "    print(await Child.make(ex=EX).run_one(T))" in text
+    assert "0 stay sync" in report

@@ -223,6 +223,21 @@ class Flow:
                     return method
         return None
 
+    def root_class(self, cls: ClassInfo) -> ClassInfo:
+        """The first class up ``cls``'s bases among the given files: instances of a class and
+        of its subclasses share attribute slots (``self.ex`` set in one, read in the other)."""
+        for _ in range(10):
+            for base in cls.bases:
+                found = self.lookup(base.rsplit(".", 1)[-1], cls.module)
+                if found is not None and found[0] == "class":
+                    base_cls = found[1]
+                    assert isinstance(base_cls, ClassInfo)
+                    cls = base_cls
+                    break
+            else:
+                return cls
+        return cls
+
     def shim_class(self, expr: cst.BaseExpression, context: Context) -> str | None:
         """The ``taskexec.sync`` class ``expr`` names (``TaskExecutor``, ``sync.X``, ...)."""
         module = context.module if isinstance(context, FuncInfo) else context
@@ -327,7 +342,7 @@ class Flow:
         if isinstance(expr, cst.Attribute):
             cls = self.self_class(expr.value, context)
             if cls is not None:
-                return ("attr", cls, expr.attr.value)
+                return ("attr", self.root_class(cls), expr.attr.value)
             if isinstance(expr.value, cst.Name):
                 found = self.lookup(expr.value.value, context)
                 if found is not None and found[0] == "module":
@@ -337,7 +352,7 @@ class Flow:
                     return member[1] if member is not None and member[0] == "slot" else None
             receiver = self.slot(expr.value, context)
             if receiver is not None and self.comp(receiver).classes:
-                return ("attr", self.comp(receiver).classes[0], expr.attr.value)
+                return ("attr", self.root_class(self.comp(receiver).classes[0]), expr.attr.value)
             return None
         if isinstance(expr, cst.Call):
             return self.call_slot(expr, context, module)
