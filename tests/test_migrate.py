@@ -823,3 +823,47 @@ use(True)
     assert "        print((await named.execute(T)).status.value)" in text
     assert "    print(await Child.make(ex=EX).run_one(T))" in text
     assert "0 stay sync" in report
+
+
+def test_partial_imports_in_parentheses_and_in_functions(tmp_path: Path) -> None:
+    _, text = migrate_and_compare(
+        tmp_path,
+        """import threading
+
+from taskexec import Agent, AgentTask
+from taskexec.sync import (
+    ProjectOrchestrator,
+    TaskExecutor,
+)
+
+
+def go():
+    from taskexec.sync import TaskExecutor as TE, ProjectOrchestrator as PO
+    ex = TE([Agent(name="a", provider="offline")])
+    print(ex.execute(AgentTask(id="t", prompt="x")).output)
+    threading.Thread(target=lambda: PO().execute_tasks([])).start()
+
+
+def bg():
+    ProjectOrchestrator().execute_tasks([])
+
+
+def run():
+    ex = TaskExecutor([Agent(name="a", provider="offline")])
+    print(ex.execute(AgentTask(id="t", prompt="y")).output)
+
+
+threading.Thread(target=bg).start()
+go()
+run()
+""",
+    )
+    assert (
+        "from taskexec.sync import (\n    ProjectOrchestrator,\n)\nfrom taskexec import Task"
+        in text
+    )
+    assert "    from taskexec.sync import ProjectOrchestrator as PO; from taskexec import " in text
+    assert (
+        "threading.Thread(target=bg).start()\n\n\nasync def _main() -> None:\n    await go()\n"
+        "    await run()\n\n\nasyncio.run(_main())\n"
+    ) in text

@@ -214,6 +214,12 @@ class _Collector(cst.CSTVisitor):
             elif scope is None:
                 self.module.globals.add(name)
 
+    def bind_import(self, names: Iterable[str]) -> None:
+        # An import in a function is looked up like a module-level one (what it names matters
+        # more than where): it is not made a local slot.
+        if self.function is None:
+            self.bind(names)
+
     # -- definitions -------------------------------------------------------------------------
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
@@ -317,7 +323,7 @@ class _Collector(cst.CSTVisitor):
                     self.module.taskexec_aliases.add(local.value)
                 else:
                     self.module.imports[local.value] = (name, None)
-                self.bind([local.value])
+                self.bind_import([local.value])
             else:
                 head = name.split(".", 1)[0]
                 if head == "taskexec":
@@ -325,7 +331,7 @@ class _Collector(cst.CSTVisitor):
                 else:
                     self.module.imports.setdefault(head, (head, None))
                     self.module.imports[name] = (name, None)
-                self.bind([head])
+                self.bind_import([head])
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
         if isinstance(node.names, cst.ImportStar):
@@ -352,7 +358,7 @@ class _Collector(cst.CSTVisitor):
                 self.module.sync_aliases.add(local)
             else:
                 self.module.imports[local] = (base or "", name)
-            self.bind([local])
+            self.bind_import([local])
 
     # -- bindings and values -----------------------------------------------------------------
 

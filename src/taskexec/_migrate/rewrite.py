@@ -63,6 +63,7 @@ class _Rewriter(cst.CSTTransformer):
         self.plan = plan
         self.extra_imports: dict[int, cst.SimpleStatementLine] = {}
         self.used_names = set(module.globals)
+        self.top_level = set(module.tree.body)
 
     # -- expressions -------------------------------------------------------------------------
 
@@ -142,12 +143,30 @@ class _Rewriter(cst.CSTTransformer):
         if len(moved) == len(updated_node.names):
             return updated_node.with_changes(module=cst.Name("taskexec"))
         kept = [a for a in updated_node.names if a not in moved]
-        kept[-1] = kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
-        moved[-1] = moved[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        # The last name keeps what followed the original last name (a newline before `)`).
+        kept[-1] = kept[-1].with_changes(comma=updated_node.names[-1].comma)
+        # The moved names go on one plain line: their commas may hold the newlines of a
+        # parenthesized import.
+        moved = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in moved]
         self.extra_imports[id(original_node)] = cst.SimpleStatementLine(
             [cst.ImportFrom(module=cst.Name("taskexec"), names=moved)]
         )
-        return updated_node.with_changes(names=kept, lpar=None, rpar=None)
+        return updated_node.with_changes(names=kept)
+
+    def leave_SimpleStatementLine(
+        self, original_node: cst.SimpleStatementLine, updated_node: cst.SimpleStatementLine
+    ) -> cst.SimpleStatementLine:
+        if original_node in self.top_level:
+            return updated_node  # leave_Module puts the new import on a line of its own
+        extra = [
+            self.extra_imports.pop(id(small)).body[0]
+            for small in original_node.body
+            if id(small) in self.extra_imports
+        ]
+        # An import inside a block: `from taskexec.sync import A; from taskexec import B`.
+        return (
+            updated_node.with_changes(body=[*updated_node.body, *extra]) if extra else updated_node
+        )
 
     def leave_If(self, original_node: cst.If, updated_node: cst.If) -> cst.If:
         if not is_main_guard(original_node) or not isinstance(updated_node.body, cst.IndentedBlock):
@@ -218,7 +237,13 @@ class _Rewriter(cst.CSTTransformer):
             inner.append(
                 cst.SimpleStatementLine([cst.Global([cst.NameItem(cst.Name(n)) for n in names])])
             )
-        leading = _leading(chunk[0])
+        leading = list(_leading(chunk[0]))
+        if first > 0:
+            # Blank lines around the new function as a formatter would put them (2 at module
+            # level, 1 in the main guard); the comments above the first statement stay above.
+            while leading and leading[0].comment is None:
+                leading.pop(0)
+            leading = [cst.EmptyLine(indent=False)] * blank + leading
         inner += [chunk[0].with_changes(leading_lines=()), *chunk[1:]]
         function = cst.FunctionDef(
             name=cst.Name(name),
