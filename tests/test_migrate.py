@@ -245,6 +245,18 @@ CASES = {
             "main.py:18: async def  standalone()",
         ],
     ),
+    "factory_table": Case(
+        report=[
+            "main.py:4: import     TaskExecutor from taskexec.sync -> from taskexec",
+            'main.py:11: await      executor.execute(AgentTask(id="t", prompt="From a table"))',
+        ],
+        migrated={
+            "main.py": [
+                'FACTORIES = {"offline": TaskExecutor}\n',
+                "    return (await executor.execute(",
+            ]
+        },
+    ),
     "traced": Case(report=["0 call site(s) of taskexec.sync in 1 file(s)"], changes=False),
 }
 
@@ -323,12 +335,12 @@ def test_trace_adds_sites_static_analysis_misses(tmp_path: Path) -> None:
     run_program(folder, TASKEXEC_SYNC_TRACE=str(trace))  # appended, not rewritten
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     assert [(Path(r["file"]).name, r["line"], r["shim"]) for r in records] == [
-        ("main.py", 11, "taskexec.sync.TaskExecutor.execute")
+        ("main.py", 15, "taskexec.sync.TaskExecutor.execute")
     ] * 2
     code, report, _ = migrate("main.py", "--trace", str(trace), cwd=folder)
     assert code == 0
     assert (
-        'main.py:11: sync       executor.execute(AgentTask(id="t", prompt="Traced")) in run(): '
+        'main.py:15: sync       executor.execute(AgentTask(id="t", prompt="Traced")) in run(): '
         "recorded at run time (--trace), but no constructor of a taskexec.sync class in the given "
         "files reaches it [found at run time]"
     ) in report

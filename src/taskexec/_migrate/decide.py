@@ -71,7 +71,7 @@ def _base_reason(flow: Flow, key: Slot) -> str | None:
     comp = flow.comp(key)
     if comp.escapes:
         return comp.escapes[0]
-    if not comp.ctors:
+    if not comp.ctors and not comp.factories:
         if comp.traced:
             return (
                 "recorded at run time (--trace), but no constructor of a taskexec.sync class in "

@@ -51,9 +51,15 @@ class Component:
     escapes: list[str] = field(default_factory=list)
     traced: bool = False
     elements: Slot | None = None
+    #: The class itself as a value (``FACTORIES = {"x": TaskExecutor}``): where it is named.
+    class_refs: list[tuple[ModuleInfo, cst.BaseExpression, str]] = field(default_factory=list)
+    #: Instances made by calling such a value: the slots of the classes that made them.
+    factories: list[Slot] = field(default_factory=list)
 
     def merge(self, other: Component) -> None:
         self.shim |= other.shim
+        self.class_refs += [c for c in other.class_refs if c not in self.class_refs]
+        self.factories += [f for f in other.factories if f not in self.factories]
         self.classes += [c for c in other.classes if c not in self.classes]
         self.ctors += [c for c in other.ctors if c not in self.ctors]
         self.escapes += [e for e in other.escapes if e not in self.escapes]
@@ -334,6 +340,17 @@ class Flow:
     def slot(self, expr: cst.BaseExpression, context: Context) -> Slot | None:
         """The slot ``expr``'s value lives in, or None when it is not followed."""
         module = context.module if isinstance(context, FuncInfo) else context
+        shim = (
+            self.shim_class(expr, context) if isinstance(expr, cst.Name | cst.Attribute) else None
+        )
+        if shim is not None:
+            # A taskexec.sync class used as a value, to be called later.
+            ref: Slot = ("node", expr)
+            comp = self.comp(ref)
+            if (module, expr, shim) not in comp.class_refs:
+                comp.class_refs.append((module, expr, shim))
+                self.changed = True
+            return ref
         if isinstance(expr, cst.Name):
             found = self.lookup(expr.value, context)
             return found[1] if found is not None and found[0] == "slot" else None
@@ -410,7 +427,20 @@ class Flow:
             if inner is None:
                 return None
             return inner if call.func.attr.value == "copy" else self.elements(inner)
-        return None
+        factory = self.slot(call.func, context)
+        refs = self.comp(factory).class_refs if factory is not None else []
+        if factory is None or not refs:
+            return None
+        # Every instance a class value makes moves with every other: the class value changes.
+        slot = ("node", call)
+        self.union(slot, ("instances", refs[0][1]))
+        for _, _, name in refs:
+            self.mark_shim(slot, name)
+        comp = self.comp(slot)
+        if factory not in comp.factories:
+            comp.factories.append(factory)
+            self.changed = True
+        return slot
 
     # -- the passes --------------------------------------------------------------------------
 

@@ -194,11 +194,17 @@ def _imports(
     converted = {flow.find(key) for key in decisions.converted}
     moved_refs: set[cst.Name] = set()
     ctor_calls: list[tuple[ModuleInfo, cst.Call]] = []
+    class_refs: list[tuple[ModuleInfo, cst.BaseExpression, str]] = []
     for key in converted:
         for module, call in flow.comp(key).ctors:
             ctor_calls.append((module, call))
             if isinstance(call.func, cst.Name):
                 moved_refs.add(call.func)
+        for factory in flow.comp(key).factories:
+            for module, ref, cls in flow.comp(factory).class_refs:
+                class_refs.append((module, ref, cls))
+                if isinstance(ref, cst.Name):
+                    moved_refs.add(ref)
     annotations: list[tuple[ModuleInfo, cst.Name]] = []
     for owner, facts in flow.project.facts.items():
         annotated = [(("local", f, p), a, f) for f, p, a in facts.param_annotations] + [
@@ -227,6 +233,19 @@ def _imports(
                         f"{local} from taskexec.sync -> from taskexec (every use moved)",
                     )
                 )
+    for module, ref, cls in class_refs:
+        if isinstance(ref, cst.Name) and ref.value in plans[module].moved_names:
+            continue
+        plans[module].renames[ref] = shim_class_expr(module, cls)
+        plans[module].import_taskexec |= not module.taskexec_aliases
+        migration.entries.append(
+            Entry(
+                module.display,
+                module.line(ref),
+                "async obj",
+                f"{_snippet(module, ref)} -> taskexec.{cls} (a class used as a value)",
+            )
+        )
     for module, name in annotations:
         # The name still means the sync class here: the annotation names the async one.
         if name.value not in plans[module].moved_names:

@@ -32,7 +32,7 @@ class ModulePlan:
     #: Imported shim names whose every use moved: imported from ``taskexec`` instead.
     moved_names: set[str] = field(default_factory=set)
     #: Names in annotations of values that move, where the name itself stays sync.
-    renames: dict[cst.Name, cst.BaseExpression] = field(default_factory=dict)
+    renames: dict[cst.BaseExpression, cst.BaseExpression] = field(default_factory=dict)
     #: Top-level statements (and statements of the main guard) that now hold an ``await``.
     entry: set[cst.BaseStatement] = field(default_factory=set)
     import_taskexec: bool = False
@@ -92,6 +92,8 @@ class _Rewriter(cst.CSTTransformer):
     def leave_Attribute(
         self, original_node: cst.Attribute, updated_node: cst.Attribute
     ) -> cst.BaseExpression:
+        if original_node in self.plan.renames:
+            return self.plan.renames[original_node]
         if isinstance(updated_node.value, cst.Await) and not updated_node.value.lpar:
             # `x.execute(t).output` -> `(await x.execute(t)).output`: await binds looser.
             return updated_node.with_changes(value=_parenthesize(updated_node.value))

@@ -1,14 +1,18 @@
-"""An executor picked from a table: static analysis cannot follow it, a trace can."""
+"""An executor class looked up by name at run time: a trace sees the call, analysis cannot."""
+
+import importlib
 
 from taskexec import Agent, AgentTask
-from taskexec.sync import TaskExecutor
 
-FACTORIES = {"offline": TaskExecutor}
+
+def make(kind):
+    module = importlib.import_module("taskexec.sync")
+    return getattr(module, kind)([Agent(name="bot", provider="offline")])
 
 
 def run(kind):
-    executor = FACTORIES[kind]([Agent(name="bot", provider="offline")])
+    executor = make(kind)
     return executor.execute(AgentTask(id="t", prompt="Traced")).output
 
 
-print(run("offline"))
+print(run("TaskExecutor"))
