@@ -585,12 +585,15 @@ def test_nothing_to_do(tmp_path: Path) -> None:
 
 
 @st.composite
-def call_graphs(draw: st.DrawFn) -> str:
-    """A program of functions over one shim: each may call lower functions (directly, in a
-    comprehension, in an f-string, in a conditional, as a method), run a task, or start a
-    thread; the program prints what its entry function returns."""
+def call_graphs(draw: st.DrawFn) -> dict[str, str]:
+    """A program of functions over one shim, in two modules: ``lib.py`` (the shared executor, a
+    class that stores it, the lower functions) and ``main.py`` (the rest, which reach ``lib``
+    through ``import lib``). Each function may run a task on the shared executor or on one of
+    its own, and call lower functions: directly, in a comprehension, an f-string, a conditional,
+    an eager or a lazy generator expression, a nested function, or in a thread."""
     n = draw(st.integers(1, 6))
-    lines = [
+    split = draw(st.integers(0, n))
+    lib = [
         "import threading",
         "from taskexec import Agent, AgentTask",
         "from taskexec.sync import TaskExecutor",
@@ -603,11 +606,23 @@ def call_graphs(draw: st.DrawFn) -> str:
         "        return self.ex.execute(AgentTask(id='b', prompt=p)).output[-8:]",
         "BOX = Box(EX)",
     ]
+    main = [
+        "import threading",
+        "from taskexec import Agent, AgentTask",
+        "from taskexec.sync import TaskExecutor",
+        "import lib",
+        "OUT = lib.OUT",
+    ]
     for i in range(n):
+        here = "" if i < split else "lib."
+
+        def ref(j: int, here: str = here) -> str:
+            return f"f{j}" if (j < split) == (here == "") else f"lib.f{j}"
+
         body = [f"def f{i}(x):", f"    acc = [str(x), 'f{i}']"]
         # A function's own executor can stay sync on its own; the shared one moves as one.
         own = draw(st.booleans())
-        ex = "own" if own else "EX"
+        ex = "own" if own else f"{here}EX"
         if own:
             body.append("    own = TaskExecutor([Agent(name='o', provider='offline')])")
         if draw(st.booleans()):
@@ -615,40 +630,57 @@ def call_graphs(draw: st.DrawFn) -> str:
                 f"    acc.append({ex}.execute(AgentTask(id='t{i}', prompt=str(x))).output[-6:])"
             )
         if draw(st.booleans()):
-            body.append(f"    acc.append(BOX.ask('b{i}'))")
+            body.append(f"    acc.append({here}BOX.ask('b{i}'))")
         for j in draw(st.lists(st.integers(0, max(i - 1, 0)), max_size=3)) if i else []:
-            shape = draw(st.sampled_from(["plain", "comp", "fstring", "cond", "thread"]))
+            f = ref(j)
+            shape = draw(
+                st.sampled_from(
+                    ["plain", "comp", "fstring", "cond", "eager", "lazy", "nested", "thread"]
+                )
+            )
             if shape == "plain":
-                body.append(f"    acc.append(f{j}(x + 1))")
+                body.append(f"    acc.append({f}(x + 1))")
             elif shape == "comp":
-                body.append(f"    acc += [f{j}(k) for k in range(2)]")
+                body.append(f"    acc += [{f}(k) for k in range(2)]")
             elif shape == "fstring":
-                body.append(f"    acc.append(f'<{{f{j}(x)}}>')")
+                body.append(f"    acc.append(f'<{{{f}(x)}}>')")
             elif shape == "cond":
-                body.append(f"    acc.append(f{j}(x) if x % 2 else 'even')")
+                body.append(f"    acc.append({f}(x) if x % 2 else 'even')")
+            elif shape == "eager":
+                body.append(f"    acc.append(str(sum(len({f}(k)) for k in range(2))))")
+            elif shape == "lazy":
+                body.append(f"    acc.append(str(any({f}(k) for k in range(2))))")
+            elif shape == "nested":
+                body.append(
+                    f"    def inner(y):\n        return {f}(y) + '!'\n    acc.append(inner(x))"
+                )
             else:
                 body.append(
-                    f"    th = threading.Thread(target=lambda: OUT.append(f{j}(x)))\n"
+                    f"    th = threading.Thread(target=lambda: OUT.append({f}(x)))\n"
                     "    th.start()\n    th.join()"
                 )
         if own:
             body.append("    own.close()")
         body.append("    return '|'.join(acc)")
-        lines += body
-    lines += [
-        "if __name__ == '__main__':",
-        f"    print(f{n - 1}(1))",
-        "    print(OUT)",
-    ]
-    return "\n".join(lines) + "\n"
+        (lib if i < split else main).extend(body)
+    entry = f"f{n - 1}" if n - 1 >= split else f"lib.f{n - 1}"
+    main += ["if __name__ == '__main__':", f"    print({entry}(1))", "    print(OUT)"]
+    return {"lib.py": "\n".join(lib) + "\n", "main.py": "\n".join(main) + "\n"}
 
 
 def run_in_process(source: str, path: Path) -> str:
-    """Run a program as __main__ in this process (a subprocess per example would be slow)."""
+    """Run a program as __main__ in this process (a subprocess per example would be slow);
+    ``lib`` is imported afresh from the program's folder."""
     out = io.StringIO()
     code = compile(source, str(path), "exec")
-    with contextlib.redirect_stdout(out):
-        exec(code, {"__name__": "__main__", "__file__": str(path)})
+    sys.modules.pop("lib", None)
+    sys.path.insert(0, str(path.parent))
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(code, {"__name__": "__main__", "__file__": str(path)})
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop("lib", None)
     return out.getvalue()
 
 
@@ -659,18 +691,20 @@ def run_in_process(source: str, path: Path) -> str:
 )
 @given(program=call_graphs())
 def test_random_call_graphs_keep_their_output(
-    program: str, tmp_path_factory: pytest.TempPathFactory
+    program: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     folder = tmp_path_factory.mktemp("graph")
-    path = folder / "main.py"
-    path.write_text(program)
-    before = run_in_process(program, path)
-    assert migrate(str(path), "--write")[0] == 0
-    migrated = path.read_text()
-    ast.parse(migrated)
-    assert run_in_process(migrated, path) == before
-    assert migrate(str(path), "--check")[0] == 0
-    assert path.read_text() == migrated
+    for name, text in program.items():
+        (folder / name).write_text(text)
+    main = folder / "main.py"
+    before = run_in_process(program["main.py"], main)
+    assert migrate(str(folder), "--write")[0] == 0
+    migrated = {name: (folder / name).read_text() for name in program}
+    for name, text in migrated.items():
+        ast.parse(text, name)
+    assert run_in_process(migrated["main.py"], main) == before
+    assert migrate(str(folder), "--check")[0] == 0
+    assert {name: (folder / name).read_text() for name in program} == migrated
 
 
 def test_the_benchmark_codebase_migrates_and_still_runs(tmp_path: Path) -> None:
