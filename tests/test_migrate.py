@@ -913,3 +913,13 @@ run()
         "threading.Thread(target=bg).start()\n\n\nasync def _main() -> None:\n    await go()\n"
         "    await run()\n\n\nasyncio.run(_main())\n"
     ) in text
+
+
+def test_a_file_named_twice_is_one_module(tmp_path: Path) -> None:
+    (tmp_path / "main.py").write_text(GOOD)
+    code, report, _ = migrate(str(tmp_path), str(tmp_path / "main.py"), "--write")
+    assert code == 0
+    assert "in 1 file(s)" in report
+    text = (tmp_path / "main.py").read_text()
+    assert text.count("async def run") == 1
+    assert "await await" not in text

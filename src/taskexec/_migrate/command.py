@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 __all__ = ("register", "run")
 
@@ -17,9 +16,9 @@ EXIT_OK, EXIT_CHANGES, EXIT_USAGE = 0, 1, 2
 INSTALL_HINT = "taskexec migrate needs libcst: pip install 'taskexec[migrate]'"
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``migrate`` command to the ``taskexec`` parser's subcommands."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = subparsers.add_parser(
         "migrate",
         help="move blocking taskexec.sync call sites to await (a codemod)",
         description="Report, diff or rewrite the call sites of taskexec.sync in PATH...: "

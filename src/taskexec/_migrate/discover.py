@@ -57,7 +57,15 @@ def find_files(paths: Sequence[str]) -> list[tuple[Path, Path]]:
             found.append((path, path.parent))
         else:
             raise ParseFailure(f"{given}: no such file or directory")
-    return found
+    # A file named twice (a folder and a file in it) is one module.
+    seen: set[str] = set()
+    unique = []
+    for file, root in found:
+        real = os.path.realpath(file)
+        if real not in seen:
+            seen.add(real)
+            unique.append((file, root))
+    return unique
 
 
 def module_names(file: Path, root: Path) -> list[str]:
