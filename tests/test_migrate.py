@@ -923,3 +923,18 @@ def test_a_file_named_twice_is_one_module(tmp_path: Path) -> None:
     text = (tmp_path / "main.py").read_text()
     assert text.count("async def run") == 1
     assert "await await" not in text
+
+
+def test_a_site_is_recorded_once_per_file_and_process(tmp_path: Path) -> None:
+    from taskexec._callsite import CallSite, record_sync_call
+
+    trace = tmp_path / "sites.jsonl"
+    site = CallSite(str(tmp_path / "app.py"), 7, {})
+    for _ in range(3):
+        record_sync_call(str(trace), "taskexec.sync.TaskExecutor.execute", site)
+    record_sync_call(str(trace), "taskexec.sync.TaskExecutor.close", site._replace(lineno=8))
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [(r["line"], r["shim"]) for r in lines] == [
+        (7, "taskexec.sync.TaskExecutor.execute"),
+        (8, "taskexec.sync.TaskExecutor.close"),
+    ]
