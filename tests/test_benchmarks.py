@@ -31,7 +31,7 @@ def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
         "## 7. Beyond one process",
         "## 8. Provider rate limits",
         "### 8.4 The limiter's own cost",
-        "## 9. taskexec migrate",
+        "## 10. taskexec migrate",
     ):
         assert heading in report
     if services_up():
