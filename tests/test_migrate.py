@@ -938,3 +938,16 @@ def test_a_site_is_recorded_once_per_file_and_process(tmp_path: Path) -> None:
         (7, "taskexec.sync.TaskExecutor.execute"),
         (8, "taskexec.sync.TaskExecutor.close"),
     ]
+
+
+def test_an_import_cycle_is_not_followed_forever(tmp_path: Path) -> None:
+    report, out = migrate_files(
+        tmp_path,
+        {
+            "a.py": "from b import helper\n\ndef go():\n    return helper()\n",
+            "b.py": "from a import helper\n",
+            "main.py": GOOD,
+        },
+    )
+    assert "async def run" in out["main.py"]
+    assert "in 3 file(s)" in report

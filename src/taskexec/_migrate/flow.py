@@ -104,6 +104,7 @@ class Flow:
         self.changed = False
         self.callbacks: dict[FuncInfo, str] = {}
         self.sites: list[Site] = []
+        self._importing: set[tuple[ModuleInfo, str]] = set()
 
     # -- union-find --------------------------------------------------------------------------
 
@@ -185,21 +186,32 @@ class Flow:
         if name in module.shim_names:
             return "shim", module.shim_names[name]
         if name in module.imports:
-            target, attr = module.imports[name]
-            other = self.project.resolve_module(module, target)
-            if attr is None:
-                return ("module", other) if other is not None else None
-            joined = f"{target}{attr}" if target.endswith(".") else f"{target}.{attr}"
-            sub = self.project.resolve_module(module, joined)
-            defined = other is not None and (
-                attr in other.functions or attr in other.classes or attr in other.globals
-            )
-            if sub is not None and not defined:
-                return "module", sub  # `from package import submodule`
-            return self.member(other, attr) if other is not None else None
+            key = (module, name)
+            if key in self._importing:
+                return None  # an import cycle (a package re-exporting what imports it)
+            self._importing.add(key)
+            try:
+                return self._imported(module, name)
+            finally:
+                self._importing.discard(key)
         if name in module.globals:
             return "slot", ("global", module, name)
         return None
+
+    def _imported(self, module: ModuleInfo, name: str) -> tuple[str, object] | None:
+        """What an imported name refers to among the given modules."""
+        target, attr = module.imports[name]
+        other = self.project.resolve_module(module, target)
+        if attr is None:
+            return ("module", other) if other is not None else None
+        joined = f"{target}{attr}" if target.endswith(".") else f"{target}.{attr}"
+        sub = self.project.resolve_module(module, joined)
+        defined = other is not None and (
+            attr in other.functions or attr in other.classes or attr in other.globals
+        )
+        if sub is not None and not defined:
+            return "module", sub  # `from package import submodule`
+        return self.member(other, attr) if other is not None else None
 
     def member(self, module: ModuleInfo, name: str) -> tuple[str, object] | None:
         """``module.name`` for a given module."""
