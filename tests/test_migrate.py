@@ -951,3 +951,21 @@ def test_an_import_cycle_is_not_followed_forever(tmp_path: Path) -> None:
     )
     assert "async def run" in out["main.py"]
     assert "in 3 file(s)" in report
+
+
+def test_tests_move_only_where_pytest_runs_async_tests(tmp_path: Path) -> None:
+    (tmp_path / "test_x.py").write_text(
+        HEADER
+        + "from taskexec.sync import TaskExecutor\n\n\n"
+        + "def test_one():\n"
+        + "    with TaskExecutor([Agent(name='a', provider='offline')]) as ex:\n"
+        + "        assert ex.execute(AgentTask(id='t', prompt='x')).ok\n"
+    )
+    code, report, _ = migrate(str(tmp_path), "--check")
+    assert code == 0
+    assert "in test_one(): it is used in test_one(), which stays sync: it is a test" in report
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\nasyncio_mode = "auto"\n')
+    assert migrate(str(tmp_path / "test_x.py"), "--write")[0] == 0
+    text = (tmp_path / "test_x.py").read_text()
+    assert "async def test_one():\n    async with TaskExecutor(" in text
+    assert "        assert (await ex.execute(" in text

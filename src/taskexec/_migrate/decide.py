@@ -63,7 +63,22 @@ def _pinned_by_shape(flow: Flow, function: FuncInfo) -> str | None:
                     f"it is a method of {cls.name}, a subclass of {base} from outside the given "
                     "files, which may call it without await"
                 )
+    if not flow.project.async_tests and _is_test(function):
+        return (
+            "it is a test, which pytest calls without await (tests move too where the pytest "
+            "configuration has pytest-asyncio's asyncio_mode = auto)"
+        )
     return flow.callbacks.get(function)
+
+
+def _is_test(function: FuncInfo) -> bool:
+    """A pytest test: ``test*`` at a test module's top level or in its ``Test*`` classes."""
+    name = function.module.path.name
+    if not (name.startswith("test_") or name.endswith("_test.py")):
+        return False
+    if function.parent is not None or not function.node.name.value.startswith("test"):
+        return False
+    return function.cls is None or function.cls.name.startswith("Test")
 
 
 def _base_reason(flow: Flow, key: Slot) -> str | None:

@@ -74,6 +74,8 @@ class Project:
     facts: dict[ModuleInfo, Facts]
     by_name: dict[str, ModuleInfo] = field(default_factory=dict)
     traced: set[tuple[str, int]] = field(default_factory=set)
+    #: pytest runs ``async def`` tests here (pytest-asyncio's ``asyncio_mode = auto``).
+    async_tests: bool = False
 
     def __post_init__(self) -> None:
         for module in self.modules:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import libcst as cst
 
@@ -75,6 +77,26 @@ def _where(site: Site) -> str:
     return f"in {context.describe()}" if isinstance(context, FuncInfo) else "at module level"
 
 
+#: pytest-asyncio's setting that runs every ``async def`` test without a marker.
+_ASYNCIO_AUTO = re.compile(r"""^\s*asyncio_mode\s*=\s*["']?auto\b""", re.MULTILINE)
+_PYTEST_CONFIGS = ("pyproject.toml", "pytest.ini", "setup.cfg", "tox.ini")
+
+
+def _async_tests(path: Path) -> bool:
+    """Whether the pytest configuration that governs ``path`` runs ``async def`` tests."""
+    folder = path.resolve() if path.is_dir() else path.resolve().parent
+    for candidate in (folder, *folder.parents):
+        for name in _PYTEST_CONFIGS:
+            config = candidate / name
+            if config.is_file():
+                try:
+                    if _ASYNCIO_AUTO.search(config.read_text(encoding="utf-8")):
+                        return True
+                except (OSError, UnicodeDecodeError):
+                    continue
+    return False
+
+
 def plan_migration(paths: Sequence[str], traced: Iterable[tuple[str, int]] = ()) -> Migration:
     """Analyse the Python files under ``paths`` and compute their migrated sources.
 
@@ -98,6 +120,7 @@ def plan_migration(paths: Sequence[str], traced: Iterable[tuple[str, int]] = ())
     known = {os.path.realpath(m.path) for m in modules}
     migration.traced_outside = sum(1 for f, _ in traced_set if f not in known)
     project = Project(modules, facts)
+    project.async_tests = any(_async_tests(Path(p)) for p in paths)
     project.traced = {
         (str(m.path), line)
         for m in modules
