@@ -969,3 +969,23 @@ def test_tests_move_only_where_pytest_runs_async_tests(tmp_path: Path) -> None:
     text = (tmp_path / "test_x.py").read_text()
     assert "async def test_one():\n    async with TaskExecutor(" in text
     assert "        assert (await ex.execute(" in text
+
+
+def test_line_numbers_match_libcsts_position_provider() -> None:
+    import libcst as cst
+    from libcst.metadata import MetadataWrapper, PositionProvider
+
+    from taskexec._migrate.discover import line_numbers
+
+    files = [
+        *CORPUS.rglob("*.py"),
+        Path(__file__),
+        ROOT / "src" / "taskexec" / "_migrate" / "flow.py",
+    ]
+    for file in files:
+        if not file.is_file():
+            continue
+        tree = cst.parse_module(file.read_text().replace("\n", "\r\n", 3))
+        want = MetadataWrapper(tree, unsafe_skip_copy=True).resolve(PositionProvider)
+        got = line_numbers(tree)
+        assert {n: r.start.line for n, r in want.items()} == got, file
