@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed, limits, scenarios, streaming, tracing
+from . import distributed, limits, migrate, scenarios, streaming, tracing
 from ._server import ServerProcess
 
 HERE = Path(__file__).resolve().parent
@@ -134,6 +134,8 @@ def main() -> int:
     results["limits"] = limits.run_all(quick, RESULTS_URL if services else None, min(repeats, 3))
     results["streaming"] = streaming.run_all(quick, repeats)
     results["tracing"] = tracing.run_all(quick, min(repeats, 3))
+    results["migrate"] = migrate.run_all(quick, repeats)
+    print(f"migrate: {results['migrate']['median files/s']:.0f} files/s", file=sys.stderr)
     results["elapsed_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, out / "scale.png")
@@ -338,6 +340,8 @@ def render(r: dict[str, Any]) -> str:
     lines += render_limits(r["limits"])
     lines += streaming.render(r["streaming"])
     lines += tracing.render(r["tracing"])
+    if "migrate" in r:
+        lines += migrate.render(r["migrate"])
     fw = r["framework"]
     fw_ratio = fw["taskexec_us"]["median"] / fw["floor_us"]["median"]
     gaps = []
@@ -655,6 +659,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     for key, shown in (("offline", "offline"), ("http", "mock server")):
         ratio = r["tracing"][key]["on / off"]
         add("10", f"tracing on <= 1.05x off ({shown})", ratio, "{:.2f}x", ratio <= 1.05)
+    if "migrate" in r:
+        rate = r["migrate"]["median files/s"]
+        add("11", "taskexec migrate >= 50 files/s", rate, "{:.0f} files/s", rate >= 50)
     return found
 
 

@@ -33,6 +33,7 @@ def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
         "### 8.4 The limiter's own cost",
         "## 9. Streaming",
         "## 10. Tracing (OpenTelemetry)",
+        "## 11. taskexec migrate",
     ):
         assert heading in report
     if services_up():

@@ -9,6 +9,7 @@ A call through ``taskexec.sync`` records the caller's line before it crosses int
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import sys
 import threading
@@ -24,6 +25,7 @@ __all__ = (
     "current_site",
     "enter_sync_call",
     "guide",
+    "record_sync_call",
     "warn_at_caller",
     "warn_sync_call",
 )
@@ -121,10 +123,33 @@ def enter_sync_call(cls: str, name: str, frame: FrameType) -> contextvars.Token[
     during the call, and warn there under ``TASKEXEC_WARN_SYNC``; reset ``caller_site`` with
     the token returned when the call is over."""
     site = site_of(frame)
+    shim = f"taskexec.sync.{cls}.{_SYNC_NAMES.get(name, name)}"
     if os.environ.get(WARN_SYNC_ENV, "") not in ("", "0"):
-        shim = f"taskexec.sync.{cls}.{_SYNC_NAMES.get(name, name)}"
         warn_sync_call(shim, f"taskexec.{cls}.{name}", site)
+    trace = os.environ.get(TRACE_SYNC_ENV, "")
+    if trace:
+        record_sync_call(trace, shim, site)
     return caller_site.set(caller_site.get() or site)
+
+
+#: ``TASKEXEC_SYNC_TRACE=FILE`` appends one JSON line per call site of a blocking shim to FILE,
+#: for ``taskexec migrate --trace FILE``.
+TRACE_SYNC_ENV = "TASKEXEC_SYNC_TRACE"
+_traced_sites: set[tuple[str, str, int]] = set()
+
+
+def record_sync_call(path: str, shim: str, site: CallSite) -> None:
+    """Append ``{"file", "line", "shim"}`` for ``site`` to ``path``, once per site and process."""
+    key = (path, site.filename, site.lineno)
+    with _warned_lock:
+        if key in _traced_sites:
+            return
+        _traced_sites.add(key)
+    line = json.dumps({"file": os.path.abspath(site.filename), "line": site.lineno, "shim": shim})
+    # One write of one line in append mode: lines from concurrent processes (a test suite run
+    # with xdist) do not interleave.
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(line + "\n")
 
 
 def warn_sync_call(shim: str, target: str, site: CallSite) -> None:

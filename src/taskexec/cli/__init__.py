@@ -1,8 +1,9 @@
 """The ``taskexec`` command: run a plan (in-process or on workers), validate it, serve workers,
-list them, or serve the mock LLM server.
+list them, serve the mock LLM server, or migrate sync call sites to ``await``.
 
 One module per job: :mod:`.run`, :mod:`.worker` (``worker`` and ``workers``, the ``workers``
-extra's commands), :mod:`.validate`, :mod:`.mock_server`; the report and the results file in
+extra's commands), :mod:`.validate`, :mod:`.mock_server`, and ``migrate`` (the codemod's
+command lives with it, in :mod:`taskexec._migrate.command`); the report and the results file in
 :mod:`._report`, terminal-safe output in :mod:`._output`, signals in :mod:`._signals`.
 
 Exit codes: 0 every task succeeded, 1 some task did not, 2 usage or plan error (also a command
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import PlanError, TaskexecError
+from .._migrate import command as migrate
 from .._version import __version__
 from . import mock_server, run, validate, worker
 from ._output import BestEffortStream, UsageError, lines
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command", required=True, parser_class=mock_server.LazyEpilogParser
     )
-    for command in (run, worker, validate, mock_server):
+    for command in (run, worker, validate, mock_server, migrate):
         command.register(commands)
     return parser
 
