@@ -949,3 +949,101 @@ async def test_a_garbage_stored_result_is_a_failed_result_not_a_traceback(
         assert result.error is not None
         assert result.error.kind == "bad_result"
         assert "delete key" in result.error.message
+
+
+def _openai_agent(server: MockServer) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "writer",
+            "provider": "openai",
+            "base_url": server.openai_base_url,
+            "api_key": "sk-test",
+            "max_retries": 0,
+        }
+    ]
+
+
+async def test_hand_backs_never_count_toward_the_poison_limit(
+    use_cluster: Cluster, tmp_path: Path, slow_server: MockServer, mock_server: MockServer
+) -> None:
+    """A healthy task whose worker is stopped (SIGTERM: hand back) more often than the delivery
+    limit still runs to success on the next worker, and is not dead-lettered."""
+    slow_file = write_agents(tmp_path / "slow.yaml", _openai_agent(slow_server))
+    fast_file = write_agents(tmp_path / "fast.yaml", _openai_agent(mock_server))
+    orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(fast_file)))
+    run = asyncio.create_task(orchestrator.execute_tasks([AgentTask(id="healthy", prompt="p")]))
+    stops = use_cluster.delivery_limit + 2
+    for turn in range(stops):
+        with workers([WorkerProcess(slow_file, use_cluster, f"slow{turn}", grace_s=0.1)]) as (
+            slow,
+        ):
+            await eventually(
+                lambda n=turn + 1: slow_server.stats.chat_requests == n,  # type: ignore[misc]
+                timeout_s=30,
+            )
+            assert slow.terminate() == 0
+    assert not run.done()
+    with workers([WorkerProcess(fast_file, use_cluster, "fast")]):
+        (result,) = await asyncio.wait_for(run, 60)
+    assert result.ok, result.error
+    assert result.metadata["worker"] == "fast"
+    assert slow_server.stats.chat_requests == stops  # one per hand-back, none twice
+    assert mock_server.stats.chat_requests == 1
+    assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 0
+    assert await queue_depth(use_cluster, use_cluster.queue("writer")) == 0
+
+
+async def test_a_task_delivered_twice_at_once_runs_once(
+    cluster: Cluster, tmp_path: Path, mock_server: MockServer
+) -> None:
+    """Two copies of one task reach two workers at once: the second taker finds the first's
+    lease live, waits for its result, and acknowledges its copy unrun."""
+    agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(mock_server))
+    message = TaskMessage(
+        run_id="twice",
+        agent="writer",
+        mode="llm",
+        task=AgentTask(id="one", prompt="[[latency=2]] p"),
+    )
+    with workers(
+        [WorkerProcess(agents_file, cluster, name, concurrency=1) for name in ("a", "b")]
+    ) as ws:
+        for w in ws:
+            await w.registered()
+        connection = await aio_pika.connect(cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            for _ in range(2):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        message.encode(),
+                        headers={TASK_HEADER: TASK_VERSION},
+                        content_type="application/json",
+                    ),
+                    routing_key=cluster.queue("writer"),
+                )
+        finally:
+            await connection.close()
+        async with store_of(cluster) as store:
+            await eventually(lambda: mock_server.stats.chat_requests >= 1, timeout_s=30)
+            for _ in range(600):
+                if await store.get_many("twice", ["one"]) and not await queue_depth(
+                    cluster, cluster.queue("writer")
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            stored = await store.get_many("twice", ["one"])
+            # Both copies settled: none waits in the queue or unacknowledged at a worker.
+            for _ in range(600):
+                if all(
+                    w["in_flight"] == 0 for w in [i.model_dump() for i in await store.workers()]
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            counted = await store.counters("twice")
+            in_flight = [w.in_flight for w in await store.workers()]
+    assert stored["one"].ok
+    assert mock_server.stats.chat_requests == 1
+    assert counted == {"executions": 1, "duplicates": 0}
+    assert in_flight == [0, 0]
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
