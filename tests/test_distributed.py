@@ -1047,3 +1047,139 @@ async def test_a_task_delivered_twice_at_once_runs_once(
     assert counted == {"executions": 1, "duplicates": 0}
     assert in_flight == [0, 0]
     assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+async def test_a_redis_outage_mid_run_hangs_nothing_and_runs_each_task_once(
+    use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis goes away for a few seconds under 80 tasks on two workers (every connection
+    dropped, new ones refused), the orchestrator's and the workers' alike: the workers stop
+    taking tasks and hand back what they cannot take (not counted as failed deliveries), keep
+    the results of what they ran until Redis takes them, and resume; every task ends with
+    exactly one result, each ran once, and no worker ran more than its concurrency."""
+    with mock_server_in_thread() as first, mock_server_in_thread() as second:
+        servers = (first, second)
+        files = [
+            write_agents(tmp_path / f"w{i}.yaml", _openai_agent(server))
+            for i, server in enumerate(servers)
+        ]
+        tasks = [AgentTask(id=f"o{i}", prompt=f"[[latency=0.2]] p{i}") for i in range(80)]
+        async with CuttableProxy("127.0.0.1", 6379) as proxy:
+            via_proxy = Cluster(
+                use_cluster.broker_url,
+                proxy.url(use_cluster.results_url),
+                namespace=use_cluster.namespace,
+            )
+            monkeypatch.setenv("TASKEXEC_RESULTS_URL", via_proxy.results_url)
+            with workers(
+                [WorkerProcess(files[i], via_proxy, f"w{i}", concurrency=4) for i in (0, 1)]
+            ) as ws:
+                for w in ws:
+                    await w.registered()
+                orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(files[0])))
+                run = asyncio.create_task(orchestrator.execute_tasks(tasks))
+                await eventually(
+                    lambda: sum(s.stats.chat_requests for s in servers) >= 20, timeout_s=30
+                )
+                proxy.down()
+                await asyncio.sleep(3)  # the length of the outage (the input of this test)
+                proxy.up()
+                results = await asyncio.wait_for(run, 120)
+                logs = [w.log.read_text() for w in ws]
+    assert [r.task_id for r in results] == [t.id for t in tasks]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert sum(s.stats.chat_requests for s in servers) == len(tasks)
+    assert all(s.stats.max_in_flight <= 4 for s in servers)
+    assert any("Redis cannot be reached" in log for log in logs)
+    async with store_of(use_cluster) as store:
+        stored = await store.get_many(results[0].metadata["run_id"], [t.id for t in tasks])
+        counted = await store.counters(results[0].metadata["run_id"])
+    assert {t: r.output for t, r in stored.items()} == {r.task_id: r.output for r in results}
+    assert counted == {"executions": len(tasks), "duplicates": 0}
+    assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 0
+
+
+async def test_a_crashed_orchestrator_resumes_without_sending_again(
+    use_cluster: Cluster, tmp_path: Path
+) -> None:
+    """`taskexec run` killed (SIGKILL) while its tasks run and wait in the queue, then run
+    again with the same --run-id: it waits on the tasks the first one sent (under a lease or
+    queued) instead of sending them again; the server sees each task once."""
+    count = 16
+    with mock_server_in_thread() as server:
+        plan_file = write_agents(
+            tmp_path / "plan.yaml",
+            _openai_agent(server),
+            [{"id": f"s{i}", "prompt": f"[[latency=2]] p{i}"} for i in range(count)],
+        )
+        out = tmp_path / "out.jsonl"
+        command = [
+            *(sys.executable, "-m", "taskexec", "run", str(plan_file)),
+            *("--run-id", "resume", "--output", str(out), "--concurrency", str(count)),
+        ]
+        env = cluster_env(use_cluster)
+        # Every finished event of the run, as a dashboard would see them: a copy sent again
+        # would be acknowledged unrun with a "duplicate" event.
+        connection = await aio_pika.connect(use_cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                use_cluster.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            events = await channel.declare_queue(exclusive=True)
+            await events.bind(exchange, routing_key="run.resume.#")
+            with workers([WorkerProcess(plan_file, use_cluster, "w", concurrency=6)]) as (w,):
+                await w.registered()
+                first = await asyncio.create_subprocess_exec(
+                    *command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                try:
+                    await eventually(lambda: server.stats.chat_requests >= 6, timeout_s=30)
+                finally:
+                    first.kill()
+                    await first.wait()
+                again = await asyncio.to_thread(
+                    subprocess.run, command, env=env, capture_output=True, text=True, timeout=120
+                )
+                assert again.returncode == 0, again.stderr
+            seen: list[dict[str, Any]] = []
+            while (message := await events.get(fail=False)) is not None:
+                seen.append(json.loads(message.body))
+                await message.ack()
+        finally:
+            await connection.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["task_id"] for r in lines if r["status"] == "success") == sorted(
+        f"s{i}" for i in range(count)
+    )
+    assert server.stats.chat_requests == count
+    assert [e for e in seen if e.get("duplicate")] == []
+    assert len(seen) == count
+
+
+async def test_a_task_nobody_holds_is_sent_again(tmp_path: Path) -> None:
+    """A task an orchestrator waits on whose message is gone (never published by an
+    orchestrator that crashed, or dead-lettered by RabbitMQ's own limit): no live lease and
+    nothing queued for its agent for orphan_after_s, so it is sent again and runs once."""
+    require_services()
+    cluster = new_cluster(orphan_after_s=1.5)
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    try:
+        with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+            await worker.registered()
+            async with Dispatcher(cluster) as dispatcher:
+                await dispatcher.attach("lost")
+                task = AgentTask(id="gone", prompt="p")
+                # Waits on a task it believes sent: the message never reached the broker.
+                result = await asyncio.wait_for(
+                    dispatcher.run("lost", task, "writer", "llm", send=False), 60
+                )
+                resent = dispatcher.resent
+            async with store_of(cluster) as store:
+                counted = await store.counters("lost")
+    finally:
+        await drop_cluster(cluster, AGENTS)
+    assert result.ok
+    assert result.metadata["worker"] == "w"
+    assert resent == 1
+    assert counted == {"executions": 1, "duplicates": 0}

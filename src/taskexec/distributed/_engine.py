@@ -149,8 +149,14 @@ class WorkersEngine(Engine):
         stored = await dispatcher.stored(run_id, [t.id for t in batch.tasks])
         before = await store.counters(run_id)
         reused = 0
+        # Tasks an earlier orchestrator of this id sent and that have no result yet: under a
+        # live lease, queued, or lost. A re-run after a crash waits on them instead of sending
+        # them again (and sends those nobody holds). Not after a cancellation: workers dropped
+        # that run's queued tasks.
+        sent = await store.sent_many(run_id, [t.id for t in batch.tasks if t.id not in stored])
         # A re-run of a run id clears its cancellation, so that its tasks run again.
-        await store.set_cancelled(run_id, False)
+        if await store.set_cancelled(run_id, False):
+            sent = {}
 
         async def run_one(
             task: AgentTask, outputs: Mapping[str, str | None] | None, _: Progress
@@ -167,7 +173,13 @@ class WorkersEngine(Engine):
                 # under a reused id, last week's "nightly"): it does not count; run again.
                 await store.forget(run_id, task.id)
             return await dispatcher.run(
-                run_id, task, agent.name, mode, dict(outputs) if outputs else None, inputs
+                run_id,
+                task,
+                agent.name,
+                mode,
+                dict(outputs) if outputs else None,
+                inputs,
+                send=sent.get(task.id) != inputs,
             )
 
         try:

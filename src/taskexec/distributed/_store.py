@@ -341,13 +341,37 @@ class ResultStore:
             return STORED
         return None
 
-    async def set_cancelled(self, run_id: str, cancelled: bool) -> None:
-        """Mark a run cancelled (workers then drop its queued tasks), or clear the mark."""
+    async def set_cancelled(self, run_id: str, cancelled: bool) -> bool:
+        """Mark a run cancelled (workers then drop its queued tasks), or clear the mark;
+        return whether clearing found one."""
         key = self.cluster.key("run", run_id, "cancelled")
         if cancelled:
             await self.client.set(key, b"1", ex=self.cluster.result_ttl_s)
-        else:
-            await self.client.delete(key)
+            return True
+        return bool(await self.client.delete(key))
+
+    def _sent_key(self, run_id: str, task_id: str) -> str:
+        return self.cluster.key("run", run_id, "sent", task_id)
+
+    async def mark_sent(self, run_id: str, task_id: str, inputs: str) -> None:
+        """Record that a task is being sent with these inputs (a crashed orchestrator's re-run
+        waits on it instead of sending it again)."""
+        await self.client.set(
+            self._sent_key(run_id, task_id), inputs.encode(), ex=self.cluster.result_ttl_s
+        )
+
+    async def sent_many(self, run_id: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """Return the inputs digests of those of ``task_ids`` an orchestrator sent."""
+        found: dict[str, str] = {}
+        for start in range(0, len(task_ids), _MGET_CHUNK):
+            chunk = task_ids[start : start + _MGET_CHUNK]
+            values = await self.client.mget([self._sent_key(run_id, t) for t in chunk])
+            for task_id, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    found[task_id] = (
+                        value.decode(errors="replace") if isinstance(value, bytes) else value
+                    )
+        return found
 
     async def counters(self, run_id: str) -> dict[str, int]:
         """Return the run's ``executions`` and ``duplicates`` (results that lost the race)."""
