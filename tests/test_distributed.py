@@ -563,7 +563,7 @@ def test_a_registry_entry_of_another_version_is_skipped(
     async def register_foreign() -> None:
         async with store_of(use_cluster) as store:
             for name, entry in (("next", '{"name": "next", "agents": "writer"}'), ("junk", "{")):
-                await store._register(keys=store._registry(), args=[name, entry, 60_000])
+                await store._register(keys=store._registry(), args=[name, entry, 5_000])
 
     asyncio.run(register_foreign())
     with workers([WorkerProcess(agents_file, use_cluster, "current")]) as (worker,):
@@ -1183,3 +1183,34 @@ async def test_a_task_nobody_holds_is_sent_again(tmp_path: Path) -> None:
     assert result.metadata["worker"] == "w"
     assert resent == 1
     assert counted == {"executions": 1, "duplicates": 0}
+
+
+async def test_a_forged_live_worker_cannot_keep_no_worker_from_firing(cluster: Cluster) -> None:
+    """A registration written to live for a year (no worker renews that far ahead) is not a
+    live worker: the task fails no_worker after the wait instead of waiting for it."""
+    from taskexec.distributed._store import worker_info
+
+    quick = Cluster(
+        cluster.broker_url,
+        cluster.results_url,
+        namespace=cluster.namespace,
+        no_worker_wait_s=0.3,
+        poll_s=0.05,
+    )
+    forged = worker_info("ghost", "nowhere", 1, ["writer"], 10, 0, 0, 0.0)
+    async with store_of(quick) as store:
+        year_ms = 365 * 24 * 3600 * 1000
+        await store._register(
+            keys=store._registry(), args=[forged.name, forged.model_dump_json(), year_ms]
+        )
+        honest = worker_info("real", "here", 2, ["reviewer"], 10, 0, 0, 0.0)
+        await store.register(honest)
+        live = [w.name for w in await store.workers()]
+    async with Dispatcher(quick) as dispatcher:
+        await dispatcher.attach("forged")
+        result = await asyncio.wait_for(
+            dispatcher.run("forged", AgentTask(id="a", prompt="p"), "writer", "llm"), 30
+        )
+    assert live == ["real"]
+    assert result.error is not None
+    assert result.error.kind == "no_worker"

@@ -20,9 +20,9 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -33,6 +33,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .._engines.base import new_run_id
 from .._models import AgentTask, ExecutionResult, Mode
@@ -56,6 +57,9 @@ log = logging.getLogger("taskexec")
 PUBLISH_RETRY_S = 60.0
 _SEEN_EVENTS = 10_000
 CLOSE_TIMEOUT_S = 5.0
+#: How long a step of a run that needs Redis waits for it to come back before it gives up.
+REDIS_WAIT_S = 60.0
+_T = TypeVar("_T")
 
 
 #: A task of a run: (run id, task id).
@@ -165,6 +169,28 @@ class Dispatcher:
         if self._redis is not None:
             await self._redis.aclose()
 
+    async def with_redis(self, step: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Run a step that needs Redis, waiting up to ``REDIS_WAIT_S`` for a Redis that cannot
+        be reached to come back (said once on stderr); then its error is raised."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REDIS_WAIT_S
+        said = False
+        while True:
+            try:
+                return await step()
+            except (RedisError, OSError) as exc:
+                if loop.time() >= give_up:
+                    raise
+                if not said:
+                    said = True
+                    log.warning(
+                        "%s: Redis cannot be reached (%s); waiting up to %g s for it",
+                        what,
+                        self.cluster.redactor()(str(exc) or type(exc).__name__),
+                        REDIS_WAIT_S,
+                    )
+                await asyncio.sleep(min(self.cluster.poll_s, 0.5))
+
     async def stored(self, run_id: str, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
         """Return the results a run already has (a re-run with the same run id)."""
         return await self.store.get_many(run_id, task_ids)
@@ -202,13 +228,18 @@ class Dispatcher:
                 if inputs is not None:
                     # Before the publish: a re-run of the id after a crash here waits on the
                     # task instead of sending it again (and sends it if nobody holds it).
-                    await self.store.mark_sent(run_id, task.id, inputs)
+                    # Best effort: without the mark, such a re-run sends a copy, which the
+                    # lease and the store dedupe.
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.store.mark_sent(run_id, task.id, inputs)
                 if not await self._publish(message):
                     reason = "the broker did not take the task (its connection is down)"
                     return await self._fail(key, agent, mode, "connection", reason)
             else:
-                # Its result may have been stored before this run attached to its events.
-                await self._fetch([key])
+                # Its result may have been stored before this run attached to its events (if
+                # Redis is away now, the poller reads it later).
+                with contextlib.suppress(RedisError, OSError):
+                    await self._fetch([key])
             return await future
         finally:
             self._pending.pop(key, None)
@@ -230,7 +261,8 @@ class Dispatcher:
             # However many tasks wait, the registry is read once per poll interval.
             if loop.time() - self._served_at >= self.cluster.poll_s:
                 self._served_at = loop.time()
-                self._served = await self.store.served_agents()
+                with contextlib.suppress(RedisError, OSError):  # Redis away: the wait goes on
+                    self._served = await self.store.served_agents()
         return True
 
     async def _publish(self, message: TaskMessage) -> bool:
@@ -282,7 +314,12 @@ class Dispatcher:
         """Record a failure the orchestrator itself saw; a worker's result, if first, wins."""
         run_id, task_id = key
         result = failure(task_id, agent, mode, kind, message, run_id=run_id)
-        return await self.store.put_first(run_id, result)
+        try:
+            return await self.with_redis(
+                lambda: self.store.put_first(run_id, result), f"run {run_id}: task {task_id}"
+            )
+        except (RedisError, OSError):
+            return result  # not stored: the run still ends, with this result
 
     def _resolve(self, key: TaskKey, result: ExecutionResult) -> None:
         entry = self._pending.get(key)

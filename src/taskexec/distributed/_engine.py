@@ -146,16 +146,19 @@ class WorkersEngine(Engine):
         dispatcher = await self.dispatcher()
         await dispatcher.attach(run_id)
         store = dispatcher.store
-        stored = await dispatcher.stored(run_id, [t.id for t in batch.tasks])
-        before = await store.counters(run_id)
+        what = f"run {run_id}"
+        task_ids = [t.id for t in batch.tasks]
+        stored = await dispatcher.with_redis(lambda: dispatcher.stored(run_id, task_ids), what)
+        before = await dispatcher.with_redis(lambda: store.counters(run_id), what)
         reused = 0
         # Tasks an earlier orchestrator of this id sent and that have no result yet: under a
         # live lease, queued, or lost. A re-run after a crash waits on them instead of sending
         # them again (and sends those nobody holds). Not after a cancellation: workers dropped
         # that run's queued tasks.
-        sent = await store.sent_many(run_id, [t.id for t in batch.tasks if t.id not in stored])
+        unstored = [t for t in task_ids if t not in stored]
+        sent = await dispatcher.with_redis(lambda: store.sent_many(run_id, unstored), what)
         # A re-run of a run id clears its cancellation, so that its tasks run again.
-        if await store.set_cancelled(run_id, False):
+        if await dispatcher.with_redis(lambda: store.set_cancelled(run_id, False), what):
             sent = {}
 
         async def run_one(
@@ -171,7 +174,7 @@ class WorkersEngine(Engine):
                     return earlier
                 # Stored under this run id for other inputs (an edited plan, another plan
                 # under a reused id, last week's "nightly"): it does not count; run again.
-                await store.forget(run_id, task.id)
+                await dispatcher.with_redis(lambda: store.forget(run_id, task.id), what)
             return await dispatcher.run(
                 run_id,
                 task,
@@ -190,7 +193,7 @@ class WorkersEngine(Engine):
             raise
         if any(r.status is ExecutionStatus.CANCELLED for r in results):
             await store.set_cancelled(run_id, True)
-        after = await store.counters(run_id)
+        after = await dispatcher.with_redis(lambda: store.counters(run_id), what)
         self._counts[run_id] = {
             "reused": reused,
             **{name: after[name] - before.get(name, 0) for name in after},

@@ -43,14 +43,18 @@ POISON = "every worker that took it died"
 
 # Server-side scripts, so that each step of a task is one round trip to Redis.
 # KEYS: result, duplicates counter, lease. ARGV: result, ttl, lease token ('' for none).
-# Returns nil if stored, else the stored one. Either way the writer's lease (if it still holds
+# Returns nil if stored (or already stored by this very call, retried), else the stored one.
+# Either way the writer's lease (if it still holds
 # it) is released in the same round trip: the task has a result, nobody needs to hold it.
 _PUT_FIRST = """
 if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+local stored = redis.call('GET', KEYS[1])
+-- The very same result: a retry whose first answer was lost with the connection.
+if stored == ARGV[1] then return false end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return redis.call('GET', KEYS[1])
+return stored
 """
 # KEYS: cancelled mark, result, executions counter. ARGV: ttl. Returns 1 cancelled, 2 stored,
 # else counts the execution and returns 0 (a take without a lease; see _TAKE).
@@ -80,10 +84,14 @@ redis.call('EXPIRE', KEYS[5], ARGV[3])
 return 0
 """
 # A take handed back (a worker stopping, or one that cannot finish for want of Redis): it
-# releases its lease and no longer counts as an attempt. KEYS: lease, attempts. ARGV: token.
+# releases its lease and no longer counts as an attempt. KEYS: lease, attempts, executions
+# counter. ARGV: token, 1 if the task ran (else the take's execution is not counted either:
+# a take whose answer was lost with the connection). Idempotent: counted back only once.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('SREM', KEYS[2], ARGV[1]) == 1 and ARGV[2] == '0' then
+  redis.call('DECR', KEYS[3])
+end
 return 0
 """
 # Renewing a worker's leases, one round trip per heartbeat. KEYS: leases. ARGV: ttl in ms,
@@ -109,11 +117,18 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 0
 """
-# KEYS: expiries, registrations. Returns the live workers' registrations.
+# KEYS: expiries, registrations. ARGV: the longest ttl a registration may have, in ms.
+# Returns the live workers' registrations. An expiry further away than a heartbeat's ttl was
+# not written by a worker (it renews with three heartbeats): dropped as expired, so that a
+# forged "live for a year" entry cannot keep a task waiting for a worker that does not exist.
 _LIVE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+local latest = '(' .. (now + tonumber(ARGV[1]))
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], latest, '+inf')) do
+  table.insert(dead, name)
+end
 for _, name in ipairs(dead) do
   redis.call('ZREM', KEYS[1], name)
   redis.call('HDEL', KEYS[2], name)
@@ -269,10 +284,15 @@ class ResultStore:
         found = await self._take(keys=keys, args=args)
         return (None, CANCELLED, STORED, LEASED, POISON)[int(found)]
 
-    async def release(self, run_id: str, task_id: str, token: str) -> None:
-        """Hand a take back: release its lease; it no longer counts as an attempt."""
-        keys = [self._lease_key(run_id, task_id), self._attempts_key(run_id, task_id)]
-        await self._release(keys=keys, args=[token])
+    async def release(self, run_id: str, task_id: str, token: str, ran: bool) -> None:
+        """Hand a take back: release its lease; it no longer counts as an attempt, nor as an
+        execution unless it ``ran``. A no-op for a token that took nothing, or again."""
+        keys = [
+            self._lease_key(run_id, task_id),
+            self._attempts_key(run_id, task_id),
+            self._counter(run_id, "executions"),
+        ]
+        await self._release(keys=keys, args=[token, int(ran)])
 
     async def renew(self, leases: dict[tuple[str, str], str]) -> int:
         """Renew the leases (``(run, task)`` to token) still held; return how many were."""
@@ -398,7 +418,9 @@ class ResultStore:
 
     async def workers(self) -> list[WorkerInfo]:
         """Return the live workers, by name (and forget the expired ones)."""
-        values = await self._live(keys=self._registry())
+        # A second of slack over a worker's own ttl, for a renewal on its way.
+        longest_ms = max(1, int(self.cluster.heartbeat_s * 3 * 1000)) + 1000
+        values = await self._live(keys=self._registry(), args=[longest_ms])
         found: list[WorkerInfo] = []
         unreadable = 0
         for value in values:

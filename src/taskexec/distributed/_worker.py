@@ -157,6 +157,9 @@ class Worker:
         self._channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._paused: asyncio.Task[None] | None = None
+        #: Hand-backs whose release Redis did not take: (run, task, token, ran), released when
+        #: Redis answers again (else the lease expires and the take counts as an attempt).
+        self._unreleased: list[tuple[str, str, str, bool]] = []
         self._stopping = False
         self._store: ResultStore | None = None
         self._events: AbstractExchange | None = None
@@ -194,6 +197,7 @@ class Worker:
         async def beat() -> None:
             try:
                 await store.renew(dict(self._leases))
+                await self._release_late()
             finally:
                 await store.register(self._info())
 
@@ -226,6 +230,8 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             await settle(self._background, STOP_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._release_late(), STOP_TIMEOUT_S)
             # Closing the connection hands every unacknowledged task back to RabbitMQ.
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -416,7 +422,7 @@ class Worker:
                             task.id,
                             run_id,
                         )
-                        await self._hand_back(message, msg, None)
+                        await self._hand_back(message, msg, None, ran=False)
                         return
                     await asyncio.sleep(self.cluster.heartbeat_s)
                     continue
@@ -427,7 +433,7 @@ class Worker:
                 return
         except asyncio.CancelledError:
             # Stopping: hand the task back without it counting as a failed delivery.
-            await self._hand_back(message, msg, token if taken else None)
+            await self._hand_back(message, msg, token, ran=taken)
             raise
         except Exception as exc:
             # Redis went away, say: hand the task back (it does not count as an attempt) and
@@ -441,7 +447,8 @@ class Worker:
                 self._roster_redact(str(exc)),
             )
             self._redis_trouble()
-            await self._hand_back(message, msg, token if taken else None)
+            # Released even when the take seemed to fail: its answer may be what was lost.
+            await self._hand_back(message, msg, token, ran=taken)
 
     async def _run(self, message: AbstractIncomingMessage, msg: TaskMessage, token: str) -> None:
         """Run a task taken under ``token``'s lease, store its result, and acknowledge it."""
@@ -481,7 +488,7 @@ class Worker:
         await _settle(message.ack())
 
     async def _hand_back(
-        self, message: AbstractIncomingMessage, msg: TaskMessage, token: str | None
+        self, message: AbstractIncomingMessage, msg: TaskMessage, token: str | None, *, ran: bool
     ) -> None:
         """Give a task back to the queue without RabbitMQ counting a failed delivery.
 
@@ -494,16 +501,17 @@ class Worker:
         if token is not None and self._store is not None:
             try:
                 await asyncio.wait_for(
-                    self._store.release(msg.run_id, msg.task.id, token), STOP_TIMEOUT_S
+                    self._store.release(msg.run_id, msg.task.id, token, ran), STOP_TIMEOUT_S
                 )
-            except Exception as exc:  # the lease expires by itself
+            except Exception as exc:
                 log.warning(
-                    "worker %s: could not release task %s of run %s: %s",
+                    "worker %s: could not release task %s of run %s yet: %s",
                     self.name,
                     msg.task.id,
                     msg.run_id,
                     self._roster_redact(str(exc) or type(exc).__name__),
                 )
+                self._unreleased.append((msg.run_id, msg.task.id, token, ran))
         if self._channel is None or _channel_closed(message):
             return
         headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
@@ -553,11 +561,21 @@ class Worker:
                     continue
             if self._stopping:
                 return
+            with contextlib.suppress(Exception):
+                await self._release_late()
             queues = [queue for queue, _ in self._consumers]
             self._consumers = [(q, await q.consume(self._on_message)) for q in queues]
             log.warning("worker %s: Redis answers again; taking tasks", self.name)
         finally:
             self._paused = None
+
+    async def _release_late(self) -> None:
+        """Release the hand-backs Redis could not take when they happened."""
+        assert self._store is not None
+        while self._unreleased:
+            run_id, task_id, token, ran = self._unreleased[0]
+            await self._store.release(run_id, task_id, token, ran)
+            self._unreleased.pop(0)
 
     async def _cancel_consumers(self) -> None:
         for queue, tag in self._consumers:
