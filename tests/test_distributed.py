@@ -1214,3 +1214,38 @@ async def test_a_forged_live_worker_cannot_keep_no_worker_from_firing(cluster: C
     assert live == ["real"]
     assert result.error is not None
     assert result.error.kind == "no_worker"
+
+
+async def test_calls_on_workers_because_of_the_environment_are_said_once(
+    use_cluster: Cluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Calls that go to workers only because TASKEXEC_BROKER_URL is set say so once per
+    process, naming the variables (the URL without its password), not once per call."""
+    import taskexec.distributed._engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_told_environment", False)
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    with workers([WorkerProcess(agents_file, use_cluster, "w")]) as (worker,):
+        await worker.registered()
+        for round_ in range(2):
+            async with TaskExecutor(taskexec.load_agents(agents_file)) as executor:
+                for i in range(2):
+                    result = await asyncio.wait_for(
+                        executor.execute(AgentTask(id=f"e{round_}{i}", prompt="p", agent="writer")),
+                        30,
+                    )
+                    assert result.metadata["worker"] == "w"
+        # Named in code, the cluster is no surprise: nothing more is said.
+        async with TaskExecutor(
+            taskexec.load_agents(agents_file),
+            broker_url=use_cluster.broker_url + "?heartbeat=10",
+            results_url=use_cluster.results_url,
+        ) as named:
+            assert (await named.execute(AgentTask(id="n", prompt="p", agent="writer"))).ok
+    said = [r.getMessage() for r in caplog.records if "unset them" in r.getMessage()]
+    assert len(said) == 1
+    assert "TASKEXEC_BROKER_URL" in said[0]
+    assert "guest:***@" in said[0]

@@ -14,6 +14,7 @@ executor, and closes it with the executor.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import AsyncGenerator, Mapping
 from typing import ClassVar
@@ -21,16 +22,18 @@ from typing import ClassVar
 from .._async_engine import run_batch
 from .._engines.base import Batch, Engine, Job, check_run_id, new_run_id
 from .._engines.registry import EngineSpec, register_engine
-from .._engines.selection import Selection
+from .._engines.selection import BROKER_ENV_VAR, RESULTS_ENV_VAR, Selection, env_value
 from .._loops import close_with_loop
 from .._models import AgentTask, EngineName, ExecutionResult, ExecutionStatus
 from .._plugins import wants_workers
 from .._results import Progress
-from ._config import Cluster
+from ._config import Cluster, redact_url
 from ._dispatch import Dispatcher
 from ._wire import inputs_digest
 
 __all__ = ("WorkersEngine", "register")
+
+log = logging.getLogger("taskexec")
 
 
 class _CallRuns:
@@ -207,10 +210,26 @@ class WorkersEngine(Engine):
         return dict(self._counts.get(run_id, {}))
 
 
+#: Whether this process has said that its calls run on workers because of the environment.
+_told_environment = False
+
+
 def _cluster_of(selection: Selection) -> Cluster:
+    global _told_environment
     assert selection.cluster is not None
     cluster = Cluster.from_env(selection.cluster.broker, selection.cluster.results)
     assert cluster is not None
+    if not _told_environment and selection.cluster.broker == env_value(BROKER_ENV_VAR):
+        # Once per process, not per call: someone who exported the variables for a worker
+        # (docs/DISTRIBUTED.md) and then ran an in-process example should see why it waits.
+        _told_environment = True
+        log.warning(
+            "taskexec: calls run on the workers of the cluster that %s and %s name (%s); "
+            "unset them to run in this process",
+            BROKER_ENV_VAR,
+            RESULTS_ENV_VAR,
+            redact_url(cluster.broker_url),
+        )
     return cluster
 
 
