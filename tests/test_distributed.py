@@ -1249,3 +1249,26 @@ async def test_calls_on_workers_because_of_the_environment_are_said_once(
     assert len(said) == 1
     assert "TASKEXEC_BROKER_URL" in said[0]
     assert "guest:***@" in said[0]
+
+
+async def test_a_broker_that_stops_answering_is_noticed_and_said(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A RabbitMQ that accepts but no longer answers (frozen behind the proxy): the AMQP
+    heartbeat notices, the orchestrator says on stderr that it lost the broker and waits, and
+    says so again when it is back."""
+    async with CuttableProxy("127.0.0.1", 5672) as proxy:
+        via_proxy = Cluster(
+            proxy.url(cluster.broker_url) + "?heartbeat=1",
+            cluster.results_url,
+            namespace=cluster.namespace,
+        )
+        async with Dispatcher(via_proxy):
+            proxy.freeze()
+            try:
+                await eventually(lambda: "lost its connection to RabbitMQ" in caplog.text, 30)
+            finally:
+                proxy.thaw()
+            await eventually(lambda: "connected to RabbitMQ at" in caplog.text, 60)
+    lost = next(r.getMessage() for r in caplog.records if "lost its connection" in r.getMessage())
+    assert "guest:***@" in lost
