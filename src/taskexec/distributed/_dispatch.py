@@ -416,8 +416,16 @@ class Dispatcher:
         """Send again the tasks nobody has held for ``orphan_after_s``: no live lease, and no
         message queued for their agent (its message was lost: dead-lettered by RabbitMQ's own
         delivery limit, say, or never published by an orchestrator that crashed)."""
+        # Only the tasks not seen held for that long are looked up (one MGET per run), not
+        # every waiting task at every poll.
+        due = [
+            key
+            for key in keys
+            if (entry := self._pending.get(key)) is not None
+            and now - entry.held_at >= self.cluster.orphan_after_s
+        ]
         by_run: dict[str, list[str]] = {}
-        for run_id, task_id in keys:
+        for run_id, task_id in due:
             by_run.setdefault(run_id, []).append(task_id)
         for run_id, task_ids in by_run.items():
             for task_id in await self.store.leased(run_id, task_ids):
@@ -426,9 +434,8 @@ class Dispatcher:
                     entry.held_at = now
         orphans = [
             (key, entry)
-            for key in keys
-            if (entry := self._pending.get(key)) is not None
-            and now - entry.held_at >= self.cluster.orphan_after_s
+            for key in due
+            if (entry := self._pending.get(key)) is not None and entry.held_at != now
         ]
         queued: dict[str, int | None] = {}
         for (run_id, task_id), entry in orphans:
