@@ -997,13 +997,15 @@ async def test_a_task_delivered_twice_at_once_runs_once(
     cluster: Cluster, tmp_path: Path, mock_server: MockServer
 ) -> None:
     """Two copies of one task reach two workers at once: the second taker finds the first's
-    lease live, waits for its result, and acknowledges its copy unrun."""
+    lease live and waits; the task outlasts a lease's lifetime (10 s), so the waiting copy is
+    handed back (published again, not counted) rather than kept, and once the result is
+    stored it is acknowledged unrun."""
     agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(mock_server))
     message = TaskMessage(
         run_id="twice",
         agent="writer",
         mode="llm",
-        task=AgentTask(id="one", prompt="[[latency=2]] p"),
+        task=AgentTask(id="one", prompt="[[latency=10]] p"),
     )
     with workers(
         [WorkerProcess(agents_file, cluster, name, concurrency=1) for name in ("a", "b")]
@@ -1035,9 +1037,7 @@ async def test_a_task_delivered_twice_at_once_runs_once(
             stored = await store.get_many("twice", ["one"])
             # Both copies settled: none waits in the queue or unacknowledged at a worker.
             for _ in range(600):
-                if all(
-                    w["in_flight"] == 0 for w in [i.model_dump() for i in await store.workers()]
-                ):
+                if all(w.in_flight == 0 for w in await store.workers()):
                     break
                 await asyncio.sleep(0.05)
             counted = await store.counters("twice")
@@ -1272,3 +1272,36 @@ async def test_a_broker_that_stops_answering_is_noticed_and_said(
             await eventually(lambda: "connected to RabbitMQ at" in caplog.text, 60)
     lost = next(r.getMessage() for r in caplog.records if "lost its connection" in r.getMessage())
     assert "guest:***@" in lost
+
+
+async def test_a_worker_runs_no_more_than_its_concurrency_across_reconnects(
+    use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's broker connection drops while it runs its 4 tasks: RabbitMQ requeues them
+    and hands them to it again on the new connection while the first runs go on. The second
+    deliveries wait on the worker's own leases and are acknowledged unrun once the first runs
+    store their results: 4 requests, never more than 4 at once (there were 8)."""
+    with mock_server_in_thread() as server:
+        agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(server))
+        tasks = [AgentTask(id=f"r{i}", prompt=f"[[latency=3]] p{i}") for i in range(4)]
+        async with CuttableProxy("127.0.0.1", 5672) as proxy:
+            via_proxy = Cluster(
+                proxy.url(use_cluster.broker_url),
+                use_cluster.results_url,
+                namespace=use_cluster.namespace,
+            )
+            with workers([WorkerProcess(agents_file, via_proxy, "w", concurrency=4)]) as (w,):
+                await w.registered()
+                orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(agents_file)))
+                run = asyncio.create_task(orchestrator.execute_tasks(tasks))
+                await eventually(lambda: server.stats.chat_requests == 4, timeout_s=30)
+                proxy.cut()  # only the worker's connection goes through the proxy
+                await eventually(lambda: proxy.connections >= 1, timeout_s=30)
+                results = await asyncio.wait_for(run, 60)
+        stats = server.stats
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert stats.chat_requests == 4
+    assert stats.max_in_flight <= 4
+    async with store_of(use_cluster) as store:
+        counted = await store.counters(results[0].metadata["run_id"])
+    assert counted == {"executions": 4, "duplicates": 0}
