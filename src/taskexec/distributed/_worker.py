@@ -169,7 +169,8 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        """How many tasks are running now."""
+        """How many tasks this worker holds now: running, or waiting for a slot or for
+        another taker's lease (each is handed back if the worker stops)."""
         return len(self._in_flight)
 
     @property
