@@ -1289,7 +1289,7 @@ async def test_a_worker_runs_no_more_than_its_concurrency_across_reconnects(
     store their results: 4 requests, never more than 4 at once (there were 8)."""
     with mock_server_in_thread() as server:
         agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(server))
-        tasks = [AgentTask(id=f"r{i}", prompt=f"[[latency=3]] p{i}") for i in range(4)]
+        tasks = [AgentTask(id=f"r{i}", prompt=f"[[latency=8]] p{i}") for i in range(4)]
         async with CuttableProxy("127.0.0.1", 5672) as proxy:
             via_proxy = Cluster(
                 proxy.url(use_cluster.broker_url),
