@@ -224,6 +224,7 @@ class CuttableProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._down = False
         #: Every connection the proxy ever accepted (what the server would have seen).
         self.accepted = 0
 
@@ -253,6 +254,15 @@ class CuttableProxy:
         """Drop every connection through the proxy at once (both directions)."""
         self._drop()
 
+    def down(self) -> None:
+        """Drop every connection and refuse new ones until :meth:`up`: a server that is gone."""
+        self._down = True
+        self._drop()
+
+    def up(self) -> None:
+        """Accept connections again after :meth:`down`."""
+        self._down = False
+
     def freeze(self) -> None:
         """Stop relaying, connections left open: a server that no longer answers."""
         self._flowing.clear()
@@ -268,6 +278,9 @@ class CuttableProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        if self._down:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

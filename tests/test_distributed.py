@@ -564,7 +564,7 @@ def test_a_registry_entry_of_another_version_is_skipped(
     async def register_foreign() -> None:
         async with store_of(use_cluster) as store:
             for name, entry in (("next", '{"name": "next", "agents": "writer"}'), ("junk", "{")):
-                await store._register(keys=store._registry(), args=[name, entry, 60_000])
+                await store._register(keys=store._registry(), args=[name, entry, 5_000])
 
     asyncio.run(register_foreign())
     with workers([WorkerProcess(agents_file, use_cluster, "current")]) as (worker,):
@@ -1144,3 +1144,365 @@ async def test_a_worker_killed_mid_stream_ends_it_failed_without_repeating_text(
     assert len(said) == len(set(said))  # no word twice: nothing was sent again
     assert len(said) >= 5
     assert mock_server.stats.chat_requests == 2  # the second worker started over
+
+
+def _openai_agent(server: MockServer) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "writer",
+            "provider": "openai",
+            "base_url": server.openai_base_url,
+            "api_key": "sk-test",
+            "max_retries": 0,
+        }
+    ]
+
+
+async def test_hand_backs_never_count_toward_the_poison_limit(
+    use_cluster: Cluster, tmp_path: Path, slow_server: MockServer, mock_server: MockServer
+) -> None:
+    """A healthy task whose worker is stopped (SIGTERM: hand back) more often than the delivery
+    limit still runs to success on the next worker, and is not dead-lettered."""
+    slow_file = write_agents(tmp_path / "slow.yaml", _openai_agent(slow_server))
+    fast_file = write_agents(tmp_path / "fast.yaml", _openai_agent(mock_server))
+    orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(fast_file)))
+    run = asyncio.create_task(orchestrator.execute_tasks([AgentTask(id="healthy", prompt="p")]))
+    stops = use_cluster.delivery_limit + 2
+    for turn in range(stops):
+        with workers([WorkerProcess(slow_file, use_cluster, f"slow{turn}", grace_s=0.1)]) as (
+            slow,
+        ):
+            await eventually(
+                lambda n=turn + 1: slow_server.stats.chat_requests == n,  # type: ignore[misc]
+                timeout_s=30,
+            )
+            assert slow.terminate() == 0
+    assert not run.done()
+    with workers([WorkerProcess(fast_file, use_cluster, "fast")]):
+        (result,) = await asyncio.wait_for(run, 60)
+    assert result.ok, result.error
+    assert result.metadata["worker"] == "fast"
+    assert slow_server.stats.chat_requests == stops  # one per hand-back, none twice
+    assert mock_server.stats.chat_requests == 1
+    assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 0
+    assert await queue_depth(use_cluster, use_cluster.queue("writer")) == 0
+
+
+async def test_a_task_delivered_twice_at_once_runs_once(
+    cluster: Cluster, tmp_path: Path, mock_server: MockServer
+) -> None:
+    """Two copies of one task reach two workers at once: the second taker finds the first's
+    lease live and waits; the task outlasts a lease's lifetime (10 s), so the waiting copy is
+    handed back (published again, not counted) rather than kept, and once the result is
+    stored it is acknowledged unrun."""
+    agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(mock_server))
+    message = TaskMessage(
+        run_id="twice",
+        agent="writer",
+        mode="llm",
+        task=AgentTask(id="one", prompt="[[latency=10]] p"),
+    )
+    with workers(
+        [WorkerProcess(agents_file, cluster, name, concurrency=1) for name in ("a", "b")]
+    ) as ws:
+        for w in ws:
+            await w.registered()
+        connection = await aio_pika.connect(cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            for _ in range(2):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        message.encode(),
+                        headers={TASK_HEADER: TASK_VERSION},
+                        content_type="application/json",
+                    ),
+                    routing_key=cluster.queue("writer"),
+                )
+        finally:
+            await connection.close()
+        async with store_of(cluster) as store:
+            await eventually(lambda: mock_server.stats.chat_requests >= 1, timeout_s=30)
+            for _ in range(600):
+                if await store.get_many("twice", ["one"]) and not await queue_depth(
+                    cluster, cluster.queue("writer")
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            stored = await store.get_many("twice", ["one"])
+            # Both copies settled: none waits in the queue or unacknowledged at a worker.
+            for _ in range(600):
+                if all(w.in_flight == 0 for w in await store.workers()):
+                    break
+                await asyncio.sleep(0.05)
+            counted = await store.counters("twice")
+            in_flight = [w.in_flight for w in await store.workers()]
+    assert stored["one"].ok
+    assert mock_server.stats.chat_requests == 1
+    assert counted == {"executions": 1, "duplicates": 0}
+    assert in_flight == [0, 0]
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+@pytest.mark.parametrize("outage", ["down", "frozen"])
+async def test_a_redis_outage_mid_run_hangs_nothing_and_runs_each_task_once(
+    use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outage: str
+) -> None:
+    """Redis goes away for a few seconds under 80 tasks on two workers (down: every connection
+    dropped, new ones refused; frozen: connections open, nothing answered), the orchestrator's
+    and the workers' alike: the workers stop
+    taking tasks and hand back what they cannot take (not counted as failed deliveries), keep
+    the results of what they ran until Redis takes them, and resume; every task ends with
+    exactly one result, each ran once, and no worker ran more than its concurrency."""
+    with mock_server_in_thread() as first, mock_server_in_thread() as second:
+        servers = (first, second)
+        files = [
+            write_agents(tmp_path / f"w{i}.yaml", _openai_agent(server))
+            for i, server in enumerate(servers)
+        ]
+        tasks = [AgentTask(id=f"o{i}", prompt=f"[[latency=0.2]] p{i}") for i in range(80)]
+        async with CuttableProxy("127.0.0.1", 6379) as proxy:
+            via_proxy = Cluster(
+                use_cluster.broker_url,
+                proxy.url(use_cluster.results_url),
+                namespace=use_cluster.namespace,
+            )
+            monkeypatch.setenv("TASKEXEC_RESULTS_URL", via_proxy.results_url)
+            with workers(
+                [WorkerProcess(files[i], via_proxy, f"w{i}", concurrency=4) for i in (0, 1)]
+            ) as ws:
+                for w in ws:
+                    await w.registered()
+                orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(files[0])))
+                run = asyncio.create_task(orchestrator.execute_tasks(tasks))
+                await eventually(
+                    lambda: sum(s.stats.chat_requests for s in servers) >= 20, timeout_s=30
+                )
+                stop, restore = (
+                    (proxy.down, proxy.up) if outage == "down" else (proxy.freeze, proxy.thaw)
+                )
+                stop()
+                await asyncio.sleep(3)  # the length of the outage (the input of this test)
+                restore()
+                results = await asyncio.wait_for(run, 120)
+                logs = [w.log.read_text() for w in ws]
+    assert [r.task_id for r in results] == [t.id for t in tasks]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert sum(s.stats.chat_requests for s in servers) == len(tasks)
+    assert all(s.stats.max_in_flight <= 4 for s in servers)
+    if outage == "down":  # a frozen Redis answers late (within the command timeout)
+        assert any("Redis cannot be reached" in log for log in logs)
+    async with store_of(use_cluster) as store:
+        stored = await store.get_many(results[0].metadata["run_id"], [t.id for t in tasks])
+        counted = await store.counters(results[0].metadata["run_id"])
+    assert {t: r.output for t, r in stored.items()} == {r.task_id: r.output for r in results}
+    assert counted == {"executions": len(tasks), "duplicates": 0}
+    assert await queue_depth(use_cluster, use_cluster.dead_letter_queue) == 0
+
+
+async def test_a_crashed_orchestrator_resumes_without_sending_again(
+    use_cluster: Cluster, tmp_path: Path
+) -> None:
+    """`taskexec run` killed (SIGKILL) while its tasks run and wait in the queue, then run
+    again with the same --run-id: it waits on the tasks the first one sent (under a lease or
+    queued) instead of sending them again; the server sees each task once."""
+    count = 16
+    with mock_server_in_thread() as server:
+        plan_file = write_agents(
+            tmp_path / "plan.yaml",
+            _openai_agent(server),
+            [{"id": f"s{i}", "prompt": f"[[latency=2]] p{i}"} for i in range(count)],
+        )
+        out = tmp_path / "out.jsonl"
+        command = [
+            *(sys.executable, "-m", "taskexec", "run", str(plan_file)),
+            *("--run-id", "resume", "--output", str(out), "--concurrency", str(count)),
+        ]
+        env = cluster_env(use_cluster)
+        # Every finished event of the run, as a dashboard would see them: a copy sent again
+        # would be acknowledged unrun with a "duplicate" event.
+        connection = await aio_pika.connect(use_cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                use_cluster.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            events = await channel.declare_queue(exclusive=True)
+            await events.bind(exchange, routing_key="run.resume.#")
+            with workers([WorkerProcess(plan_file, use_cluster, "w", concurrency=6)]) as (w,):
+                await w.registered()
+                first = await asyncio.create_subprocess_exec(
+                    *command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                try:
+                    await eventually(lambda: server.stats.chat_requests >= 6, timeout_s=30)
+                finally:
+                    first.kill()
+                    await first.wait()
+                again = await asyncio.to_thread(
+                    subprocess.run, command, env=env, capture_output=True, text=True, timeout=120
+                )
+                assert again.returncode == 0, again.stderr
+            seen: list[dict[str, Any]] = []
+            while (message := await events.get(fail=False)) is not None:
+                seen.append(json.loads(message.body))
+                await message.ack()
+        finally:
+            await connection.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["task_id"] for r in lines if r["status"] == "success") == sorted(
+        f"s{i}" for i in range(count)
+    )
+    assert server.stats.chat_requests == count
+    assert [e for e in seen if e.get("duplicate")] == []
+    assert len(seen) == count
+
+
+async def test_a_task_nobody_holds_is_sent_again(tmp_path: Path) -> None:
+    """A task an orchestrator waits on whose message is gone (never published by an
+    orchestrator that crashed, or dead-lettered by RabbitMQ's own limit): no live lease and
+    nothing queued for its agent for orphan_after_s, so it is sent again and runs once."""
+    require_services()
+    cluster = new_cluster(orphan_after_s=1.5)
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    try:
+        with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+            await worker.registered()
+            async with Dispatcher(cluster) as dispatcher:
+                await dispatcher.attach("lost")
+                task = AgentTask(id="gone", prompt="p")
+                # Waits on a task it believes sent: the message never reached the broker.
+                result = await asyncio.wait_for(
+                    dispatcher.run("lost", task, "writer", "llm", send=False), 60
+                )
+                resent = dispatcher.resent
+            async with store_of(cluster) as store:
+                counted = await store.counters("lost")
+    finally:
+        await drop_cluster(cluster, AGENTS)
+    assert result.ok
+    assert result.metadata["worker"] == "w"
+    assert resent == 1
+    assert counted == {"executions": 1, "duplicates": 0}
+
+
+async def test_a_forged_live_worker_cannot_keep_no_worker_from_firing(cluster: Cluster) -> None:
+    """A registration written to live for a year (no worker renews that far ahead) is not a
+    live worker: the task fails no_worker after the wait instead of waiting for it."""
+    from taskexec.distributed._store import worker_info
+
+    quick = Cluster(
+        cluster.broker_url,
+        cluster.results_url,
+        namespace=cluster.namespace,
+        no_worker_wait_s=0.3,
+        poll_s=0.05,
+    )
+    forged = worker_info("ghost", "nowhere", 1, ["writer"], 10, 0, 0, 0.0)
+    async with store_of(quick) as store:
+        year_ms = 365 * 24 * 3600 * 1000
+        await store._register(
+            keys=store._registry(), args=[forged.name, forged.model_dump_json(), year_ms]
+        )
+        honest = worker_info("real", "here", 2, ["reviewer"], 10, 0, 0, 0.0)
+        await store.register(honest)
+        live = [w.name for w in await store.workers()]
+    async with Dispatcher(quick) as dispatcher:
+        await dispatcher.attach("forged")
+        result = await asyncio.wait_for(
+            dispatcher.run("forged", AgentTask(id="a", prompt="p"), "writer", "llm"), 30
+        )
+    assert live == ["real"]
+    assert result.error is not None
+    assert result.error.kind == "no_worker"
+
+
+async def test_calls_on_workers_because_of_the_environment_are_said_once(
+    use_cluster: Cluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Calls that go to workers only because TASKEXEC_BROKER_URL is set say so once per
+    process, naming the variables (the URL without its password), not once per call."""
+    import taskexec.distributed._engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_told_environment", False)
+    agents_file = write_agents(tmp_path / "agents.yaml", OFFLINE)
+    with workers([WorkerProcess(agents_file, use_cluster, "w")]) as (worker,):
+        await worker.registered()
+        for round_ in range(2):
+            async with TaskExecutor(taskexec.load_agents(agents_file)) as executor:
+                for i in range(2):
+                    result = await asyncio.wait_for(
+                        executor.execute(AgentTask(id=f"e{round_}{i}", prompt="p", agent="writer")),
+                        30,
+                    )
+                    assert result.metadata["worker"] == "w"
+        # Named in code, the cluster is no surprise: nothing more is said.
+        async with TaskExecutor(
+            taskexec.load_agents(agents_file),
+            broker_url=use_cluster.broker_url + "?heartbeat=10",
+            results_url=use_cluster.results_url,
+        ) as named:
+            assert (await named.execute(AgentTask(id="n", prompt="p", agent="writer"))).ok
+    said = [r.getMessage() for r in caplog.records if "unset them" in r.getMessage()]
+    assert len(said) == 1
+    assert "TASKEXEC_BROKER_URL" in said[0]
+    assert "guest:***@" in said[0]
+
+
+async def test_a_broker_that_stops_answering_is_noticed_and_said(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A RabbitMQ that accepts but no longer answers (frozen behind the proxy): the AMQP
+    heartbeat notices, the orchestrator says on stderr that it lost the broker and waits, and
+    says so again when it is back."""
+    async with CuttableProxy("127.0.0.1", 5672) as proxy:
+        via_proxy = Cluster(
+            proxy.url(cluster.broker_url) + "?heartbeat=1",
+            cluster.results_url,
+            namespace=cluster.namespace,
+        )
+        async with Dispatcher(via_proxy):
+            proxy.freeze()
+            try:
+                await eventually(lambda: "lost its connection to RabbitMQ" in caplog.text, 30)
+            finally:
+                proxy.thaw()
+            await eventually(lambda: "connected to RabbitMQ at" in caplog.text, 60)
+    lost = next(r.getMessage() for r in caplog.records if "lost its connection" in r.getMessage())
+    assert "guest:***@" in lost
+
+
+async def test_a_worker_runs_no_more_than_its_concurrency_across_reconnects(
+    use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's broker connection drops while it runs its 4 tasks: RabbitMQ requeues them
+    and hands them to it again on the new connection while the first runs go on. The second
+    deliveries wait on the worker's own leases and are acknowledged unrun once the first runs
+    store their results: 4 requests, never more than 4 at once (there were 8)."""
+    with mock_server_in_thread() as server:
+        agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(server))
+        tasks = [AgentTask(id=f"r{i}", prompt=f"[[latency=8]] p{i}") for i in range(4)]
+        async with CuttableProxy("127.0.0.1", 5672) as proxy:
+            via_proxy = Cluster(
+                proxy.url(use_cluster.broker_url),
+                use_cluster.results_url,
+                namespace=use_cluster.namespace,
+            )
+            with workers([WorkerProcess(agents_file, via_proxy, "w", concurrency=4)]) as (w,):
+                await w.registered()
+                orchestrator = ProjectOrchestrator(TaskExecutor(taskexec.load_agents(agents_file)))
+                run = asyncio.create_task(orchestrator.execute_tasks(tasks))
+                await eventually(lambda: server.stats.chat_requests == 4, timeout_s=30)
+                proxy.cut()  # only the worker's connection goes through the proxy
+                await eventually(lambda: proxy.connections >= 1, timeout_s=30)
+                results = await asyncio.wait_for(run, 60)
+        stats = server.stats
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert stats.chat_requests == 4
+    assert stats.max_in_flight <= 4
+    async with store_of(use_cluster) as store:
+        counted = await store.counters(results[0].metadata["run_id"])
+    assert counted == {"executions": 4, "duplicates": 0}

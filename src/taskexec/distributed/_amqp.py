@@ -12,6 +12,10 @@ consumers after a reconnect.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
@@ -28,6 +32,13 @@ __all__ = ("connect_broker", "declare_agent_queue", "declare_events", "queue_dep
 #: Seconds between reconnection attempts after the broker went away (aio-pika's default is 5).
 RECONNECT_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
+#: AMQP heartbeat proposed to the broker (RabbitMQ's default is 60 s): a broker that accepts
+#: but stops answering (a frozen host, a partition that drops packets) is noticed within a few
+#: periods, the connection is dropped and re-opened, and the process says so on stderr. A
+#: ``heartbeat`` in the broker URL's query wins.
+HEARTBEAT_S = 10
+
+log = logging.getLogger("taskexec")
 
 
 async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnection:
@@ -37,12 +48,16 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
         ClusterUnavailableError: The broker cannot be reached or refuses the login; the message
             names the URL (password redacted) and the cause.
     """
+    options: dict[str, Any] = {}
+    if "heartbeat" not in dict(parse_qsl(urlsplit(cluster.broker_url).query)):
+        options["heartbeat"] = HEARTBEAT_S
     try:
-        return await aio_pika.connect_robust(
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
             cluster.broker_url,
             timeout=CONNECT_TIMEOUT_S,
             reconnect_interval=RECONNECT_INTERVAL_S,
             client_properties={"connection_name": name},
+            **options,
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ValueError) as exc:
         cause = cluster.redactor()(str(exc) or type(exc).__name__)
@@ -56,6 +71,27 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
         raise ClusterUnavailableError(
             f"cannot reach RabbitMQ at {redact_url(cluster.broker_url)}: {cause}"
         ) from None
+    where = redact_url(cluster.broker_url)
+    redact = cluster.redactor()
+
+    def lost(_: object, exc: BaseException | None = None) -> None:
+        if exc is None:  # closed on purpose
+            return
+        log.warning(
+            "%s: lost its connection to RabbitMQ at %s (%s); waiting for it, reconnecting "
+            "every %g s",
+            name,
+            where,
+            redact(str(exc) or type(exc).__name__),
+            RECONNECT_INTERVAL_S,
+        )
+
+    def back(*_: object) -> None:
+        log.warning("%s: connected to RabbitMQ at %s again", name, where)
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(back)
+    return connection
 
 
 async def declare_dead_letter_queue(channel: AbstractChannel, cluster: Cluster) -> AbstractQueue:

@@ -75,9 +75,9 @@ class Cluster:
         broker_url: RabbitMQ, ``amqp://user:password@host:5672/vhost`` (or ``amqps://``).
         results_url: Redis, ``redis://[:password@]host:6379/0`` (or ``rediss://``).
         namespace: Prefix of every queue, exchange and key (``TASKEXEC_NAMESPACE``).
-        delivery_limit: How many times a task is handed to a worker before, when every one of
-            them died with it, it is dead-lettered and comes back ``failed`` (kind
-            ``dead_lettered``).
+        delivery_limit: How many workers may take a task under a lease and die with it (or
+            lose Redis for longer than the lease) before it is dead-lettered and comes back
+            ``failed`` (kind ``dead_lettered``); hand-backs do not count.
         no_worker_wait_s: How long a task waits for a live worker that serves its agent before
             it comes back ``failed`` (kind ``no_worker``).
         heartbeat_s: How often workers renew their registration; a worker that misses three
@@ -85,6 +85,10 @@ class Cluster:
         result_ttl_s: How long results stay in Redis (for ``--run-id`` re-runs).
         poll_s: How often an orchestrator reads Redis for results whose event it may have
             missed (a broker reconnect), and checks that its tasks' agents still have workers.
+        orphan_after_s: How long a task an orchestrator waits on may go without a live lease
+            (and without a message queued for its agent) before it is sent again: its message
+            was lost (dead-lettered by RabbitMQ's own limit, or never published by an
+            orchestrator that crashed). A copy sent in vain is acknowledged unrun.
     """
 
     broker_url: str = field(repr=False)
@@ -95,6 +99,7 @@ class Cluster:
     heartbeat_s: float = 2.0
     result_ttl_s: int = 7 * 24 * 3600
     poll_s: float = 1.0
+    orphan_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.broker_url.startswith(("amqp://", "amqps://")):
@@ -113,7 +118,7 @@ class Cluster:
             )
         if self.delivery_limit < 1:
             raise ConfigurationError("delivery_limit must be >= 1")
-        for name in ("no_worker_wait_s", "heartbeat_s", "poll_s"):
+        for name in ("no_worker_wait_s", "heartbeat_s", "poll_s", "orphan_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0")
         if self.result_ttl_s < 1:

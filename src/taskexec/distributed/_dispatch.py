@@ -7,7 +7,9 @@ Redis pool), opened once by the workers engine of an executor and shared by ever
 exchange, which is the fast path. Every ``poll_s``,
 the dispatcher also reads Redis for the tasks it still waits on, which covers events lost while
 the broker connection was down, and checks that each waiting task's agent still has a live
-worker.
+worker, and that someone holds each waiting task: a task with no live lease and no message
+queued for its agent for ``orphan_after_s`` is sent again (its message was lost); a copy sent
+in vain is acknowledged unrun by the worker that gets it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -30,11 +33,12 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .._engines.base import new_run_id
 from .._models import AgentTask, ExecutionResult, Mode
 from .._tracing import inject_trace_context
-from ._amqp import connect_broker, declare_agent_queue, declare_events
+from ._amqp import connect_broker, declare_agent_queue, declare_events, queue_depth
 from ._config import Cluster
 from ._loops import repeat, settle
 from ._store import ResultStore, connect_redis
@@ -55,10 +59,27 @@ log = logging.getLogger("taskexec")
 PUBLISH_RETRY_S = 60.0
 _SEEN_EVENTS = 10_000
 CLOSE_TIMEOUT_S = 5.0
+#: How long a step of a run that needs Redis waits for it to come back before it gives up.
+REDIS_WAIT_S = 60.0
+_T = TypeVar("_T")
 
 
 #: A task of a run: (run id, task id).
 TaskKey = tuple[str, str]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A task sent (or re-attached to) and not yet back."""
+
+    future: asyncio.Future[ExecutionResult]
+    agent: str
+    mode: Mode
+    message: TaskMessage
+    #: When it was sent (loop time): its result is looked for in Redis from a poll later.
+    sent_at: float
+    #: When it was last seen held (a live lease) or sent: how long nobody has held it.
+    held_at: float
 
 
 class Dispatcher:
@@ -73,8 +94,10 @@ class Dispatcher:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        #: Tasks sent and not yet back: (future, agent, mode, when sent).
-        self._pending: dict[TaskKey, tuple[asyncio.Future[ExecutionResult], str, Mode, float]] = {}
+        #: Tasks sent and not yet back.
+        self._pending: dict[TaskKey, _Waiting] = {}
+        #: How many tasks this dispatcher sent again because nobody held them.
+        self.resent = 0
         self._attached: dict[str, asyncio.Future[Any]] = {}
         self._users: dict[str, int] = {}
         #: Where the pieces of streamed tasks go, by task.
@@ -186,6 +209,28 @@ class Dispatcher:
         if self._redis is not None:
             await self._redis.aclose()
 
+    async def with_redis(self, step: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Run a step that needs Redis, waiting up to ``REDIS_WAIT_S`` for a Redis that cannot
+        be reached to come back (said once on stderr); then its error is raised."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REDIS_WAIT_S
+        said = False
+        while True:
+            try:
+                return await step()
+            except (RedisError, OSError) as exc:
+                if loop.time() >= give_up:
+                    raise
+                if not said:
+                    said = True
+                    log.warning(
+                        "%s: Redis cannot be reached (%s); waiting up to %g s for it",
+                        what,
+                        self.cluster.redactor()(str(exc) or type(exc).__name__),
+                        REDIS_WAIT_S,
+                    )
+                await asyncio.sleep(min(self.cluster.poll_s, 0.5))
+
     async def stored(self, run_id: str, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
         """Return the results a run already has (a re-run with the same run id)."""
         return await self.store.get_many(run_id, task_ids)
@@ -199,31 +244,52 @@ class Dispatcher:
         outputs: dict[str, str | None] | None = None,
         inputs: str | None = None,
         deltas: asyncio.Queue[DeltaEvent] | None = None,
+        *,
+        send: bool = True,
     ) -> ExecutionResult:
         """Send a task of an attached run to a worker that serves ``agent``; return the run's
-        result for it."""
+        result for it.
+
+        With ``send=False`` the task is not sent: an earlier orchestrator of the run sent it
+        (it crashed), and this one waits for its result; should nobody hold it (no live lease,
+        nothing queued) for ``orphan_after_s``, it is sent after all.
+        """
         loop = asyncio.get_running_loop()
         key = (run_id, task.id)
         if not await self._wait_for_worker(agent):
             return await self._fail(key, agent, mode, "no_worker", self._no_worker(agent))
         future: asyncio.Future[ExecutionResult] = loop.create_future()
-        self._pending[key] = (future, agent, mode, loop.time())
+        message = TaskMessage(
+            run_id=run_id,
+            agent=agent,
+            mode=mode,
+            task=task,
+            outputs=outputs,
+            inputs=inputs,
+            trace=inject_trace_context() or None,  # the task span this run_one runs in
+            stream=deltas is not None,
+        )
+        now = loop.time()
+        self._pending[key] = _Waiting(future, agent, mode, message, now, now)
         if deltas is not None:
             self._deltas[key] = deltas  # the worker streams the reply here, piece by piece
         try:
-            message = TaskMessage(
-                run_id=run_id,
-                agent=agent,
-                mode=mode,
-                task=task,
-                outputs=outputs,
-                inputs=inputs,
-                trace=inject_trace_context() or None,  # the task span this run_one runs in
-                stream=deltas is not None,
-            )
-            if not await self._publish(message):
-                reason = "the broker did not take the task (its connection is down)"
-                return await self._fail(key, agent, mode, "connection", reason)
+            if send:
+                if inputs is not None:
+                    # Before the publish: a re-run of the id after a crash here waits on the
+                    # task instead of sending it again (and sends it if nobody holds it).
+                    # Best effort: without the mark, such a re-run sends a copy, which the
+                    # lease and the store dedupe.
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.store.mark_sent(run_id, task.id, inputs)
+                if not await self._publish(message):
+                    reason = "the broker did not take the task (its connection is down)"
+                    return await self._fail(key, agent, mode, "connection", reason)
+            else:
+                # Its result may have been stored before this run attached to its events (if
+                # Redis is away now, the poller reads it later).
+                with contextlib.suppress(RedisError, OSError):
+                    await self._fetch([key])
             return await future
         finally:
             self._pending.pop(key, None)
@@ -246,7 +312,8 @@ class Dispatcher:
             # However many tasks wait, the registry is read once per poll interval.
             if loop.time() - self._served_at >= self.cluster.poll_s:
                 self._served_at = loop.time()
-                self._served = await self.store.served_agents()
+                with contextlib.suppress(RedisError, OSError):  # Redis away: the wait goes on
+                    self._served = await self.store.served_agents()
         return True
 
     async def _publish(self, message: TaskMessage) -> bool:
@@ -298,12 +365,17 @@ class Dispatcher:
         """Record a failure the orchestrator itself saw; a worker's result, if first, wins."""
         run_id, task_id = key
         result = failure(task_id, agent, mode, kind, message, run_id=run_id)
-        return await self.store.put_first(run_id, result)
+        try:
+            return await self.with_redis(
+                lambda: self.store.put_first(run_id, result), f"run {run_id}: task {task_id}"
+            )
+        except (RedisError, OSError):
+            return result  # not stored: the run still ends, with this result
 
     def _resolve(self, key: TaskKey, result: ExecutionResult) -> None:
         entry = self._pending.get(key)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(result)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(result)
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
         if (message.routing_key or "").endswith(".delta"):
@@ -381,12 +453,15 @@ class Dispatcher:
 
     async def _poll_once(self, now: float) -> None:
         # Results whose event was missed (sent while this connection was down).
-        waiting = [t for t, entry in self._pending.items() if now - entry[3] >= self.cluster.poll_s]
+        waiting = [
+            t for t, entry in self._pending.items() if now - entry.sent_at >= self.cluster.poll_s
+        ]
         if waiting:
             await self._fetch(waiting)
+            await self._resend_orphans([t for t in waiting if t in self._pending], now)
         # Tasks whose agent lost its last worker: fail them after the allowed wait.
         self._served = served = await self.store.served_agents()
-        agents = {entry[1] for entry in self._pending.values()}
+        agents = {entry.agent for entry in self._pending.values()}
         for agent in agents:
             if agent in served:
                 self._unserved_since.pop(agent, None)
@@ -394,7 +469,54 @@ class Dispatcher:
             since = self._unserved_since.setdefault(agent, now)
             if now - since < self.cluster.no_worker_wait_s:
                 continue
-            for key, (future, task_agent, mode, _) in list(self._pending.items()):
-                if task_agent == agent and not future.done():
-                    failed = await self._fail(key, agent, mode, "no_worker", self._no_worker(agent))
+            for key, entry in list(self._pending.items()):
+                if entry.agent == agent and not entry.future.done():
+                    failed = await self._fail(
+                        key, agent, entry.mode, "no_worker", self._no_worker(agent)
+                    )
                     self._resolve(key, failed)
+
+    async def _resend_orphans(self, keys: Sequence[TaskKey], now: float) -> None:
+        """Send again the tasks nobody has held for ``orphan_after_s``: no live lease, and no
+        message queued for their agent (its message was lost: dead-lettered by RabbitMQ's own
+        delivery limit, say, or never published by an orchestrator that crashed)."""
+        # Only the tasks not seen held for that long are looked up (one MGET per run), not
+        # every waiting task at every poll.
+        due = [
+            key
+            for key in keys
+            if (entry := self._pending.get(key)) is not None
+            and now - entry.held_at >= self.cluster.orphan_after_s
+        ]
+        by_run: dict[str, list[str]] = {}
+        for run_id, task_id in due:
+            by_run.setdefault(run_id, []).append(task_id)
+        for run_id, task_ids in by_run.items():
+            for task_id in await self.store.leased(run_id, task_ids):
+                entry = self._pending.get((run_id, task_id))
+                if entry is not None:
+                    entry.held_at = now
+        orphans = [
+            (key, entry)
+            for key in due
+            if (entry := self._pending.get(key)) is not None and entry.held_at != now
+        ]
+        queued: dict[str, int | None] = {}
+        for (run_id, task_id), entry in orphans:
+            if entry.agent not in queued:
+                assert self._channel is not None
+                queued[entry.agent] = await queue_depth(
+                    self._channel, self.cluster.queue(entry.agent)
+                )
+            if queued[entry.agent]:
+                continue  # it may be among them: look again once the queue has drained
+            entry.held_at = now
+            log.warning(
+                "run %s: no worker has held task %s for %g s and none has it queued; sending "
+                "it again",
+                run_id,
+                task_id,
+                self.cluster.orphan_after_s,
+            )
+            self.resent += 1
+            await self._publish(entry.message)

@@ -14,6 +14,7 @@ executor, and closes it with the executor.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Mapping
 from typing import ClassVar, Literal
 
@@ -27,16 +28,18 @@ from .._engines.base import (
     new_run_id,
 )
 from .._engines.registry import EngineSpec, register_engine
-from .._engines.selection import Selection
+from .._engines.selection import BROKER_ENV_VAR, RESULTS_ENV_VAR, Selection, env_value
 from .._loops import close_with_loop
 from .._models import AgentTask, EngineName, ExecutionError, ExecutionResult, ExecutionStatus
 from .._plugins import wants_workers
 from .._results import Progress
-from ._config import Cluster
+from ._config import Cluster, redact_url
 from ._dispatch import Dispatcher
 from ._wire import DeltaEvent, inputs_digest
 
 __all__ = ("WorkersEngine", "register")
+
+log = logging.getLogger("taskexec")
 
 
 class _CallRuns:
@@ -197,11 +200,20 @@ class WorkersEngine(Engine):
         self, dispatcher: Dispatcher, run_id: str, batch: Batch
     ) -> list[ExecutionResult]:
         store = dispatcher.store
-        stored = await dispatcher.stored(run_id, [t.id for t in batch.tasks])
-        before = await store.counters(run_id)
+        what = f"run {run_id}"
+        task_ids = [t.id for t in batch.tasks]
+        stored = await dispatcher.with_redis(lambda: dispatcher.stored(run_id, task_ids), what)
+        before = await dispatcher.with_redis(lambda: store.counters(run_id), what)
         reused = 0
+        # Tasks an earlier orchestrator of this id sent and that have no result yet: under a
+        # live lease, queued, or lost. A re-run after a crash waits on them instead of sending
+        # them again (and sends those nobody holds). Not after a cancellation: workers dropped
+        # that run's queued tasks.
+        unstored = [t for t in task_ids if t not in stored]
+        sent = await dispatcher.with_redis(lambda: store.sent_many(run_id, unstored), what)
         # A re-run of a run id clears its cancellation, so that its tasks run again.
-        await store.set_cancelled(run_id, False)
+        if await dispatcher.with_redis(lambda: store.set_cancelled(run_id, False), what):
+            sent = {}
 
         async def run_one(
             task: AgentTask, outputs: Mapping[str, str | None] | None, _: Progress
@@ -216,9 +228,15 @@ class WorkersEngine(Engine):
                     return earlier
                 # Stored under this run id for other inputs (an edited plan, another plan
                 # under a reused id, last week's "nightly"): it does not count; run again.
-                await store.forget(run_id, task.id)
+                await dispatcher.with_redis(lambda: store.forget(run_id, task.id), what)
             return await dispatcher.run(
-                run_id, task, agent.name, mode, dict(outputs) if outputs else None, inputs
+                run_id,
+                task,
+                agent.name,
+                mode,
+                dict(outputs) if outputs else None,
+                inputs,
+                send=sent.get(task.id) != inputs,
             )
 
         try:
@@ -229,7 +247,7 @@ class WorkersEngine(Engine):
             raise
         if any(r.status is ExecutionStatus.CANCELLED for r in results):
             await store.set_cancelled(run_id, True)
-        after = await store.counters(run_id)
+        after = await dispatcher.with_redis(lambda: store.counters(run_id), what)
         self._counts[run_id] = {
             "reused": reused,
             **{name: after[name] - before.get(name, 0) for name in after},
@@ -327,10 +345,26 @@ class WorkersEngine(Engine):
         return self._counts.pop(run_id, {})
 
 
+#: Whether this process has said that its calls run on workers because of the environment.
+_told_environment = False
+
+
 def _cluster_of(selection: Selection) -> Cluster:
+    global _told_environment
     assert selection.cluster is not None
     cluster = Cluster.from_env(selection.cluster.broker, selection.cluster.results)
     assert cluster is not None
+    if not _told_environment and selection.cluster.broker == env_value(BROKER_ENV_VAR):
+        # Once per process, not per call: someone who exported the variables for a worker
+        # (docs/DISTRIBUTED.md) and then ran an in-process example should see why it waits.
+        _told_environment = True
+        log.warning(
+            "taskexec: calls run on the workers of the cluster that %s and %s name (%s); "
+            "unset them to run in this process",
+            BROKER_ENV_VAR,
+            RESULTS_ENV_VAR,
+            redact_url(cluster.broker_url),
+        )
     return cluster
 
 

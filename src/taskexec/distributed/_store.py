@@ -15,7 +15,15 @@ from .._errors import ClusterUnavailableError
 from .._models import ExecutionError, ExecutionResult, ExecutionStatus
 from ._config import Cluster, redact_url
 
-__all__ = ("STORED", "ResultStore", "WorkerInfo", "connect_redis", "worker_info")
+__all__ = (
+    "LEASED",
+    "POISON",
+    "STORED",
+    "ResultStore",
+    "WorkerInfo",
+    "connect_redis",
+    "worker_info",
+)
 
 log = logging.getLogger("taskexec")
 _MGET_CHUNK = 500
@@ -29,23 +37,74 @@ REDIS_COMMAND_TIMEOUT_S = 10.0
 #: :meth:`ResultStore.skip_reason` of a task that has a result, and of one whose run ended.
 STORED = "it already has a result"
 CANCELLED = "its run was cancelled"
+#: :meth:`ResultStore.take` of a task another worker holds, and of one every taker died with.
+LEASED = "another worker holds it under a live lease"
+POISON = "every worker that took it died"
 
 # Server-side scripts, so that each step of a task is one round trip to Redis.
-# KEYS: result, duplicates counter. ARGV: result, ttl. Returns nil if stored, else the stored one.
+# KEYS: result, duplicates counter, lease. ARGV: result, ttl, lease token ('' for none).
+# Returns nil if stored (or already stored by this very call, retried), else the stored one.
+# Either way the writer's lease (if it still holds
+# it) is released in the same round trip: the task has a result, nobody needs to hold it.
 _PUT_FIRST = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+local stored = redis.call('GET', KEYS[1])
+-- The very same result: a retry whose first answer was lost with the connection.
+if stored == ARGV[1] then return false end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return redis.call('GET', KEYS[1])
+return stored
 """
 # KEYS: cancelled mark, result, executions counter. ARGV: ttl. Returns 1 cancelled, 2 stored,
-# else counts the execution and returns 0.
+# else counts the execution and returns 0 (a take without a lease; see _TAKE).
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], ARGV[1])
 return 0
+"""
+# Taking a task under a lease. KEYS: cancelled mark, result, lease, attempts (a set of the
+# lease tokens of the takes that did not hand the task back), executions counter.
+# ARGV: token, lease ttl in ms, result ttl in s, poison limit.
+# Returns 1 cancelled, 2 stored, 3 leased by another taker (its lease is live), 4 every one of
+# ``limit`` earlier takers died with it (poison); else takes the lease, counts the attempt and
+# the execution, and returns 0. The lease expires on Redis's clock unless renewed.
+_TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 3 end
+if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return 4 end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
+return 0
+"""
+# A take handed back (a worker stopping, or one that cannot finish for want of Redis): it
+# releases its lease and no longer counts as an attempt. KEYS: lease, attempts, executions
+# counter. ARGV: token, 1 if the task ran (else the take's execution is not counted either:
+# a take whose answer was lost with the connection). Idempotent: counted back only once.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('SREM', KEYS[2], ARGV[1]) == 1 and ARGV[2] == '0' then
+  redis.call('DECR', KEYS[3])
+end
+return 0
+"""
+# Renewing a worker's leases, one round trip per heartbeat. KEYS: leases. ARGV: ttl in ms,
+# then one token per lease. Returns how many were still held (and are renewed).
+_RENEW = """
+local held = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    held = held + 1
+  end
+end
+return held
 """
 # The registry: a sorted set of worker names by expiry, and a hash of their registrations.
 # Expiries are on Redis's clock, so that workers and orchestrators on machines whose clocks
@@ -58,11 +117,18 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 0
 """
-# KEYS: expiries, registrations. Returns the live workers' registrations.
+# KEYS: expiries, registrations. ARGV: the longest ttl a registration may have, in ms.
+# Returns the live workers' registrations. An expiry further away than a heartbeat's ttl was
+# not written by a worker (it renews with three heartbeats): dropped as expired, so that a
+# forged "live for a year" entry cannot keep a task waiting for a worker that does not exist.
 _LIVE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+local latest = '(' .. (now + tonumber(ARGV[1]))
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], latest, '+inf')) do
+  table.insert(dead, name)
+end
 for _, name in ipairs(dead) do
   redis.call('ZREM', KEYS[1], name)
   redis.call('HDEL', KEYS[2], name)
@@ -138,6 +204,9 @@ class ResultStore:
         self.cluster = cluster
         self._put_first = client.register_script(_PUT_FIRST)
         self._claim = client.register_script(_CLAIM)
+        self._take = client.register_script(_TAKE)
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
         self._register = client.register_script(_REGISTER)
         self._live = client.register_script(_LIVE)
         self._unreadable_warned = False
@@ -148,14 +217,33 @@ class ResultStore:
     def _counter(self, run_id: str, name: str) -> str:
         return self.cluster.key("run", run_id, name)
 
-    async def put_first(self, run_id: str, result: ExecutionResult) -> ExecutionResult:
+    def _lease_key(self, run_id: str, task_id: str) -> str:
+        return self.cluster.key("run", run_id, "lease", task_id)
+
+    def _attempts_key(self, run_id: str, task_id: str) -> str:
+        return self.cluster.key("run", run_id, "attempts", task_id)
+
+    @property
+    def lease_ttl_ms(self) -> int:
+        """How long a lease lives unrenewed: three heartbeats, as a worker's registration."""
+        return max(1, int(self.cluster.heartbeat_s * 3 * 1000))
+
+    async def put_first(
+        self, run_id: str, result: ExecutionResult, lease: str = ""
+    ) -> ExecutionResult:
         """Store ``result`` unless the task has one; return the one that counts.
 
         One round trip: a server-side script stores the result if it is the first, and
-        otherwise counts a duplicate and returns the stored one.
+        otherwise counts a duplicate and returns the stored one; it also releases the task's
+        lease if ``lease`` (a token from :meth:`take`) still holds it.
         """
-        keys = [self._result_key(run_id, result.task_id), self._counter(run_id, "duplicates")]
-        args: list[str | int] = [result.model_dump_json(), self.cluster.result_ttl_s]
+        task_id = result.task_id
+        keys = [
+            self._result_key(run_id, task_id),
+            self._counter(run_id, "duplicates"),
+            self._lease_key(run_id, task_id),
+        ]
+        args: list[str | int] = [result.model_dump_json(), self.cluster.result_ttl_s, lease]
         current = await self._put_first(keys=keys, args=args)
         if current is None:
             return result
@@ -171,6 +259,56 @@ class ResultStore:
         ]
         found = await self._claim(keys=keys, args=[self.cluster.result_ttl_s])
         return (None, CANCELLED, STORED)[int(found)]
+
+    async def take(self, run_id: str, task_id: str, token: str) -> str | None:
+        """Take a task under a lease held by ``token``, unless it should not run here now.
+
+        Returns None when taken (the execution and the attempt are counted); else
+        :data:`CANCELLED`, :data:`STORED`, :data:`LEASED` (another taker's lease is live: wait
+        for its result or its expiry) or :data:`POISON` (``delivery_limit`` earlier takers
+        died with it). One round trip.
+        """
+        keys = [
+            self.cluster.key("run", run_id, "cancelled"),
+            self._result_key(run_id, task_id),
+            self._lease_key(run_id, task_id),
+            self._attempts_key(run_id, task_id),
+            self._counter(run_id, "executions"),
+        ]
+        args: list[str | int] = [
+            token,
+            self.lease_ttl_ms,
+            self.cluster.result_ttl_s,
+            self.cluster.delivery_limit,
+        ]
+        found = await self._take(keys=keys, args=args)
+        return (None, CANCELLED, STORED, LEASED, POISON)[int(found)]
+
+    async def release(self, run_id: str, task_id: str, token: str, ran: bool) -> None:
+        """Hand a take back: release its lease; it no longer counts as an attempt, nor as an
+        execution unless it ``ran``. A no-op for a token that took nothing, or again."""
+        keys = [
+            self._lease_key(run_id, task_id),
+            self._attempts_key(run_id, task_id),
+            self._counter(run_id, "executions"),
+        ]
+        await self._release(keys=keys, args=[token, int(ran)])
+
+    async def renew(self, leases: dict[tuple[str, str], str]) -> int:
+        """Renew the leases (``(run, task)`` to token) still held; return how many were."""
+        if not leases:
+            return 0
+        keys = [self._lease_key(run_id, task_id) for run_id, task_id in leases]
+        return int(await self._renew(keys=keys, args=[self.lease_ttl_ms, *leases.values()]))
+
+    async def leased(self, run_id: str, task_ids: Sequence[str]) -> set[str]:
+        """Return those of ``task_ids`` that a worker holds under a live lease."""
+        held: set[str] = set()
+        for start in range(0, len(task_ids), _MGET_CHUNK):
+            chunk = task_ids[start : start + _MGET_CHUNK]
+            values = await self.client.mget([self._lease_key(run_id, t) for t in chunk])
+            held.update(t for t, v in zip(chunk, values, strict=True) if v is not None)
+        return held
 
     async def get_many(self, run_id: str, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
         """Return the stored results of those of ``task_ids`` that have one."""
@@ -236,13 +374,37 @@ class ResultStore:
         key = self.cluster.key("run", run_id, "cancelled", task_id)
         await self.client.set(key, b"1", ex=self.cluster.result_ttl_s)
 
-    async def set_cancelled(self, run_id: str, cancelled: bool) -> None:
-        """Mark a run cancelled (workers then drop its queued tasks), or clear the mark."""
+    async def set_cancelled(self, run_id: str, cancelled: bool) -> bool:
+        """Mark a run cancelled (workers then drop its queued tasks), or clear the mark;
+        return whether clearing found one."""
         key = self.cluster.key("run", run_id, "cancelled")
         if cancelled:
             await self.client.set(key, b"1", ex=self.cluster.result_ttl_s)
-        else:
-            await self.client.delete(key)
+            return True
+        return bool(await self.client.delete(key))
+
+    def _sent_key(self, run_id: str, task_id: str) -> str:
+        return self.cluster.key("run", run_id, "sent", task_id)
+
+    async def mark_sent(self, run_id: str, task_id: str, inputs: str) -> None:
+        """Record that a task is being sent with these inputs (a crashed orchestrator's re-run
+        waits on it instead of sending it again)."""
+        await self.client.set(
+            self._sent_key(run_id, task_id), inputs.encode(), ex=self.cluster.result_ttl_s
+        )
+
+    async def sent_many(self, run_id: str, task_ids: Sequence[str]) -> dict[str, str]:
+        """Return the inputs digests of those of ``task_ids`` an orchestrator sent."""
+        found: dict[str, str] = {}
+        for start in range(0, len(task_ids), _MGET_CHUNK):
+            chunk = task_ids[start : start + _MGET_CHUNK]
+            values = await self.client.mget([self._sent_key(run_id, t) for t in chunk])
+            for task_id, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    found[task_id] = (
+                        value.decode(errors="replace") if isinstance(value, bytes) else value
+                    )
+        return found
 
     async def counters(self, run_id: str) -> dict[str, int]:
         """Return the run's ``executions`` and ``duplicates`` (results that lost the race)."""
@@ -269,7 +431,9 @@ class ResultStore:
 
     async def workers(self) -> list[WorkerInfo]:
         """Return the live workers, by name (and forget the expired ones)."""
-        values = await self._live(keys=self._registry())
+        # A second of slack over a worker's own ttl, for a renewal on its way.
+        longest_ms = max(1, int(self.cluster.heartbeat_s * 3 * 1000)) + 1000
+        values = await self._live(keys=self._registry(), args=[longest_ms])
         found: list[WorkerInfo] = []
         unreadable = 0
         for value in values:

@@ -1,18 +1,26 @@
 """A worker: takes tasks of the agents it defines from RabbitMQ, runs them, stores the results.
 
-The order of one task's steps is what makes a crash lose nothing:
+The order of one task's steps is what makes a crash lose nothing and a hand-back cost nothing:
 
 1. A message that is not a taskexec task of this version, or names an agent this worker does
    not define, is rejected to the dead-letter queue and never run; if it names a run and a
-   task, that task is recorded as ``failed`` with the reason, so that its run does not wait.
-2. A task whose result is already stored (it ran before a crash) or whose run was cancelled is
-   acknowledged without running.
-3. A task delivered more often than the cluster's delivery limit (every worker that took it
-   died) is recorded as ``failed`` (kind ``dead_lettered``) and rejected to the dead-letter queue.
-4. Otherwise it runs on this process's async engine, its result is stored (the first result per
-   task wins), an event is published, and only then is the message acknowledged. A worker that
-   dies before the acknowledgement leaves the message to RabbitMQ, which hands it to another
-   worker the moment the connection drops.
+   task, that task is then recorded as ``failed`` with the reason (best effort: the rejection
+   needs no Redis), so that its run does not wait.
+2. The task is taken under a lease in Redis (one script: not if its run was cancelled or it
+   has a result, which acknowledges it unrun; not while another taker's lease is live, which
+   waits for that result or that lease's expiry; not once ``delivery_limit`` earlier takers
+   died with it, which records it ``failed``, kind ``dead_lettered``, and rejects it to the
+   dead-letter queue). The lease is renewed with the heartbeat and expires on Redis's clock.
+3. The task runs on this process's async engine (at most ``concurrency`` at once, across
+   reconnects), its result is stored (the first result per task wins, and the lease is
+   released in the same round trip), an event is published, and only then is the message
+   acknowledged. A worker that dies before the acknowledgement leaves the message to RabbitMQ,
+   which hands it to another worker the moment the connection drops; that one waits for the
+   dead worker's lease to expire, and the take counts as one poison attempt.
+4. A task handed back (the worker stops, or Redis cannot be reached) is published again,
+   confirmed, and only then acknowledged, and its take is released: RabbitMQ's delivery count
+   does not grow and no poison attempt is counted. A worker that cannot reach Redis stops
+   taking tasks until Redis answers again.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -48,7 +57,15 @@ from .._tracing import trace_context_from
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
-from ._store import STORED, ResultStore, WorkerInfo, connect_redis, worker_info
+from ._store import (
+    LEASED,
+    POISON,
+    STORED,
+    ResultStore,
+    WorkerInfo,
+    connect_redis,
+    worker_info,
+)
 from ._wire import (
     CONTENT_TYPE,
     BadMessage,
@@ -68,10 +85,18 @@ log = logging.getLogger("taskexec.worker")
 STOP_TIMEOUT_S = 5.0
 #: How often a worker tries to set up its queues before it gives up.
 SUBSCRIBE_ATTEMPTS = 5
-#: How long a task that failed for want of Redis waits before it goes back to the queue.
+#: How often a worker that cannot reach Redis tries it again (and retries storing a result).
 RETRY_PAUSE_S = 1.0
 #: How often a worker streaming a task checks that its caller is still there.
 STREAM_CANCEL_POLL_S = 0.05
+#: Headers RabbitMQ sets on a delivery, dropped when a task is published again.
+_BROKER_HEADERS = (
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+)
 #: The concurrency is the channel's prefetch count, a 16-bit field in AMQP.
 MAX_CONCURRENCY = 65535
 #: A worker's name goes into the registry, log lines and ``taskexec workers``: no spaces or
@@ -129,6 +154,21 @@ class Worker:
         self.grace_s = grace_s
         self.done = 0
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Running tasks hold a slot: never more than ``concurrency`` at once, also when a
+        #: reconnect hands this worker new deliveries while the old ones still run.
+        self._slots = asyncio.Semaphore(concurrency)
+        #: The leases this worker holds, renewed with the heartbeat: (run, task) -> token.
+        self._leases: dict[tuple[str, str], str] = {}
+        #: The jobs that run a task here, so that a second delivery of it waits for this one.
+        self._holders: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._channel: AbstractChannel | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._paused: asyncio.Task[None] | None = None
+        #: Hand-backs whose release Redis did not take: (run, task, token, ran), released when
+        #: Redis answers again (else the lease expires and the take counts as an attempt).
+        self._unreleased: list[tuple[str, str, str, bool]] = []
+        self._stopping = False
         self._store: ResultStore | None = None
         self._events: AbstractExchange | None = None
         self._started_at = time.time()
@@ -137,7 +177,8 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        """How many tasks are running now."""
+        """How many tasks this worker holds now: running, or waiting for a slot or for
+        another taker's lease (each is handed back if the worker stops)."""
         return len(self._in_flight)
 
     @property
@@ -156,14 +197,18 @@ class Worker:
         # The store first: a task can arrive the moment the first consumer is attached.
         self._store = store = ResultStore(redis, self.cluster)
         try:
-            connection, consumers = await self._subscribe()
+            connection, self._consumers = await self._subscribe()
         except BaseException:
             await redis.aclose()
             raise
         beating = asyncio.Event()  # set: the heartbeat stops after its current beat
 
         async def beat() -> None:
-            await store.register(self._info())
+            try:
+                await store.renew(dict(self._leases))
+                await self._release_late()
+            finally:
+                await store.register(self._info())
 
         heartbeat = asyncio.create_task(
             repeat(
@@ -181,16 +226,21 @@ class Worker:
             log.info("worker %s serving %s", self.name, ", ".join(sorted(self._roster.agents)))
             await stop.wait()
             # Stop taking tasks first, then let the ones in flight finish (or hand them back).
-            for queue, tag in consumers:
-                with contextlib.suppress(Exception):
-                    await queue.cancel(tag)
+            self._stopping = True
+            await settle([self._paused], 0)
+            await self._cancel_consumers()
             await self._drain(hurry)
         finally:
+            self._stopping = True
             beating.set()
-            await settle([heartbeat], STOP_TIMEOUT_S)
+            await settle([heartbeat, self._paused], STOP_TIMEOUT_S)
+            # Each job hands its task back (published again, then acknowledged) as it ends.
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await settle(self._background, STOP_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._release_late(), STOP_TIMEOUT_S)
             # Closing the connection hands every unacknowledged task back to RabbitMQ.
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -216,6 +266,9 @@ class Worker:
                 # The prefetch is the concurrency: RabbitMQ never hands this worker a task it
                 # would have to hold without running (which another worker could run meanwhile).
                 await channel.set_qos(prefetch_count=self.concurrency)
+                # Publisher confirms (aio-pika's default): a task handed back is acknowledged
+                # only once RabbitMQ has its copy.
+                self._channel = channel
                 # Events are advisory (the result is in Redis, and the orchestrator reads it
                 # there if an event is lost): no publisher confirms, no round trip per event.
                 events_channel = await connection.channel(publisher_confirms=False)
@@ -297,15 +350,18 @@ class Worker:
             log.warning(
                 "worker %s: rejected a message to the dead-letter queue: %s", self.name, exc
             )
-            await self._unreadable(message, exc)
+            # Rejected first: the dead-letter path needs no Redis; telling the run is best
+            # effort (a run that is not told sees a task nobody holds, and sends it again).
             await _settle(message.reject(requeue=False))
+            self._spawn(self._unreadable(message, exc), self._background)
             return
-        # Quorum queues count earlier deliveries of this message (0 or absent on the first).
-        count = message.headers.get("x-delivery-count")
-        deliveries = count if isinstance(count, int) else 0
-        job = asyncio.create_task(self._handle(message, task, deliveries))
-        self._in_flight.add(job)
-        job.add_done_callback(self._in_flight.discard)
+        self._spawn(self._handle(message, task), self._in_flight)
+
+    @staticmethod
+    def _spawn(work: Any, into: set[asyncio.Task[None]]) -> None:
+        job: asyncio.Task[None] = asyncio.create_task(work)
+        into.add(job)
+        job.add_done_callback(into.discard)
 
     async def _unreadable(self, message: AbstractIncomingMessage, problem: BadMessage) -> None:
         """Tell the run of a taskexec message that this worker cannot run (another version's,
@@ -336,45 +392,61 @@ class Worker:
                 self._roster_redact(str(exc) or type(exc).__name__),
             )
 
-    async def _handle(
-        self, message: AbstractIncomingMessage, msg: TaskMessage, deliveries: int
-    ) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, msg: TaskMessage) -> None:
         assert self._store is not None
         store, run_id, task = self._store, msg.run_id, msg.task
+        key = (run_id, task.id)
+        token = f"{self.name}/{uuid.uuid4().hex[:16]}"
+        taken = False
+        loop = asyncio.get_running_loop()
+        # The longest a delivery waits on another taker's lease before it is handed back (so
+        # that it does not keep a prefetch slot for the length of someone else's task): one
+        # lease lifetime, by which a dead taker's lease has expired.
+        give_up = loop.time() + store.lease_ttl_ms / 1000 + self.cluster.heartbeat_s
         try:
-            if deliveries >= self.cluster.delivery_limit:
-                await self._dead_letter(message, msg, deliveries)
-                return
-            reason = await store.claim(run_id, task.id)  # counts the execution if it runs
-            if reason is not None:
+            while True:
+                local = self._holders.get(key)
+                if local is not None:
+                    # Delivered again while this worker runs it (its channel reconnected):
+                    # this delivery settles once that run stored its result.
+                    await asyncio.wait({local})
+                async with self._slots:
+                    reason = await store.take(run_id, task.id, token)
+                    if reason is None:
+                        taken = True
+                        self._leases[key] = token
+                        self._holders[key] = holder = loop.create_future()
+                        try:
+                            await self._run(message, msg, token)
+                        finally:
+                            self._leases.pop(key, None)
+                            self._holders.pop(key, None)
+                            holder.set_result(None)
+                        return
+                if reason == LEASED:
+                    if loop.time() >= give_up:
+                        log.info(
+                            "worker %s: task %s of run %s is held by another worker; handed back",
+                            self.name,
+                            task.id,
+                            run_id,
+                        )
+                        await self._hand_back(message, msg, None, ran=False)
+                        return
+                    await asyncio.sleep(self.cluster.heartbeat_s)
+                    continue
+                if reason == POISON:
+                    await self._dead_letter(message, msg)
+                    return
                 await self._skip(message, msg, reason)
                 return
-            try:
-                job = self._parts.job(task, msg.agent, msg.mode, msg.outputs)
-                # The worker's spans join the orchestrator's trace (a no-op without otel).
-                with trace_context_from(msg.trace):
-                    if msg.stream:
-                        result = await self._stream(msg, job)
-                    else:
-                        result = await entry.execute(self._parts.engines, job)
-            except ConfigurationError as exc:
-                # This worker's own definition of the agent cannot serve the task (another mode
-                # than the orchestrator's plan, say): a failed result, not a retry elsewhere.
-                result = failure(
-                    task.id, msg.agent, msg.mode, "configuration", f"worker {self.name}: {exc}"
-                )
-            recorded = {**result.metadata, "worker": self.name, "run_id": run_id}
-            if msg.inputs is not None:
-                recorded["inputs"] = msg.inputs
-            result = result.model_copy(update={"metadata": recorded})
-            counted = await store.put_first(run_id, result)
-            await self._finished(msg.run_id, msg.task.id, result if counted is result else None)
-            self.done += 1
-            await _settle(message.ack())
         except asyncio.CancelledError:
-            raise  # stopping: the message stays unacknowledged and goes back to the queue
+            # Stopping: hand the task back without it counting as a failed delivery.
+            await self._hand_back(message, msg, token, ran=taken)
+            raise
         except Exception as exc:
-            # Redis went away mid-task, say: give the task back to run again later.
+            # Redis went away, say: hand the task back (it does not count as an attempt) and
+            # stop taking tasks until Redis answers.
             log.error(
                 "worker %s: task %s of run %s: %s: %s",
                 self.name,
@@ -383,9 +455,146 @@ class Worker:
                 type(exc).__name__,
                 self._roster_redact(str(exc)),
             )
-            # Not at once: a Redis that is down would otherwise spin the task through the queue.
-            await asyncio.sleep(RETRY_PAUSE_S)
-            await _settle(message.nack(requeue=True))
+            self._redis_trouble()
+            # Released even when the take seemed to fail: its answer may be what was lost.
+            await self._hand_back(message, msg, token, ran=taken)
+
+    async def _run(self, message: AbstractIncomingMessage, msg: TaskMessage, token: str) -> None:
+        """Run a task taken under ``token``'s lease, store its result, and acknowledge it."""
+        assert self._store is not None
+        run_id, task = msg.run_id, msg.task
+        try:
+            job = self._parts.job(task, msg.agent, msg.mode, msg.outputs)
+            # The worker's spans join the orchestrator's trace (a no-op without otel).
+            with trace_context_from(msg.trace):
+                if msg.stream:
+                    result = await self._stream(msg, job)
+                else:
+                    result = await entry.execute(self._parts.engines, job)
+        except ConfigurationError as exc:
+            # This worker's own definition of the agent cannot serve the task (another mode
+            # than the orchestrator's plan, say): a failed result, not a retry elsewhere.
+            result = failure(
+                task.id, msg.agent, msg.mode, "configuration", f"worker {self.name}: {exc}"
+            )
+        recorded = {**result.metadata, "worker": self.name, "run_id": run_id}
+        if msg.inputs is not None:
+            recorded["inputs"] = msg.inputs
+        result = result.model_copy(update={"metadata": recorded})
+        while True:
+            # The task ran (and was paid for): keep its result until Redis takes it, rather
+            # than hand the task back to run again. Stopping hands it back all the same.
+            try:
+                counted = await self._store.put_first(run_id, result, token)
+                break
+            except Exception as exc:
+                log.error(
+                    "worker %s: storing the result of task %s of run %s failed (%s); again",
+                    self.name,
+                    task.id,
+                    run_id,
+                    self._roster_redact(str(exc) or type(exc).__name__),
+                )
+                self._redis_trouble()
+                await asyncio.sleep(RETRY_PAUSE_S)
+        await self._finished(run_id, task.id, result if counted is result else None)
+        self.done += 1
+        await _settle(message.ack())
+
+    async def _hand_back(
+        self, message: AbstractIncomingMessage, msg: TaskMessage, token: str | None, *, ran: bool
+    ) -> None:
+        """Give a task back to the queue without RabbitMQ counting a failed delivery.
+
+        The take is released first (a crash after that leaves the message unacknowledged:
+        RabbitMQ requeues it). Then a copy is published, confirmed, and only then is this
+        delivery acknowledged: a crash between the two leaves two copies, and the second one
+        finds the result stored (or the task leased) and is acknowledged unrun. Where this
+        delivery's channel is already gone, RabbitMQ has requeued it: nothing to publish.
+        """
+        if token is not None and self._store is not None:
+            try:
+                await asyncio.wait_for(
+                    self._store.release(msg.run_id, msg.task.id, token, ran), STOP_TIMEOUT_S
+                )
+            except Exception as exc:
+                log.warning(
+                    "worker %s: could not release task %s of run %s yet: %s",
+                    self.name,
+                    msg.task.id,
+                    msg.run_id,
+                    self._roster_redact(str(exc) or type(exc).__name__),
+                )
+                self._unreleased.append((msg.run_id, msg.task.id, token, ran))
+        if self._channel is None or _channel_closed(message):
+            return
+        headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+        )
+        try:
+            await self._channel.default_exchange.publish(
+                copy, routing_key=self.cluster.queue(msg.agent), timeout=STOP_TIMEOUT_S
+            )
+        except Exception as exc:
+            # Not published: leave this delivery unacknowledged; RabbitMQ requeues it when
+            # the connection closes (and counts that delivery).
+            log.warning(
+                "worker %s: could not hand back task %s of run %s by publishing it again (%s); "
+                "RabbitMQ requeues it when the connection closes",
+                self.name,
+                msg.task.id,
+                msg.run_id,
+                self.cluster.redactor()(str(exc) or type(exc).__name__),
+            )
+            return
+        await _settle(message.ack())
+
+    def _redis_trouble(self) -> None:
+        """Redis failed a command: stop taking tasks until it answers again."""
+        if self._paused is None and not self._stopping:
+            self._paused = asyncio.create_task(self._pause_until_redis())
+
+    async def _pause_until_redis(self) -> None:
+        assert self._store is not None
+        log.warning(
+            "worker %s: Redis cannot be reached; not taking tasks until it answers", self.name
+        )
+        try:
+            await self._cancel_consumers()
+            while not self._stopping:
+                await asyncio.sleep(RETRY_PAUSE_S)
+                try:
+                    await self._store.client.ping()
+                    break
+                except Exception:
+                    continue
+            if self._stopping:
+                return
+            with contextlib.suppress(Exception):
+                await self._release_late()
+            queues = [queue for queue, _ in self._consumers]
+            self._consumers = [(q, await q.consume(self._on_message)) for q in queues]
+            log.warning("worker %s: Redis answers again; taking tasks", self.name)
+        finally:
+            self._paused = None
+
+    async def _release_late(self) -> None:
+        """Release the hand-backs Redis could not take when they happened."""
+        assert self._store is not None
+        while self._unreleased:
+            run_id, task_id, token, ran = self._unreleased[0]
+            await self._store.release(run_id, task_id, token, ran)
+            self._unreleased.pop(0)
+
+    async def _cancel_consumers(self) -> None:
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
 
     async def _stream(self, msg: TaskMessage, job: Job) -> ExecutionResult:
         """Run a task as a stream, publishing its text to the orchestrator as it arrives.
@@ -444,16 +653,10 @@ class Worker:
             await self._finished(msg.run_id, msg.task.id, None)
         await _settle(message.ack())
 
-    async def _dead_letter(
-        self, message: AbstractIncomingMessage, msg: TaskMessage, deliveries: int
-    ) -> None:
+    async def _dead_letter(self, message: AbstractIncomingMessage, msg: TaskMessage) -> None:
         """Record a task every earlier taker died with, and move its message aside."""
         assert self._store is not None
-        reason = await self._store.skip_reason(msg.run_id, msg.task.id)
-        if reason is not None:
-            await self._skip(message, msg, reason)
-            return
-        result = self._dead_lettered(msg, deliveries)
+        result = self._dead_lettered(msg, self.cluster.delivery_limit)
         counted = await self._store.put_first(msg.run_id, result)
         await self._finished(msg.run_id, msg.task.id, result if counted is result else None)
         await _settle(message.reject(requeue=False))
@@ -478,8 +681,9 @@ class Worker:
 
     def _dead_lettered(self, msg: TaskMessage, deliveries: int) -> ExecutionResult:
         message = (
-            f"task {msg.task.id!r} was handed to a worker {deliveries} times and no worker "
-            "finished it (each one died or lost its connection while running it); its message "
+            f"task {msg.task.id!r} was taken by a worker {deliveries} times and no worker "
+            "finished it (each one died, or lost Redis for longer than its lease, while running "
+            "it; a worker that was stopped or handed it back is not counted); its message "
             f"is in the dead-letter queue {self.cluster.dead_letter_queue!r}"
         )
         return failure(
@@ -524,3 +728,11 @@ async def _settle(acknowledgement: object) -> None:
         await acknowledgement  # type: ignore[misc]
     except Exception as exc:
         log.info("could not settle a delivery (the channel reconnected?): %s", exc)
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    """True if the channel a message was delivered on is gone (RabbitMQ requeued it)."""
+    try:
+        return bool(message.channel.is_closed)
+    except Exception:
+        return True
