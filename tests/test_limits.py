@@ -363,3 +363,25 @@ async def test_two_processes_share_max_in_flight_through_redis() -> None:
     assert codes == [0, 0]
     assert server.stats.chat_requests == 16
     assert server.stats.max_in_flight == places
+
+
+async def test_a_request_larger_than_tpm_fails_at_once_naming_both_numbers() -> None:
+    """It could never fit the agent's minute: it is not sent, not retried, and the next
+    request does not wait behind it."""
+    async with MockServer() as server:
+        agent = limited_agent(server, tpm=500, max_tokens=400)
+        async with TaskExecutor([agent]) as executor:
+            large = await executor.execute(AgentTask(id="large", prompt="word " * 200))
+            small = await executor.execute(AgentTask(id="small", prompt="hi"))
+            async with executor.stream(AgentTask(id="streamed", prompt="word " * 200)) as stream:
+                pieces = [piece async for piece in stream]
+    assert large.error is not None
+    assert large.error.kind == "configuration"
+    assert "tpm of 500" in large.error.message
+    assert "about " in large.error.message
+    assert large.attempts == 1
+    assert small.ok
+    assert pieces == []
+    assert stream.result.error is not None
+    assert stream.result.error.kind == "configuration"
+    assert server.stats.chat_requests == 1  # only the small one was sent

@@ -249,3 +249,15 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
     path.write_bytes(b"\xef\xbb\xbfagents: [{name: a}]\ntasks: [{id: t, prompt: caf\xc3\xa9}]\n")
     assert load_plan(path).tasks[0].prompt == "café"
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_plan_nested_thousands_deep_is_a_plan_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"deep{suffix}"
+    path.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert caught.value.problems == [
+        "(top level): nested too deeply to be a plan (brackets or mappings thousands deep)"
+    ]
+    assert caught.value.source == str(path)

@@ -46,6 +46,7 @@ __all__ = (
     "estimate_tokens",
     "has_limits",
     "limiter_for",
+    "over_tpm",
     "waiting_now",
 )
 
@@ -65,6 +66,19 @@ class LimitWaitTooLong(Exception):
     def __init__(self, wait_s: float) -> None:
         super().__init__(f"the rate limit's next free slot is {wait_s:.1f} s away")
         self.wait_s = wait_s
+
+
+def over_tpm(agent: Agent, estimate: int) -> str | None:
+    """Why a request of about ``estimate`` tokens can never fit the agent's ``tpm`` (None: it
+    can). Such a request would take the whole minute's budget and more: it fails at once,
+    instead of being sent and making every request after it wait in silence."""
+    if agent.tpm is None or estimate <= agent.tpm:
+        return None
+    return (
+        f"a request of about {estimate} tokens (the prompt and max_tokens) is more than "
+        f"agent {agent.name!r}'s tpm of {agent.tpm} allows in a minute: raise tpm, lower "
+        "max_tokens, or shorten the prompt"
+    )
 
 
 def estimate_tokens(agent: Agent, prompt: str) -> int:

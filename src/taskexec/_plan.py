@@ -243,6 +243,12 @@ def _read(path: str | Path) -> dict[str, Any]:
         raise PlanError(exc.problems, source=source) from None
     except json.JSONDecodeError as exc:
         raise PlanError([f"line {exc.lineno}: invalid JSON: {exc.msg}"], source=source) from None
+    except RecursionError:
+        # Thousands of nested brackets: the parsers recurse per level. No plan nests that deep.
+        raise PlanError(
+            ["(top level): nested too deeply to be a plan (brackets or mappings thousands deep)"],
+            source=source,
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

@@ -12,6 +12,7 @@ from .._limits import (
     estimate_tokens,
     has_limits,
     limiter_for,
+    over_tpm,
 )
 from .._models import Agent, ExecutionError, Usage
 from .._pricing import load_table, needs_table, priced
@@ -57,6 +58,9 @@ async def run_llm(call: Call) -> Outcome:
         if limiter is None:
             return await complete(agent, call.prompt, call.pool, timeout_s)
         estimate = estimate_tokens(agent, call.prompt)
+        too_large = over_tpm(agent, estimate)
+        if too_large is not None:
+            raise AttemptFailed(ExecutionError(kind="configuration", message=too_large))
         loop = asyncio.get_running_loop()
         # The limiter's clock is time.monotonic(); the deadline is on the loop's clock.
         deadline = call.deadline - loop.time() + time.monotonic()

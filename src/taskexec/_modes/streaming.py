@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._http import HttpResponse, TransportError
-from .._limits import LimitWaitTooLong, RateHeaders, estimate_tokens, has_limits, limiter_for
+from .._limits import (
+    LimitWaitTooLong,
+    RateHeaders,
+    estimate_tokens,
+    has_limits,
+    limiter_for,
+    over_tpm,
+)
 from .._models import ExecutionError, Usage
 from .._pricing import load_table, needs_table
 from .._retry import (
@@ -117,6 +124,10 @@ async def stream_llm(call: Call, state: StreamState) -> AsyncGenerator[str, None
         reply = StreamReply()
         started = False
         estimate = estimate_tokens(agent, call.prompt) if limiter is not None else 0
+        too_large = over_tpm(agent, estimate) if limiter is not None else None
+        if too_large is not None:
+            state.error = ExecutionError(kind="configuration", message=too_large)
+            return
         charged = False
         try:
             async with contextlib.AsyncExitStack() as stack:
