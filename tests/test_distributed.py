@@ -1506,3 +1506,13 @@ async def test_a_worker_runs_no_more_than_its_concurrency_across_reconnects(
     async with store_of(use_cluster) as store:
         counted = await store.counters(results[0].metadata["run_id"])
     assert counted == {"executions": 4, "duplicates": 0}
+
+
+async def test_closing_a_connection_on_purpose_says_nothing(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a connection lost by accident is reported on stderr, not one closed by its owner."""
+    for _ in range(3):
+        async with Dispatcher(cluster):
+            pass
+    assert not [r for r in caplog.records if "lost its connection" in r.getMessage()]

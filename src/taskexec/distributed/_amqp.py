@@ -75,7 +75,8 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
     redact = cluster.redactor()
 
     def lost(_: object, exc: BaseException | None = None) -> None:
-        if exc is None:  # closed on purpose
+        # Closed on purpose: aio-pika's close() passes a CancelledError as the reason.
+        if exc is None or connection.close_called:
             return
         log.warning(
             "%s: lost its connection to RabbitMQ at %s (%s); waiting for it, reconnecting "
