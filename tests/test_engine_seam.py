@@ -430,3 +430,17 @@ def test_taskexec_run_with_its_own_engine_flag_announces_nothing(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert "switched" not in done.stderr
     assert json.loads(done.stdout)["results"][0]["engine"] == "legacy"
+
+
+def test_the_quickstart_runs_with_no_extra_installed() -> None:
+    """`pip install taskexec` alone runs the example plan: no extra's module is needed."""
+    code = (
+        "import sys\n"
+        "for name in ('aio_pika', 'aiormq', 'redis', 'hiredis', 'libcst', 'opentelemetry'):\n"
+        "    sys.modules[name] = None  # as if no extra were installed\n"
+        "from taskexec.cli import main\n"
+        f"sys.exit(main(['run', {str(EXAMPLE)!r}, '--json']))\n"
+    )
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in json.loads(done.stdout)["results"]] == ["success"] * 4
