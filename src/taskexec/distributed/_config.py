@@ -85,6 +85,9 @@ class Cluster:
         result_ttl_s: How long results stay in Redis (for ``--run-id`` re-runs).
         poll_s: How often an orchestrator reads Redis for results whose event it may have
             missed (a broker reconnect), and checks that its tasks' agents still have workers.
+        lease_s: How long a worker's lease on a task lives unrenewed (renewed three times as
+            often): after a worker's crash, how long its tasks wait before another worker
+            runs them.
         orphan_after_s: How long a task an orchestrator waits on may go without a live lease
             (and without a message queued for its agent) before it is sent again: its message
             was lost (dead-lettered by RabbitMQ's own limit, or never published by an
@@ -100,6 +103,7 @@ class Cluster:
     result_ttl_s: int = 7 * 24 * 3600
     poll_s: float = 1.0
     orphan_after_s: float = 30.0
+    lease_s: float = 1.5
 
     def __post_init__(self) -> None:
         if not self.broker_url.startswith(("amqp://", "amqps://")):
@@ -118,7 +122,7 @@ class Cluster:
             )
         if self.delivery_limit < 1:
             raise ConfigurationError("delivery_limit must be >= 1")
-        for name in ("no_worker_wait_s", "heartbeat_s", "poll_s", "orphan_after_s"):
+        for name in ("no_worker_wait_s", "heartbeat_s", "poll_s", "orphan_after_s", "lease_s"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0")
         if self.result_ttl_s < 1:

@@ -225,8 +225,9 @@ class ResultStore:
 
     @property
     def lease_ttl_ms(self) -> int:
-        """How long a lease lives unrenewed: three heartbeats, as a worker's registration."""
-        return max(1, int(self.cluster.heartbeat_s * 3 * 1000))
+        """How long a lease lives unrenewed (``Cluster.lease_s``; workers renew theirs three
+        times as often, on a loop of their own, apart from the registry's heartbeat)."""
+        return max(1, int(self.cluster.lease_s * 1000))
 
     async def put_first(
         self, run_id: str, result: ExecutionResult, lease: str = ""

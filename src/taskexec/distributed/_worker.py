@@ -10,7 +10,8 @@ The order of one task's steps is what makes a crash lose nothing and a hand-back
    has a result, which acknowledges it unrun; not while another taker's lease is live, which
    waits for that result or that lease's expiry; not once ``delivery_limit`` earlier takers
    died with it, which records it ``failed``, kind ``dead_lettered``, and rejects it to the
-   dead-letter queue). The lease is renewed with the heartbeat and expires on Redis's clock.
+   dead-letter queue). The lease is renewed every third of ``Cluster.lease_s`` and expires
+   on Redis's clock.
 3. The task runs on this process's async engine (at most ``concurrency`` at once, across
    reconnects), its result is stored (the first result per task wins, and the lease is
    released in the same round trip), an event is published, and only then is the message
@@ -157,7 +158,8 @@ class Worker:
         #: Running tasks hold a slot: never more than ``concurrency`` at once, also when a
         #: reconnect hands this worker new deliveries while the old ones still run.
         self._slots = asyncio.Semaphore(concurrency)
-        #: The leases this worker holds, renewed with the heartbeat: (run, task) -> token.
+        #: The leases this worker holds (renewed every third of Cluster.lease_s):
+        #: (run, task) -> token.
         self._leases: dict[tuple[str, str], str] = {}
         #: The jobs that run a task here, so that a second delivery of it waits for this one.
         self._holders: dict[tuple[str, str], asyncio.Future[None]] = {}
@@ -205,10 +207,15 @@ class Worker:
 
         async def beat() -> None:
             try:
-                await store.renew(dict(self._leases))
                 await self._release_late()
             finally:
                 await store.register(self._info())
+
+        async def renew() -> None:
+            # Leases on a faster loop than the registry: a crashed worker's tasks run elsewhere
+            # once its leases lapse (Cluster.lease_s), not after three registry heartbeats.
+            if self._leases:
+                await store.renew(dict(self._leases))
 
         heartbeat = asyncio.create_task(
             repeat(
@@ -216,6 +223,15 @@ class Worker:
                 beating,
                 beat,
                 f"worker {self.name}: heartbeat",
+                self.cluster.redactor(),
+            )
+        )
+        renewing = asyncio.create_task(
+            repeat(
+                self.cluster.lease_s / 3,
+                beating,
+                renew,
+                f"worker {self.name}: renewing leases",
                 self.cluster.redactor(),
             )
         )
@@ -233,7 +249,7 @@ class Worker:
         finally:
             self._stopping = True
             beating.set()
-            await settle([heartbeat, self._paused], STOP_TIMEOUT_S)
+            await settle([heartbeat, renewing, self._paused], STOP_TIMEOUT_S)
             # Each job hands its task back (published again, then acknowledged) as it ends.
             for task in list(self._in_flight):
                 task.cancel()
@@ -433,7 +449,7 @@ class Worker:
                         )
                         await self._hand_back(message, msg, None, ran=False)
                         return
-                    await asyncio.sleep(self.cluster.heartbeat_s)
+                    await asyncio.sleep(self.cluster.lease_s / 3)  # a lapse is seen at once
                     continue
                 if reason == POISON:
                     await self._dead_letter(message, msg)
