@@ -639,10 +639,11 @@ class Worker:
             # Polled: the mark is set in Redis by another process. A failed read is not a
             # departure: the stream goes on, and the next read tells.
             while True:
+                # The first look after one interval: the stream's start is not kept waiting.
+                await asyncio.sleep(STREAM_CANCEL_POLL_S)
                 with contextlib.suppress(Exception):
                     if await store.is_cancelled(msg.run_id, msg.task.id):
                         return
-                await asyncio.sleep(STREAM_CANCEL_POLL_S)
 
         relaying, watching = asyncio.create_task(relay()), asyncio.create_task(left())
         try:
