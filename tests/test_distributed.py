@@ -1003,6 +1003,16 @@ async def test_a_workers_spans_join_the_orchestrators_trace_over_rabbitmq(
     collected.meter_provider.shutdown()
 
 
+def cluster_urls(cluster: Cluster) -> dict[str, str]:
+    """An executor's own broker and results URLs for ``cluster``."""
+    return {"broker_url": cluster.broker_url, "results_url": cluster.results_url}
+
+
+def executor_on(cluster: Cluster, agents_file: Path) -> TaskExecutor:
+    """An executor of the file's agents whose calls run on ``cluster``'s workers."""
+    return TaskExecutor(taskexec.load_agents(agents_file), **cluster_urls(cluster))
+
+
 def _streaming_agents(tmp_path: Path, server: MockServer) -> Path:
     return write_agents(
         tmp_path / "agents.yaml",
@@ -1029,11 +1039,7 @@ async def test_a_stream_through_a_worker_arrives_piece_by_piece(
     prompt = "one two three four five six seven eight [[chunk_delay=0.05]]"
     with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
         await worker.registered()
-        executor = TaskExecutor(
-            taskexec.load_agents(agents_file),
-            broker_url=cluster.broker_url,
-            results_url=cluster.results_url,
-        )
+        executor = executor_on(cluster, agents_file)
         async with executor:
             deltas: list[str] = []
             completed_at_first: bool | None = None
@@ -1061,11 +1067,7 @@ async def test_leaving_a_stream_through_a_worker_closes_the_request(
     prompt = f"{words} [[chunk_delay=0.05]]"  # ten seconds of pieces, if nobody leaves
     with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
         await worker.registered()
-        executor = TaskExecutor(
-            taskexec.load_agents(agents_file),
-            broker_url=cluster.broker_url,
-            results_url=cluster.results_url,
-        )
+        executor = executor_on(cluster, agents_file)
         async with executor:
             got: list[str] = []
             async with executor.stream(AgentTask(id="s", prompt=prompt)) as stream:
@@ -1090,9 +1092,7 @@ async def test_a_sync_stream_through_a_worker(
 
     def sync_caller() -> tuple[list[str], taskexec.ExecutionResult]:
         with taskexec.sync.TaskExecutor(
-            taskexec.load_agents(agents_file),
-            broker_url=cluster.broker_url,
-            results_url=cluster.results_url,
+            taskexec.load_agents(agents_file), **cluster_urls(cluster)
         ) as executor:
             with executor.stream(AgentTask(id="s", prompt="a b c d")) as stream:
                 pieces = list(stream)
@@ -1116,11 +1116,7 @@ async def test_a_worker_killed_mid_stream_ends_it_failed_without_repeating_text(
     second: WorkerProcess | None = None
     try:
         await first.registered()
-        executor = TaskExecutor(
-            taskexec.load_agents(agents_file),
-            broker_url=cluster.broker_url,
-            results_url=cluster.results_url,
-        )
+        executor = executor_on(cluster, agents_file)
         async with executor:
             got: list[str] = []
             async with executor.stream(AgentTask(id="s", prompt=prompt)) as stream:

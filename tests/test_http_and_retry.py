@@ -164,3 +164,43 @@ async def test_pool_keeps_one_client_per_loop_and_closes_them_all() -> None:
     assert clients[0]._session.closed  # type: ignore[attr-defined]
     assert pool.get() is not here  # a closed pool makes fresh clients on demand
     await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [(httpx.ConnectError("refused here"), "connection"), (httpx.ReadTimeout("slow"), "timeout")],
+)
+async def test_httpx_streams_turn_httpx_errors_into_transport_errors(
+    error: Exception, kind: str
+) -> None:
+    """A caller's httpx client (async) and the legacy engine's (blocking) stream the same way:
+    httpx's errors become the transport errors the retry loop knows; a body streams through."""
+    from taskexec._http_stream import BlockingStream, HttpxStream
+    from taskexec._transport import TransportError
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    def body(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(b"streamed"))
+
+    timeout = httpx.Timeout(1)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(failing)) as client:
+        with pytest.raises(TransportError) as caught:
+            async with HttpxStream(client, "http://x/", b"", {}, timeout):
+                pass
+    assert caught.value.kind == kind
+    blocking = httpx.Client(transport=httpx.MockTransport(failing))
+    with (
+        blocking,
+        pytest.raises(TransportError) as caught,
+        BlockingStream(blocking, "http://x/", b"", {}, timeout),
+    ):
+        pass
+    assert caught.value.kind == kind
+    client = httpx.AsyncClient(transport=httpx.MockTransport(body))
+    async with client, HttpxStream(client, "http://x/", b"", {}, timeout) as stream:
+        assert b"".join([chunk async for chunk in stream]) == b"streamed"
+    blocking = httpx.Client(transport=httpx.MockTransport(body))
+    with blocking, BlockingStream(blocking, "http://x/", b"", {}, timeout) as sync_stream:
+        assert b"".join(sync_stream) == b"streamed"

@@ -784,3 +784,26 @@ async def test_a_streamed_reply_is_priced_like_an_executed_one(
     assert result.usage.output_tokens == executed.usage.output_tokens > 0
     assert result.usage.cost_usd is not None
     assert result.usage.cost_usd == executed.usage.cost_usd
+
+
+@pytest.mark.parametrize("fault", ["401", "401:10", "malformed", "cut:30"])
+async def test_a_failed_stream_never_shows_the_key(
+    driver: str, fault: str, mock_server: MockServer
+) -> None:
+    """The mock's 401 echoes the caller's key in its body (in part with ``401:10``): the
+    stream's result, its text and its repr carry none of it, on every driver."""
+    key = "sk-stream-" + "Q" * 30
+    agent = Agent(
+        name="openai",
+        provider="openai",
+        base_url=mock_server.openai_base_url,
+        api_key=key,
+        max_retries=0,
+    )
+    task = AgentTask(id="leak", prompt=f"hi [[fault={fault}]]")
+    deltas, result = await consume(driver, [agent], task, "openai")
+    assert result is not None
+    assert result.status is ExecutionStatus.FAILED
+    shown = result.model_dump_json() + "".join(deltas)
+    for piece in (key, key[:12], "Q" * 8):
+        assert piece not in shown

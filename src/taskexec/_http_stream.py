@@ -93,7 +93,7 @@ class AiohttpStream(HttpStream):
         try:
             chunk = await self._response.content.readany()
         except TimeoutError as exc:
-            raise TransportError("timeout", "the stream stalled past the read timeout") from exc
+            raise TransportError("timeout", _STALLED) from exc
         except aiohttp.ClientError as exc:
             raise TransportError("connection", describe_error(exc)) from exc
         if not chunk:
@@ -115,6 +115,34 @@ class AiohttpStream(HttpStream):
             response.close()  # unfinished: drop the connection now, the server sees it close
 
 
+_NO_RESPONSE = "no response before the attempt timed out"
+_STALLED = "the stream stalled past the read timeout"
+
+
+class _HttpxErrors:
+    """httpx's errors as transport errors, for the async and the blocking streams alike (a
+    timeout with ``timeout_message``); anything else, the end of the stream included, passes."""
+
+    __slots__ = ("_timeout_message",)
+
+    def __init__(self, timeout_message: str) -> None:
+        self._timeout_message = timeout_message
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, httpx.TimeoutException):
+            raise TransportError("timeout", self._timeout_message) from exc
+        if isinstance(exc, httpx.TransportError):
+            raise TransportError("connection", describe_error(exc)) from exc
+
+
 class HttpxStream(HttpStream):
     """A streamed POST over a caller's ``httpx.AsyncClient``."""
 
@@ -133,24 +161,16 @@ class HttpxStream(HttpStream):
         self._response: httpx.Response | None = None
 
     async def __aenter__(self) -> Self:
-        try:
+        with _HttpxErrors(_NO_RESPONSE):
             response = await self._client.send(self._request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise TransportError("timeout", "no response before the attempt timed out") from exc
-        except httpx.TransportError as exc:
-            raise TransportError("connection", describe_error(exc)) from exc
         self._response = response
         self._chunks = response.aiter_raw()
         self.status, self.headers = response.status_code, response.headers
         return self
 
     async def __anext__(self) -> bytes:
-        try:
+        with _HttpxErrors(_STALLED):
             return await self._chunks.__anext__()
-        except httpx.TimeoutException as exc:
-            raise TransportError("timeout", "the stream stalled past the read timeout") from exc
-        except httpx.TransportError as exc:
-            raise TransportError("connection", describe_error(exc)) from exc
 
     async def __aexit__(
         self,
@@ -186,12 +206,8 @@ class BlockingStream:
         self.headers: Mapping[str, str] = {}
 
     def __enter__(self) -> Self:
-        try:
+        with _HttpxErrors(_NO_RESPONSE):
             response = self._client.send(self._request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise TransportError("timeout", "no response before the attempt timed out") from exc
-        except httpx.TransportError as exc:
-            raise TransportError("connection", describe_error(exc)) from exc
         self._response = response
         self._chunks = response.iter_raw()
         self.status, self.headers = response.status_code, response.headers
@@ -201,12 +217,8 @@ class BlockingStream:
         return self
 
     def __next__(self) -> bytes:
-        try:
+        with _HttpxErrors(_STALLED):
             return next(self._chunks)
-        except httpx.TimeoutException as exc:
-            raise TransportError("timeout", "the stream stalled past the read timeout") from exc
-        except httpx.TransportError as exc:
-            raise TransportError("connection", describe_error(exc)) from exc
 
     def read(self) -> bytes:
         """Return the rest of the body (an error reply's, which is short)."""
