@@ -144,6 +144,7 @@ class WorkerProcess:
         grace_s: float = 10.0,
         broker_url: str | None = None,
         log_dir: Path | None = None,
+        events: bool = False,
     ) -> None:
         self.name = name
         self.cluster = cluster
@@ -160,6 +161,7 @@ class WorkerProcess:
             str(concurrency),
             "--grace",
             str(grace_s),
+            *(["--events"] if events else []),
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

@@ -942,6 +942,69 @@ async def test_results_come_from_the_store_never_from_an_event(cluster: Cluster)
     assert "PWNED" not in (result.output or "")
 
 
+async def test_a_result_is_announced_on_its_runs_redis_channel() -> None:
+    """The script that stores a result publishes the task's id on its run's channel, and the
+    dispatcher reads the result then, not at its next poll (poll_s is an hour here). Anything
+    else on the channel (garbage, other shapes, a task nobody waits on) changes nothing."""
+    from taskexec.distributed._store import worker_info
+    from taskexec.distributed._wire import failure
+
+    require_services()
+    cluster = new_cluster(poll_s=3600.0)
+    try:
+        async with store_of(cluster) as store:
+            await store.register(worker_info("fake", "h", 1, ["writer"], 1, 0, 0, 0.0))
+            async with Dispatcher(cluster) as dispatcher:
+                await dispatcher.attach("told")
+                waiting = [
+                    asyncio.create_task(
+                        dispatcher.run("told", AgentTask(id=t, prompt="p"), "writer", "llm")
+                    )
+                    for t in ("a", "b")
+                ]
+                await eventually(lambda: len(dispatcher._pending) == 2)
+                channel = store.done_channel("told")
+                listener = store.client.pubsub()
+                await listener.subscribe(channel)
+                for junk in (b"not json", b'{"a": 1}', b'[1, null, "nobody"]', b"\xff"):
+                    await store.client.publish(channel, junk)
+                # Both stored at once (as a worker's results that end together are): one
+                # script call, one notification naming both.
+                stored = await asyncio.gather(
+                    *(
+                        store.put_first("told", failure(t, "writer", "llm", "http_status", t))
+                        for t in ("a", "b")
+                    )
+                )
+                results = await asyncio.wait_for(asyncio.gather(*waiting), 30)
+                heard = []
+                while (message := await listener.get_message(timeout=1)) is not None:
+                    if message["type"] == "message":
+                        heard.append(message["data"])
+                await listener.aclose()  # type: ignore[no-untyped-call]
+    finally:
+        await drop_cluster(cluster, AGENTS)
+    assert [r.error.message for r in results if r.error] == ["a", "b"]
+    assert [r.task_id for r in stored] == ["a", "b"]
+    assert heard[-1] == b'["a","b"]'
+
+
+async def test_deliveries_taken_together_are_taken_once(cluster: Cluster) -> None:
+    """Takes made at the same moment go to Redis as one script call; two of one task in it:
+    the first takes the lease, the second finds it held."""
+    from taskexec.distributed._store import LEASED
+
+    async with store_of(cluster) as store:
+        reasons = await asyncio.gather(
+            store.take("together", "x", "w/1"),
+            store.take("together", "x", "w/2"),
+            store.take("together", "y", "w/3"),
+        )
+        counters = await store.counters("together")
+    assert reasons == [None, LEASED, None]
+    assert counters["executions"] == 2
+
+
 async def test_a_garbage_stored_result_is_a_failed_result_not_a_traceback(
     cluster: Cluster,
 ) -> None:
@@ -1325,7 +1388,8 @@ async def test_a_crashed_orchestrator_resumes_without_sending_again(
             )
             events = await channel.declare_queue(exclusive=True)
             await events.bind(exchange, routing_key="run.resume.#")
-            with workers([WorkerProcess(plan_file, use_cluster, "w", concurrency=6)]) as (w,):
+            dashboard = WorkerProcess(plan_file, use_cluster, "w", concurrency=6, events=True)
+            with workers([dashboard]) as (w,):
                 await w.registered()
                 first = await asyncio.create_subprocess_exec(
                     *command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
 from types import ModuleType
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -89,6 +91,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="SECONDS",
         help="on stop, time for tasks in flight to finish before they are handed back (default 10)",
     )
+    worker_parser.add_argument(
+        "--events",
+        action="store_true",
+        help="also publish each task's end on the events exchange (for a dashboard); "
+        "orchestrators do not need it",
+    )
     worker_parser.set_defaults(handler=worker)
 
     workers_parser = commands.add_parser("workers", help="list the live workers of a cluster")
@@ -98,7 +106,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     workers_parser.set_defaults(handler=workers)
 
 
-def _cluster(distributed: ModuleType, args: argparse.Namespace) -> object:
+def _cluster(distributed: ModuleType, args: argparse.Namespace) -> Any:
     cluster = distributed.Cluster.from_env(args.broker, args.results)
     if cluster is None:
         raise UsageError(
@@ -113,6 +121,8 @@ def worker(args: argparse.Namespace) -> int:
     distributed = _distributed("worker")
     agents = load_agents(args.agents_file)
     cluster = _cluster(distributed, args)
+    if args.events:
+        cluster = dataclasses.replace(cluster, events=True)
     worker = distributed.Worker(
         agents, cluster, concurrency=args.concurrency, name=args.name, grace_s=args.grace
     )

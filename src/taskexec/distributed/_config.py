@@ -92,6 +92,9 @@ class Cluster:
             (and without a message queued for its agent) before it is sent again: its message
             was lost (dead-lettered by RabbitMQ's own limit, or never published by an
             orchestrator that crashed). A copy sent in vain is acknowledged unrun.
+        events: Workers also publish each task's end on the events exchange (for a dashboard
+            that binds a queue there; ``taskexec worker --events``). Off by default: an
+            orchestrator learns of results from Redis, and an event costs a publish per task.
     """
 
     broker_url: str = field(repr=False)
@@ -104,6 +107,7 @@ class Cluster:
     poll_s: float = 1.0
     orphan_after_s: float = 30.0
     lease_s: float = 1.5
+    events: bool = False
 
     def __post_init__(self) -> None:
         if not self.broker_url.startswith(("amqp://", "amqps://")):

@@ -1,12 +1,13 @@
 """An orchestrator's side of distributed runs: sends ready tasks to workers, collects results.
 
 One :class:`Dispatcher` is one connection to the cluster (AMQP connection, channel, event queue,
-Redis pool), opened once by the workers engine of an executor and shared by every run and every
-``execute()`` call made through it. Results come back two ways. A worker publishes a
-``finished`` event (with the result, when its result was the run's first) on the events
-exchange, which is the fast path. Every ``poll_s``,
-the dispatcher also reads Redis for the tasks it still waits on, which covers events lost while
-the broker connection was down, and checks that each waiting task's agent still has a live
+Redis pool and one subscription), opened once by the workers engine of an executor and shared by
+every run and every ``execute()`` call made through it. Results are always read from Redis; two
+things say when. The script that stores a result publishes the task's id on its run's Redis
+channel, to which the dispatcher subscribes (the fast path; the reads of notifications that
+arrive together are one MGET). Every ``poll_s``, the dispatcher also reads Redis for the tasks
+it still waits on, which covers notifications lost while a connection was down, and checks
+that each waiting task's agent still has a live
 worker, and that someone holds each waiting task: a task with no live lease and no message
 queued for its agent for ``orphan_after_s`` is sent again (its message was lost); a copy sent
 in vain is acknowledged unrun by the worker that gets it.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import uuid
@@ -33,15 +35,17 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .._engines.base import new_run_id
+from .._errors import ClusterUnavailableError
 from .._models import AgentTask, ExecutionResult, Mode
 from .._tracing import inject_trace_context
 from ._amqp import connect_broker, declare_agent_queue, declare_events, queue_depth
 from ._config import Cluster
 from ._loops import repeat, settle
-from ._store import ResultStore, connect_redis
+from ._store import REDIS_COMMAND_TIMEOUT_S, ResultStore, connect_redis
 from ._wire import (
     CONTENT_TYPE,
     TASK_HEADER,
@@ -61,6 +65,8 @@ _SEEN_EVENTS = 10_000
 CLOSE_TIMEOUT_S = 5.0
 #: How long a step of a run that needs Redis waits for it to come back before it gives up.
 REDIS_WAIT_S = 60.0
+#: How often the notification listener wakes when nothing arrives (to see that it is closing).
+LISTEN_WAKE_S = 1.0
 _T = TypeVar("_T")
 
 
@@ -116,6 +122,8 @@ class Dispatcher:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: PubSub | None = None
         self._closing = asyncio.Event()
         self.store: ResultStore
 
@@ -142,10 +150,64 @@ class Dispatcher:
             )
             await queue.consume(self._on_event, no_ack=True)
             self._served = await self.store.served_agents()
+            await self._subscribe()
         except BaseException:
             await self.aclose()
             raise
         self._poller = asyncio.create_task(self._poll())
+        self._listener = asyncio.create_task(self._listen())
+
+    async def _subscribe(self) -> None:
+        """Subscribe to every run's notification channel, and wait until Redis confirms it:
+        a result stored after this is announced here (one subscription, whatever the runs)."""
+        assert self._redis is not None
+        self._pubsub = pubsub = self._redis.pubsub()
+        await pubsub.psubscribe(self.store.done_pattern)
+        while True:
+            message = await pubsub.get_message(timeout=REDIS_COMMAND_TIMEOUT_S)
+            if message is None:
+                raise ClusterUnavailableError("Redis did not confirm a subscription")
+            if message["type"] == "psubscribe":
+                return
+
+    async def _listen(self) -> None:
+        """Read the notifications of stored results: each wakes the task that waits on it,
+        which reads the result from the store (a notification is not a result). A gap while
+        the subscription's connection is down is made up by the poller."""
+        assert self._pubsub is not None
+        prefix = self.store.done_channel("")
+        failing = False
+        while not self._closing.is_set():
+            try:
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=LISTEN_WAKE_S
+                )
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    failing = True
+                    log.warning(
+                        "lost the subscription to results in Redis (%s); reading them every "
+                        "%g s until it is back",
+                        self.cluster.redactor()(str(exc) or type(exc).__name__),
+                        self.cluster.poll_s,
+                    )
+                await asyncio.sleep(min(self.cluster.poll_s, 0.5))
+                continue
+            failing = False
+            if message is None:
+                continue
+            channel = message["channel"]
+            if isinstance(channel, bytes):
+                channel = channel.decode(errors="replace")
+            try:
+                task_ids = json.loads(message["data"])
+            except ValueError:
+                continue  # not a worker's: a notification reads the store, nothing more
+            if isinstance(task_ids, list):
+                run_id = channel.removeprefix(prefix)
+                for task_id in task_ids:
+                    if isinstance(task_id, str):
+                        self._want((run_id, task_id))
 
     async def attach(self, run_id: str) -> None:
         """Listen for the results of ``run_id``, until as many :meth:`detach` calls.
@@ -201,7 +263,13 @@ class Dispatcher:
         if self._closing.is_set():
             return
         self._closing.set()
-        await settle([self._poller, self._reading], CLOSE_TIMEOUT_S)
+        # The listener only reads (a wait of up to LISTEN_WAKE_S): cancelled, not waited for.
+        if self._listener is not None:
+            self._listener.cancel()
+        await settle([self._poller, self._listener, self._reading], CLOSE_TIMEOUT_S)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pubsub.aclose(), CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
         if self._connection is not None:
             # Bounded: closing must not keep a finished run waiting on a broker that went away.
             with contextlib.suppress(Exception):
@@ -391,13 +459,15 @@ class Dispatcher:
         self._seen[event.id] = None
         if len(self._seen) > _SEEN_EVENTS:
             self._seen.popitem(last=False)
-        key = (event.run_id, event.task_id)
+        # An event is a notification, never the result: anyone who can publish on the events
+        # exchange could forge one.
+        self._want((event.run_id, event.task_id))
+
+    def _want(self, key: TaskKey) -> None:
+        """Read a task's result from Redis, where the first one that a worker stored is the one
+        that counts; the reads of notifications that arrive together are one MGET."""
         if key not in self._pending:
             return
-        # An event is a notification, never the result: anyone who can publish on the events
-        # exchange could forge one. The result is read from Redis, where the first one that a
-        # worker stored is the one that counts; the reads of events that arrive together are
-        # one MGET.
         self._wanted.add(key)
         if self._reading is None:
             self._reading = asyncio.create_task(self._read_wanted())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -13,6 +14,7 @@ from redis.exceptions import RedisError
 
 from .._errors import ClusterUnavailableError
 from .._models import ExecutionError, ExecutionResult, ExecutionStatus
+from ._batch import Batched
 from ._config import Cluster, redact_url
 
 __all__ = (
@@ -41,20 +43,47 @@ CANCELLED = "its run was cancelled"
 LEASED = "another worker holds it under a live lease"
 POISON = "every worker that took it died"
 
-# Server-side scripts, so that each step of a task is one round trip to Redis.
-# KEYS: result, duplicates counter, lease. ARGV: result, ttl, lease token ('' for none).
-# Returns nil if stored (or already stored by this very call, retried), else the stored one.
-# Either way the writer's lease (if it still holds
-# it) is released in the same round trip: the task has a result, nobody needs to hold it.
+# Server-side scripts, so that each step of a task is one round trip to Redis, and the steps of
+# tasks that happen together one round trip for all of them (see _batch.py).
+# Storing results: KEYS, three per result: result, duplicates counter, lease. ARGV: ttl, then
+# four per result: result, lease token ('' for none), the run's notification channel, task id.
+# Returns, per result, 0 if it was stored (or already stored by this very call, retried), else
+# the stored one. Either way the writer's lease (if it still holds it) is released in the same
+# round trip (the task has a result, nobody needs to hold it), and the task's id is published
+# on its run's channel (one JSON list per run): whoever waits on it reads the result that counts
+# from the store.
 _PUT_FIRST = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
-local stored = redis.call('GET', KEYS[1])
--- The very same result: a retry whose first answer was lost with the connection.
-if stored == ARGV[1] then return false end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return stored
+local out, ids, channels = {}, {}, {}
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = i * 3, 1 + i * 4
+  local token = ARGV[a + 2]
+  if token ~= '' and redis.call('GET', KEYS[k + 3]) == token then redis.call('DEL', KEYS[k + 3]) end
+  local stored = 0
+  if not redis.call('SET', KEYS[k + 1], ARGV[a + 1], 'NX', 'EX', ARGV[1]) then
+    stored = redis.call('GET', KEYS[k + 1])
+    -- The very same result: a retry whose first answer was lost with the connection.
+    if stored == ARGV[a + 1] then
+      stored = 0
+    else
+      redis.call('INCR', KEYS[k + 2])
+      redis.call('EXPIRE', KEYS[k + 2], ARGV[1])
+    end
+  end
+  out[i + 1] = stored
+  local channel = ARGV[a + 3]
+  if ids[channel] == nil then
+    ids[channel] = {}
+    table.insert(channels, channel)
+  end
+  table.insert(ids[channel], ARGV[a + 4])
+end
+for _, channel in ipairs(channels) do redis.call('PUBLISH', channel, cjson.encode(ids[channel])) end
+return out
+"""
+# Marking tasks sent: KEYS: the marks. ARGV: ttl, then the inputs digest of each.
+_MARK_SENT = """
+for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end
+return 0
 """
 # KEYS: cancelled mark, result, executions counter. ARGV: ttl. Returns 1 cancelled, 2 stored,
 # else counts the execution and returns 0 (a take without a lease; see _TAKE).
@@ -65,23 +94,33 @@ redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], ARGV[1])
 return 0
 """
-# Taking a task under a lease. KEYS: cancelled mark, result, lease, attempts (a set of the
-# lease tokens of the takes that did not hand the task back), executions counter.
-# ARGV: token, lease ttl in ms, result ttl in s, poison limit.
-# Returns 1 cancelled, 2 stored, 3 leased by another taker (its lease is live), 4 every one of
-# ``limit`` earlier takers died with it (poison); else takes the lease, counts the attempt and
-# the execution, and returns 0. The lease expires on Redis's clock unless renewed.
+# Taking tasks under leases. KEYS, five per task: cancelled mark, result, lease, attempts (a set
+# of the lease tokens of the takes that did not hand the task back), executions counter.
+# ARGV: lease ttl in ms, result ttl in s, poison limit, then one lease token per task.
+# Returns, per task, 1 cancelled, 2 stored, 3 leased by another taker (its lease is live), 4
+# every one of ``limit`` earlier takers died with it (poison); else takes the lease, counts the
+# attempt and the execution, and gives 0. The lease expires on Redis's clock unless renewed.
+# Two deliveries of one task in one call: the first takes it, the second finds it leased.
 _TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return 3 end
-if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return 4 end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[3])
-return 0
+local out = {}
+for i = 0, #KEYS / 5 - 1 do
+  local k = i * 5
+  local code = 0
+  if redis.call('EXISTS', KEYS[k + 1]) == 1 then code = 1
+  elseif redis.call('EXISTS', KEYS[k + 2]) == 1 then code = 2
+  elseif redis.call('EXISTS', KEYS[k + 3]) == 1 then code = 3
+  elseif redis.call('SCARD', KEYS[k + 4]) >= tonumber(ARGV[3]) then code = 4
+  else
+    local token = ARGV[4 + i]
+    redis.call('SET', KEYS[k + 3], token, 'PX', ARGV[1])
+    redis.call('SADD', KEYS[k + 4], token)
+    redis.call('EXPIRE', KEYS[k + 4], ARGV[2])
+    redis.call('INCR', KEYS[k + 5])
+    redis.call('EXPIRE', KEYS[k + 5], ARGV[2])
+  end
+  out[i + 1] = code
+end
+return out
 """
 # A take handed back (a worker stopping, or one that cannot finish for want of Redis): it
 # releases its lease and no longer counts as an attempt. KEYS: lease, attempts, executions
@@ -203,8 +242,13 @@ class ResultStore:
         self.client = client
         self.cluster = cluster
         self._put_first = client.register_script(_PUT_FIRST)
+        self._mark_sent = client.register_script(_MARK_SENT)
         self._claim = client.register_script(_CLAIM)
         self._take = client.register_script(_TAKE)
+        # The calls made together go out together (one script call for all of them).
+        self._puts: Batched[tuple[str, ExecutionResult, str], bytes | int] = Batched(self._put_many)
+        self._takes: Batched[tuple[str, str, str], int] = Batched(self._take_many)
+        self._marks: Batched[tuple[str, str, str], None] = Batched(self._mark_many)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._register = client.register_script(_REGISTER)
@@ -223,6 +267,20 @@ class ResultStore:
     def _attempts_key(self, run_id: str, task_id: str) -> str:
         return self.cluster.key("run", run_id, "attempts", task_id)
 
+    def done_channel(self, run_id: str) -> str:
+        """The run's notification channel: the id of each task that got a result (or whose
+        result was asked for again) is published there by the script that stores it."""
+        return self.cluster.key("done", run_id)
+
+    @property
+    def done_pattern(self) -> str:
+        """Every run's notification channel (one subscription per orchestrator)."""
+        return self.cluster.key("done", "*")
+
+    async def notify(self, run_id: str, task_id: str) -> None:
+        """Publish that a task has a result (a worker that found it stored, say)."""
+        await self.client.publish(self.done_channel(run_id), json.dumps([task_id]))
+
     @property
     def lease_ttl_ms(self) -> int:
         """How long a lease lives unrenewed (``Cluster.lease_s``; workers renew theirs three
@@ -234,21 +292,31 @@ class ResultStore:
     ) -> ExecutionResult:
         """Store ``result`` unless the task has one; return the one that counts.
 
-        One round trip: a server-side script stores the result if it is the first, and
-        otherwise counts a duplicate and returns the stored one; it also releases the task's
-        lease if ``lease`` (a token from :meth:`take`) still holds it.
+        One round trip (shared with the results stored at the same moment): a server-side
+        script stores the result if it is the first, and otherwise counts a duplicate and
+        returns the stored one; it also releases the task's lease if ``lease`` (a token from
+        :meth:`take`) still holds it, and publishes the task's id on the run's channel.
         """
-        task_id = result.task_id
-        keys = [
-            self._result_key(run_id, task_id),
-            self._counter(run_id, "duplicates"),
-            self._lease_key(run_id, task_id),
-        ]
-        args: list[str | int] = [result.model_dump_json(), self.cluster.result_ttl_s, lease]
-        current = await self._put_first(keys=keys, args=args)
-        if current is None:
+        current = await self._puts((run_id, result, lease))
+        if current == 0:
             return result
+        assert isinstance(current, bytes | str)
         return self._decode(run_id, result.task_id, current)
+
+    async def _put_many(
+        self, items: Sequence[tuple[str, ExecutionResult, str]]
+    ) -> list[bytes | int]:
+        keys: list[str] = []
+        args: list[str | int] = [self.cluster.result_ttl_s]
+        for run_id, result, lease in items:
+            task_id = result.task_id
+            keys += [
+                self._result_key(run_id, task_id),
+                self._counter(run_id, "duplicates"),
+                self._lease_key(run_id, task_id),
+            ]
+            args += [result.model_dump_json(), lease, self.done_channel(run_id), task_id]
+        return list(await self._put_first(keys=keys, args=args))
 
     async def claim(self, run_id: str, task_id: str) -> str | None:
         """Return why a worker should not run a task (see :meth:`skip_reason`); else count the
@@ -267,23 +335,30 @@ class ResultStore:
         Returns None when taken (the execution and the attempt are counted); else
         :data:`CANCELLED`, :data:`STORED`, :data:`LEASED` (another taker's lease is live: wait
         for its result or its expiry) or :data:`POISON` (``delivery_limit`` earlier takers
-        died with it). One round trip.
+        died with it). One round trip, shared with the takes made at the same moment.
         """
-        keys = [
-            self.cluster.key("run", run_id, "cancelled"),
-            self._result_key(run_id, task_id),
-            self._lease_key(run_id, task_id),
-            self._attempts_key(run_id, task_id),
-            self._counter(run_id, "executions"),
-        ]
+        found = await self._takes((run_id, task_id, token))
+        return (None, CANCELLED, STORED, LEASED, POISON)[found]
+
+    async def _take_many(self, items: Sequence[tuple[str, str, str]]) -> list[int]:
+        keys: list[str] = []
+        tokens: list[str] = []
+        for run_id, task_id, token in items:
+            keys += [
+                self.cluster.key("run", run_id, "cancelled"),
+                self._result_key(run_id, task_id),
+                self._lease_key(run_id, task_id),
+                self._attempts_key(run_id, task_id),
+                self._counter(run_id, "executions"),
+            ]
+            tokens.append(token)
         args: list[str | int] = [
-            token,
             self.lease_ttl_ms,
             self.cluster.result_ttl_s,
             self.cluster.delivery_limit,
+            *tokens,
         ]
-        found = await self._take(keys=keys, args=args)
-        return (None, CANCELLED, STORED, LEASED, POISON)[int(found)]
+        return [int(code) for code in await self._take(keys=keys, args=args)]
 
     async def release(self, run_id: str, task_id: str, token: str, ran: bool) -> None:
         """Hand a take back: release its lease; it no longer counts as an attempt, nor as an
@@ -389,10 +464,15 @@ class ResultStore:
 
     async def mark_sent(self, run_id: str, task_id: str, inputs: str) -> None:
         """Record that a task is being sent with these inputs (a crashed orchestrator's re-run
-        waits on it instead of sending it again)."""
-        await self.client.set(
-            self._sent_key(run_id, task_id), inputs.encode(), ex=self.cluster.result_ttl_s
-        )
+        waits on it instead of sending it again). One round trip, shared with the tasks
+        marked at the same moment."""
+        await self._marks((run_id, task_id, inputs))
+
+    async def _mark_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
+        keys = [self._sent_key(run_id, task_id) for run_id, task_id, _ in items]
+        args: list[str | int] = [self.cluster.result_ttl_s, *(inputs for _, _, inputs in items)]
+        await self._mark_sent(keys=keys, args=args)
+        return [None] * len(items)
 
     async def sent_many(self, run_id: str, task_ids: Sequence[str]) -> dict[str, str]:
         """Return the inputs digests of those of ``task_ids`` an orchestrator sent."""

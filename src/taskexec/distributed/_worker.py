@@ -45,6 +45,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from redis.exceptions import RedisError
 
 from .._calls import Roster
 from .._engines import entry
@@ -667,6 +668,9 @@ class Worker:
             "worker %s: task %s of run %s not run: %s", self.name, msg.task.id, msg.run_id, reason
         )
         if reason == STORED:  # whoever waits on it learns at once, not at its next poll
+            assert self._store is not None
+            with contextlib.suppress(RedisError, OSError):  # else it reads it at its next poll
+                await self._store.notify(msg.run_id, msg.task.id)
             await self._finished(msg.run_id, msg.task.id, None)
         await _settle(message.ack())
 
@@ -679,8 +683,12 @@ class Worker:
         await _settle(message.reject(requeue=False))
 
     async def _finished(self, run_id: str, task_id: str, first: ExecutionResult | None) -> None:
-        """Announce a task's end: with its result if that was the run's first, else as a
-        duplicate (whoever waits reads the result that counts from Redis)."""
+        """Announce a task's end on the events exchange, if the cluster asks for events
+        (``Cluster.events``, for dashboards): with its result if that was the run's first, else
+        as a duplicate. Orchestrators do not need it: the script that stored the result
+        published the task's id on the run's Redis channel."""
+        if not self.cluster.events:
+            return
         event = FinishedEvent(
             run_id=run_id,
             task_id=task_id,
