@@ -56,6 +56,7 @@ from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
 from .._stream import create_stream
 from .._tracing import trace_context_from
+from ._acks import Acknowledgements, settle_one
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
@@ -156,6 +157,8 @@ class Worker:
         self.grace_s = grace_s
         self.done = 0
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Finished deliveries are acknowledged together, at the end of a loop iteration.
+        self._acks = Acknowledgements()
         #: Running tasks hold a slot: never more than ``concurrency`` at once, also when a
         #: reconnect hands this worker new deliveries while the old ones still run.
         self._slots = asyncio.Semaphore(concurrency)
@@ -256,6 +259,8 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             await settle(self._background, STOP_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._acks.drain(), STOP_TIMEOUT_S)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._release_late(), STOP_TIMEOUT_S)
             # Closing the connection hands every unacknowledged task back to RabbitMQ.
@@ -369,9 +374,10 @@ class Worker:
             )
             # Rejected first: the dead-letter path needs no Redis; telling the run is best
             # effort (a run that is not told sees a task nobody holds, and sends it again).
-            await _settle(message.reject(requeue=False))
+            await settle_one(message.reject(requeue=False))
             self._spawn(self._unreadable(message, exc), self._background)
             return
+        self._acks.delivered(message)
         self._spawn(self._handle(message, task), self._in_flight)
 
     @staticmethod
@@ -516,7 +522,7 @@ class Worker:
                 await asyncio.sleep(RETRY_PAUSE_S)
         await self._finished(run_id, task.id, result if counted is result else None)
         self.done += 1
-        await _settle(message.ack())
+        self._acks.ack(message)
 
     async def _hand_back(
         self, message: AbstractIncomingMessage, msg: TaskMessage, token: str | None, *, ran: bool
@@ -569,7 +575,7 @@ class Worker:
                 self.cluster.redactor()(str(exc) or type(exc).__name__),
             )
             return
-        await _settle(message.ack())
+        await self._acks.settle(message, message.ack())
 
     def _redis_trouble(self) -> None:
         """Redis failed a command: stop taking tasks until it answers again."""
@@ -672,7 +678,7 @@ class Worker:
             with contextlib.suppress(RedisError, OSError):  # else it reads it at its next poll
                 await self._store.notify(msg.run_id, msg.task.id)
             await self._finished(msg.run_id, msg.task.id, None)
-        await _settle(message.ack())
+        self._acks.ack(message)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, msg: TaskMessage) -> None:
         """Record a task every earlier taker died with, and move its message aside."""
@@ -680,7 +686,7 @@ class Worker:
         result = self._dead_lettered(msg, self.cluster.delivery_limit)
         counted = await self._store.put_first(msg.run_id, result)
         await self._finished(msg.run_id, msg.task.id, result if counted is result else None)
-        await _settle(message.reject(requeue=False))
+        await self._acks.settle(message, message.reject(requeue=False))
 
     async def _finished(self, run_id: str, task_id: str, first: ExecutionResult | None) -> None:
         """Announce a task's end on the events exchange, if the cluster asks for events
@@ -739,20 +745,6 @@ class Worker:
                 event.state,
                 self._roster_redact(str(exc) or type(exc).__name__),
             )
-
-
-async def _settle(acknowledgement: object) -> None:
-    """Acknowledge or reject a message, tolerating a channel that reconnected meanwhile.
-
-    After a reconnect the delivery tag belongs to a channel that is gone, and RabbitMQ has
-    already requeued the message (its result, if any, is stored, so the next delivery is
-    acknowledged without running). aio-pika raises here; a worker that let this escape would stop
-    taking tasks (taskiq-aio-pika issue #46).
-    """
-    try:
-        await acknowledgement  # type: ignore[misc]
-    except Exception as exc:
-        log.info("could not settle a delivery (the channel reconnected?): %s", exc)
 
 
 def _channel_closed(message: AbstractIncomingMessage) -> bool:
