@@ -4,29 +4,44 @@ the limit shared by two real processes through the real Redis."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from pydantic import ValidationError
 
-from taskexec import Agent, AgentTask, PlanError, ProjectOrchestrator, TaskExecutor, load_plan
+from taskexec import (
+    Agent,
+    AgentTask,
+    ExecutionStatus,
+    PlanError,
+    ProjectOrchestrator,
+    TaskExecutor,
+    load_plan,
+)
 from taskexec._limits import (
     HEADROOM,
+    Limits,
     LimitWaitTooLong,
     LocalLimiter,
     RateHeaders,
     estimate_tokens,
     identity,
+    limiter_for,
 )
 from taskexec.testing import MockServer
 
-from .cluster import RESULTS_URL, require_services
-from .conftest import FAST_RETRY, ROOT
+from .cluster import RESULTS_URL, CuttableProxy, require_services
+from .conftest import FAST_RETRY, ROOT, eventually
 
 
 def limited_agent(server: MockServer, **fields: int) -> Agent:
@@ -186,7 +201,7 @@ async def test_a_429_pauses_every_task_of_the_agent() -> None:
         agent = limited_agent(server, rpm=60_000, max_retries=3)
         async with TaskExecutor([agent]) as executor:
             first = asyncio.create_task(executor.execute(AgentTask(id="first", prompt="p")))
-            await _eventually(lambda: server.stats.faults_served == 1)
+            await eventually(lambda: server.stats.faults_served == 1)
             rest = [AgentTask(id=f"t{i}", prompt=f"p{i}") for i in range(8)]
             results = await asyncio.gather(first, *(executor.execute(t) for t in rest))
         assert all(r.ok for r in results)
@@ -194,12 +209,6 @@ async def test_a_429_pauses_every_task_of_the_agent() -> None:
         assert server.stats.statuses[429] == 1
         assert server.stats.chat_requests == 1 + 1 + 8
         assert all(r.metadata["rate_limit_wait_s"] > 0 for r in results[1:])
-
-
-async def _eventually(condition: object) -> None:
-    from .conftest import eventually
-
-    await eventually(condition)  # type: ignore[arg-type]
 
 
 _PROCESS = """
@@ -223,8 +232,9 @@ async def test_two_processes_share_one_limit_through_redis(shared: bool) -> None
     async with MockServer(rate_limit=8) as server:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TASKEXEC_RESULTS_URL": ""}
         env["TASKEXEC_LIMITER_URL"] = RESULTS_URL if shared else ""
-        # A limit unique to this test run, so that no earlier run's schedule is in the way.
-        rpm = 8 * 60 - (os.getpid() % 7)
+        # The limit is named by the server's endpoint (a fresh port), so no earlier run's
+        # schedule is in the way.
+        rpm = 8 * 60
         processes = [
             await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -352,7 +362,7 @@ async def test_two_processes_share_max_in_flight_through_redis() -> None:
     require_services()
     async with MockServer() as server:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TASKEXEC_LIMITER_URL": RESULTS_URL}
-        places = 2 + os.getpid() % 3  # a limit unique to this run: no earlier leases apply
+        places = 3  # the limit is named by the server's fresh port: no earlier leases apply
         processes = [
             await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _IN_FLIGHT, server.openai_base_url, str(places), env=env
@@ -385,3 +395,199 @@ async def test_a_request_larger_than_tpm_fails_at_once_naming_both_numbers() -> 
     assert stream.result.error is not None
     assert stream.result.error.kind == "configuration"
     assert server.stats.chat_requests == 1  # only the small one was sent
+
+
+# -- one limit per key and model ------------------------------------------------------------------
+
+
+async def test_agents_that_disagree_on_rpm_share_one_limit_the_smallest_wins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two agents of one process, one key and model, rpm 600 and 60: one limiter, at rpm 60."""
+    fast = Agent(name="fast", provider="openai", model="m", rpm=600)
+    slow = Agent(name="slow", provider="openai", model="m", rpm=60, max_in_flight=4)
+    endpoint = f"http://disagree/{uuid.uuid4().hex}"
+    with caplog.at_level(logging.WARNING, logger="taskexec"):
+        limiter = limiter_for(fast, "openai", endpoint, "k")
+        assert limiter is not None
+        assert limiter.in_force == Limits(rpm=600)
+        for _ in range(3):
+            assert limiter_for(slow, "openai", endpoint, "k") is limiter
+            assert limiter_for(fast, "openai", endpoint, "k") is limiter
+    assert limiter.in_force == Limits(rpm=60, max_in_flight=4)
+    assert limiter.request_interval_s == pytest.approx(60 / (60 * HEADROOM))
+    # Once per setting that differs, not per call: fast's rpm, and fast's unset max_in_flight.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "taskexec"]
+    assert len(warnings) == 2, warnings
+    assert "agent 'fast' sets rpm 600, but rpm 60 is in force" in warnings[0]
+    assert "agent 'fast' sets no max_in_flight, but max_in_flight 4 is in force" in warnings[1]
+    # A different key is a different limit.
+    assert limiter_for(fast, "openai", endpoint, "other key") is not limiter
+
+
+async def test_processes_that_disagree_on_rpm_share_one_limit_in_redis(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two processes' limiters of one key and model (rpm 600 and rpm 60) follow one schedule,
+    at the smaller rpm once both have used it; the one whose number is not in force warns once."""
+    require_services()
+    from taskexec.distributed._limits import RedisLimiter
+
+    name = f"test-{uuid.uuid4().hex}"
+    fast = RedisLimiter(RESULTS_URL, name, 600, None, None)
+    slow = RedisLimiter(RESULTS_URL, name, 60, None, None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="taskexec"):
+            slots = [(await fast.reserve(1, 600))[1]]  # alone: rpm 600 is in force
+            slots.append((await slow.reserve(1, 600))[1])
+            slots += [(await fast.reserve(1, 600))[1] for _ in range(3)]
+    finally:
+        await fast.aclose()
+        await slow.aclose()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(slots)]  # ms, Redis's clock
+    fast_gap, slow_gap = 60_000 / (600 * HEADROOM), 60_000 / (60 * HEADROOM)
+    assert gaps == pytest.approx([fast_gap, slow_gap, slow_gap, slow_gap], abs=1)
+    assert fast.in_force.rpm == slow.in_force.rpm == 60
+    warnings = [r.getMessage() for r in caplog.records if r.name == "taskexec"]
+    assert len(warnings) == 1, warnings
+    assert "this process sets rpm 600, but rpm 60 is in force" in warnings[0]
+
+
+# -- places in flight are leases -----------------------------------------------------------------
+
+_HOLDER = """
+import asyncio, sys
+from taskexec import Agent, AgentTask, TaskExecutor
+agent = Agent(name="a", provider="openai", base_url=sys.argv[1], api_key=sys.argv[2],
+              max_in_flight=2)
+async def main():
+    async with TaskExecutor([agent]) as executor:
+        # Both places, held as long as the server takes: up to the default deadline, 600 s.
+        tasks = [AgentTask(id=f"t{i}", prompt="[[latency=600]] p") for i in range(2)]
+        await asyncio.gather(*(executor.execute(t) for t in tasks))
+asyncio.run(main())
+"""
+
+
+async def test_a_dead_holders_places_come_back_within_a_lease_not_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process holding both places of max_in_flight 2 is SIGKILLed: its leases lapse, and
+    this process's tasks (deadline 30 s; the dead one's was 600 s) get the places."""
+    require_services()
+    import redis.asyncio as aioredis
+
+    from taskexec._modes.llm import _endpoint
+    from taskexec.providers import get_provider
+
+    key = f"sk-{uuid.uuid4().hex}"
+    async with MockServer() as server:
+        agent = Agent(
+            name="a", provider="openai", base_url=server.openai_base_url, api_key=key,
+            max_in_flight=2, timeout_s=30,
+        )  # fmt: skip
+        name = identity(agent, "openai", _endpoint(get_provider("openai"), agent), key)
+        places = f"taskexec:limit:{name}:in-flight"
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TASKEXEC_LIMITER_URL": RESULTS_URL}
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HOLDER, server.openai_base_url, key, env=env
+        )
+        client = aioredis.from_url(RESULTS_URL)
+        try:
+            await eventually(lambda: server.stats.in_flight == 2, timeout_s=30)
+            # While the holder lives, it renews its leases (their ends move on).
+            first = dict(await client.zrange(places, 0, -1, withscores=True))
+            assert len(first) == 2
+
+            async def renewed() -> bool:
+                now = dict(await client.zrange(places, 0, -1, withscores=True))
+                return now.keys() == first.keys() and all(now[h] > first[h] for h in now)
+
+            await _eventually_async(renewed)
+        finally:
+            holder.kill()
+            await holder.wait()
+            await client.aclose()
+        await eventually(lambda: server.stats.in_flight == 0)
+        monkeypatch.setenv("TASKEXEC_LIMITER_URL", RESULTS_URL)
+        async with TaskExecutor([agent]) as executor:
+            tasks = [AgentTask(id=f"after{i}", prompt="[[latency=0.05]] p") for i in range(2)]
+            results = await asyncio.gather(*(executor.execute(t) for t in tasks))
+    assert [r.error for r in results] == [None, None]
+    assert server.stats.chat_requests == 4
+    assert server.stats.max_in_flight == 2
+
+
+async def _eventually_async(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float = 10
+) -> None:
+    """Wait until the async ``condition()`` holds (the bound only keeps a broken test from
+    hanging)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not await condition():
+        if loop.time() > end:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+# -- the limiter's Redis away ----------------------------------------------------------------------
+
+
+def _redis_address() -> tuple[str, int]:
+    parts = urlsplit(RESULTS_URL)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+async def test_a_short_limiter_redis_outage_is_waited_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_services()
+    async with CuttableProxy(*_redis_address()) as proxy, MockServer() as server:
+        monkeypatch.setenv("TASKEXEC_LIMITER_URL", proxy.url(RESULTS_URL))
+        agent = Agent(
+            name="a", provider="openai", base_url=server.openai_base_url,
+            api_key=f"sk-{uuid.uuid4().hex}", rpm=60_000, max_in_flight=4, timeout_s=60,
+        )  # fmt: skip
+        async with TaskExecutor([agent], retry_policy=FAST_RETRY) as executor:
+            proxy.down()
+            running = asyncio.create_task(executor.execute(AgentTask(id="t", prompt="p")))
+            # The limiter asks Redis again while it is away; the task waits, it does not fail.
+            await eventually(lambda: proxy.accepted >= 3)
+            assert not running.done()
+            assert server.stats.chat_requests == 0
+            proxy.up()
+            result = await running
+    assert result.error is None
+    assert result.attempts == 1
+    assert server.stats.chat_requests == 1
+
+
+async def test_a_limiter_redis_outage_past_the_deadline_fails_as_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis away for longer than the tasks' deadline: each task gets one result, kind
+    ``connection``, naming the URL with its password redacted; nothing is sent."""
+    require_services()
+    password = "limiter-" + uuid.uuid4().hex
+    async with CuttableProxy(*_redis_address()) as proxy, MockServer() as server:
+        url = proxy.url(f"redis://:{password}@127.0.0.1:6379/0")
+        monkeypatch.setenv("TASKEXEC_LIMITER_URL", url)
+        agent = Agent(
+            name="a", provider="openai", base_url=server.openai_base_url,
+            api_key=f"sk-{uuid.uuid4().hex}", rpm=60_000, timeout_s=2,
+        )  # fmt: skip
+        proxy.down()
+        async with TaskExecutor([agent], retry_policy=FAST_RETRY) as executor:
+            tasks = [AgentTask(id=f"t{i}", prompt="p") for i in range(3)]
+            results = await ProjectOrchestrator(executor).execute_tasks(tasks)
+    assert [r.task_id for r in results] == ["t0", "t1", "t2"]
+    for result in results:
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        assert result.error.kind == "connection", result.error
+        assert "rate limit's Redis at redis://:***@127.0.0.1:" in result.error.message
+        assert password not in result.error.message
+        assert result.attempts == 1
+    assert proxy.accepted > len(tasks)  # asked again, not given up at the first refusal
+    assert server.stats.chat_requests == 0

@@ -12,6 +12,11 @@ waiting task past it, so the herd does not retry at once. The provider's
 ``x-ratelimit-remaining-*`` / ``anthropic-ratelimit-*`` headers tighten the schedule when they
 say less is left than the limiter thought.
 
+A limit belongs to a key and a model, not to the numbers an agent gives it: agents (and
+processes) that use the same key and model with different ``rpm``, ``tpm`` or
+``max_in_flight`` share one limit, and the smallest setting of each wins (with a warning, once
+per process, where an agent's own number is not the one in force).
+
 The schedule lives in this process (:class:`LocalLimiter`), or in Redis (:class:`RedisLimiter`,
 one atomic script per acquisition) so that every process that uses the same key and model
 shares it. Time spent waiting counts against the task's deadline.
@@ -20,8 +25,10 @@ shares it. Time spent waiting counts against the task's deadline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -29,7 +36,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from ._loops import close_with_loop
@@ -41,6 +48,8 @@ __all__ = (
     "LIMITER_ENV_VAR",
     "LimitWaitTooLong",
     "Limiter",
+    "LimiterUnavailable",
+    "Limits",
     "LocalLimiter",
     "RateHeaders",
     "estimate_tokens",
@@ -59,6 +68,8 @@ LIMITER_ENV_VAR = "TASKEXEC_LIMITER_URL"
 #: Completion tokens assumed for a request that sets no ``max_tokens``.
 DEFAULT_COMPLETION_TOKENS = 1024
 
+log = logging.getLogger("taskexec")
+
 
 class LimitWaitTooLong(Exception):
     """The limiter's next slot is after the task's deadline (nothing was reserved)."""
@@ -68,16 +79,60 @@ class LimitWaitTooLong(Exception):
         self.wait_s = wait_s
 
 
-def over_tpm(agent: Agent, estimate: int) -> str | None:
-    """Why a request of about ``estimate`` tokens can never fit the agent's ``tpm`` (None: it
-    can). Such a request would take the whole minute's budget and more: it fails at once,
-    instead of being sent and making every request after it wait in silence."""
-    if agent.tpm is None or estimate <= agent.tpm:
+class LimiterUnavailable(Exception):
+    """The limiter's Redis did not answer before the task's deadline (nothing was reserved).
+
+    The message names the Redis URL with its password redacted, and the last error.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The numbers of a limit: requests and tokens per minute, requests in flight (None: none)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_in_flight: int | None = None
+
+    @classmethod
+    def of(cls, agent: Agent) -> Limits:
+        """The limits an agent sets."""
+        return cls(agent.rpm, agent.tpm, agent.max_in_flight)
+
+    def smallest(self, other: Limits) -> Limits:
+        """Each number the smaller of the two (an unset number is no limit: the other wins)."""
+
+        def least(a: int | None, b: int | None) -> int | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        return Limits(
+            least(self.rpm, other.rpm),
+            least(self.tpm, other.tpm),
+            least(self.max_in_flight, other.max_in_flight),
+        )
+
+
+#: The settings of a limit, as :class:`Limits` and agents name them.
+LIMIT_SETTINGS = tuple(f.name for f in fields(Limits))
+
+
+def over_tpm(agent: Agent, estimate: int, tpm: int | None = None) -> str | None:
+    """Why a request of about ``estimate`` tokens can never fit the ``tpm`` in force for the
+    agent's key and model (``tpm``, else the agent's own; None: it can). Such a request would
+    take the whole minute's budget and more: it fails at once, instead of being sent and making
+    every request after it wait in silence."""
+    tpm = tpm or agent.tpm
+    if tpm is None or estimate <= tpm:
         return None
+    whose = f"agent {agent.name!r}'s tpm of {tpm}"
+    if agent.tpm != tpm:
+        whose = (
+            f"the tpm of {tpm} in force for agent {agent.name!r}'s key and model (another "
+            "agent or process sharing them set it; the smallest setting wins)"
+        )
     return (
-        f"a request of about {estimate} tokens (the prompt and max_tokens) is more than "
-        f"agent {agent.name!r}'s tpm of {agent.tpm} allows in a minute: raise tpm, lower "
-        "max_tokens, or shorten the prompt"
+        f"a request of about {estimate} tokens (the prompt and max_tokens) is more than {whose} "
+        "allows in a minute: raise tpm, lower max_tokens, or shorten the prompt"
     )
 
 
@@ -149,18 +204,85 @@ def _reset(value: str | None, now: datetime | None) -> float | None:
     return max(0.0, (at - (now or datetime.now(UTC))).total_seconds())
 
 
-class Limiter(ABC):
-    """The limits of one key and model: where requests wait for their slot."""
+#: (limit, setting) pairs whose disagreement this process has logged: once each, not per call.
+_WARNED: set[tuple[str, str]] = set()
 
-    def __init__(self, rpm: int | None, tpm: int | None, max_in_flight: int | None) -> None:
-        self.request_interval_s = 60.0 / (rpm * HEADROOM) if rpm else 0.0
-        self.token_interval_s = 60.0 / (tpm * HEADROOM) if tpm else 0.0
-        self.max_in_flight = max_in_flight
+
+class Limiter(ABC):
+    """The limit of one key and model: where requests wait for their slot.
+
+    The numbers in force are the smallest of those of every agent that joined it (and, for a
+    limit shared in Redis, of every process that used it lately): :attr:`in_force`, read by
+    the schedule through :attr:`request_interval_s`, :attr:`token_interval_s` and
+    :attr:`max_in_flight`.
+    """
+
+    def __init__(
+        self, rpm: int | None, tpm: int | None, max_in_flight: int | None, *, name: str = ""
+    ) -> None:
+        #: The limit's identity (a hash of endpoint, key and model), for the warnings.
+        self.name = name
+        #: The smallest numbers of this process's agents of the limit: what it asks for.
+        self.own = Limits(rpm, tpm, max_in_flight)
+        #: Each agent's own numbers, by name (for the warnings).
+        self._agents: dict[str, Limits] = {}
+        self.in_force = self.own
+        self.request_interval_s = 0.0
+        self.token_interval_s = 0.0
+        self.max_in_flight: int | None = None
+        self._apply(self.own, force=True)
         #: Tasks waiting for a slot now (for the progress line).
         self.waiting = 0
         #: Keeps the generator that closes the limiter with its loop alive (loops hold theirs
         #: weakly).
         self.closer: AsyncGenerator[None, None] | None = None
+
+    def join(self, agent: str, limits: Limits) -> None:
+        """Count an agent's numbers in this process's own (the smallest of each wins)."""
+        if self._agents.get(agent) == limits:
+            return  # the common case, once per task: nothing changes
+        self._agents[agent] = limits
+        own = Limits()
+        for each in self._agents.values():
+            own = own.smallest(each)
+        self.own = own
+        self._apply(self.in_force.smallest(own), force=True)
+
+    def _apply(self, in_force: Limits, *, force: bool = False) -> None:
+        """Make ``in_force`` the numbers the schedule follows; log, once per process and
+        setting, where this process's numbers differ from them."""
+        if in_force == self.in_force and not force:
+            return
+        self.in_force = in_force
+        rpm, tpm = in_force.rpm, in_force.tpm
+        self.request_interval_s = 60.0 / (rpm * HEADROOM) if rpm else 0.0
+        self.token_interval_s = 60.0 / (tpm * HEADROOM) if tpm else 0.0
+        self.max_in_flight = in_force.max_in_flight
+        for setting in LIMIT_SETTINGS:
+            if (self.name, setting) in _WARNED:
+                continue
+            value = getattr(in_force, setting)
+            mine = {name: getattr(each, setting) for name, each in self._agents.items()}
+            differing = {
+                name: number
+                for name, number in (mine or {"": getattr(self.own, setting)}).items()
+                if number != value
+            }
+            if not differing:
+                continue
+            _WARNED.add((self.name, setting))
+            who = "; ".join(
+                f"{f'agent {name!r}' if name else 'this process'} sets "
+                f"{f'{setting} {number}' if number else f'no {setting}'}"
+                for name, number in sorted(differing.items())
+            )
+            log.warning(
+                "%s, but %s %s is in force for its key and model: agents and processes that "
+                "share a key and model share one limit, and the smallest setting wins",
+                who,
+                setting,
+                value,
+            )
 
     @abstractmethod
     async def reserve(self, tokens: int, max_wait_s: float) -> tuple[float, float]:
@@ -168,11 +290,16 @@ class Limiter(ABC):
 
         Raises:
             LimitWaitTooLong: The slot is more than ``max_wait_s`` away (nothing is reserved).
+            LimiterUnavailable: A shared limit's Redis did not answer within ``max_wait_s``.
         """
 
     @abstractmethod
-    async def paused_until(self) -> float:
-        """The end of the latest pause, on the limiter's clock (0 if never paused)."""
+    async def paused_until(self, deadline: float = math.inf) -> float:
+        """The end of the latest pause, on the limiter's clock (0 if never paused).
+
+        Raises:
+            LimiterUnavailable: A shared limit's Redis did not answer before ``deadline``.
+        """
 
     @abstractmethod
     async def pause(self, seconds: float) -> None:
@@ -192,6 +319,7 @@ class Limiter(ABC):
 
         Raises:
             LimitWaitTooLong: No place came free before ``deadline`` (a ``time.monotonic()``).
+            LimiterUnavailable: A shared limit's Redis did not answer before ``deadline``.
         """
         if not self.max_in_flight:
             yield
@@ -221,6 +349,7 @@ class Limiter(ABC):
 
         Raises:
             LimitWaitTooLong: The next slot is after the deadline.
+            LimiterUnavailable: A shared limit's Redis did not answer before the deadline.
         """
         started = time.monotonic()
         if not (self.request_interval_s or self.token_interval_s):
@@ -236,7 +365,7 @@ class Limiter(ABC):
                 self.waiting -= 1
             # A 429 while this task slept paused the agent past its slot: take a new one.
             # Slots after the pause stand, so a pause does not send them all to the back.
-            if await self.paused_until() <= slot:
+            if await self.paused_until(deadline) <= slot:
                 return time.monotonic() - started
 
 
@@ -252,7 +381,10 @@ class LocalLimiter(Limiter):
     ) -> None:
         super().__init__(rpm, tpm, max_in_flight)
         self._clock = clock
-        self._places = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        # A count and a queue rather than a semaphore: a smaller max_in_flight joining the
+        # limit takes effect at once. A place is handed to the first waiter as it comes free.
+        self._held = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._next_request = 0.0
         self._next_tokens = 0.0
         self._paused_until = 0.0
@@ -266,21 +398,43 @@ class LocalLimiter(Limiter):
         self._next_tokens = start + tokens * self.token_interval_s
         return start - now, start
 
-    async def paused_until(self) -> float:
+    async def paused_until(self, deadline: float = math.inf) -> float:
         return self._paused_until
 
     async def _enter(self, deadline: float) -> str:
-        assert self._places is not None
+        if not self._waiters and self._held < (self.max_in_flight or math.inf):
+            self._held += 1
+            return ""
+        place = asyncio.get_running_loop().create_future()
+        self._waiters.append(place)
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
-                await self._places.acquire()
-        except TimeoutError:
-            raise LimitWaitTooLong(deadline - time.monotonic()) from None
+                await place
+        except BaseException as exc:  # a timeout or a cancellation: no place taken
+            if place.done() and not place.cancelled():
+                # Handed a place, then timed out or cancelled before taking it: pass it on.
+                self._held -= 1
+                self._hand_on()
+            else:
+                place.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(place)
+            if isinstance(exc, TimeoutError):
+                raise LimitWaitTooLong(deadline - time.monotonic()) from None
+            raise
         return ""
 
     async def _leave(self, token: str) -> None:
-        assert self._places is not None
-        self._places.release()
+        self._held -= 1
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give free places to the first waiters, in order."""
+        while self._waiters and self._held < (self.max_in_flight or math.inf):
+            place = self._waiters.popleft()
+            if not place.done():  # not one cancelled on its way out
+                self._held += 1
+                place.set_result(None)
 
     async def pause(self, seconds: float) -> None:
         until = self._clock() + seconds
@@ -308,7 +462,7 @@ class LocalLimiter(Limiter):
                 self._next_request = max(self._next_request, now + reset / left)
 
 
-#: Every limiter of this process, per event loop and per (key, model, limits).
+#: Every limiter of this process, per event loop and per (endpoint, key, model).
 _LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Limiter]] = (
     weakref.WeakKeyDictionary()
 )
@@ -343,14 +497,16 @@ def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> 
 
     With ``TASKEXEC_LIMITER_URL`` or ``TASKEXEC_RESULTS_URL`` set, the limit is shared in Redis
     by every process that uses the same key and model; otherwise it holds in this process.
+    Either way it is one limit per key and model: agents that disagree on its numbers share
+    it, and the smallest of each number wins.
     """
     if not has_limits(agent):
         return None
     loop = asyncio.get_running_loop()
-    name = (
-        f"{identity(agent, provider, base_url, key)}:{agent.rpm}:{agent.tpm}:{agent.max_in_flight}"
-    )
-    limits = (agent.rpm, agent.tpm, agent.max_in_flight)
+    # The numbers are not part of the name: agents (and processes) that disagree on them
+    # share one limit all the same, as the provider counts their requests together.
+    name = identity(agent, provider, base_url, key)
+    limits = Limits.of(agent)
     limiters = _LIMITERS.setdefault(loop, {})
     found = limiters.get(name)
     if found is None:
@@ -364,11 +520,13 @@ def limiter_for(agent: Agent, provider: str, base_url: str, key: str | None) -> 
                 # The shared limiter is part of the workers extra: it registers itself.
                 load_plugin("workers", f"a limit shared through Redis ({LIMITER_ENV_VAR})")
             assert _shared_limiter is not None
-            found = _shared_limiter(url, name, *limits)
+            found = _shared_limiter(url, name, limits.rpm, limits.tpm, limits.max_in_flight)
             found.closer = close_with_loop(found.aclose)
         else:
-            found = LocalLimiter(*limits)
+            found = LocalLimiter(limits.rpm, limits.tpm, limits.max_in_flight)
+            found.name = name
         limiters[name] = found
+    found.join(agent.name, limits)
     return found
 
 

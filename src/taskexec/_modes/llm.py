@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 from .._limits import (
+    LimiterUnavailable,
+    Limits,
     LimitWaitTooLong,
     RateHeaders,
     estimate_tokens,
@@ -58,7 +60,7 @@ async def run_llm(call: Call) -> Outcome:
         if limiter is None:
             return await complete(agent, call.prompt, call.pool, timeout_s)
         estimate = estimate_tokens(agent, call.prompt)
-        too_large = over_tpm(agent, estimate)
+        too_large = over_tpm(agent, estimate, limiter.in_force.tpm)
         if too_large is not None:
             raise AttemptFailed(ExecutionError(kind="configuration", message=too_large))
         loop = asyncio.get_running_loop()
@@ -80,12 +82,9 @@ async def run_llm(call: Call) -> Outcome:
                         await limiter.pause(pause)
                     raise
         except LimitWaitTooLong as exc:
-            message = (
-                f"task {call.task_id!r} would wait {exc.wait_s:.1f} s for agent "
-                f"{agent.name!r}'s rate limit (rpm {agent.rpm}, tpm {agent.tpm}, max_in_flight "
-                f"{agent.max_in_flight}), past its deadline"
-            )
-            raise AttemptFailed(ExecutionError(kind="timeout", message=message)) from None
+            raise AttemptFailed(limit_wait_error(call, exc, limiter.in_force)) from None
+        except LimiterUnavailable as exc:
+            raise AttemptFailed(limiter_unavailable(call, exc)) from None
         await limiter.correct(estimate, reply.usage.input_tokens + reply.usage.output_tokens)
         await limiter.tighten(RateHeaders.parse(reply.headers))
         return reply
@@ -102,6 +101,24 @@ async def run_llm(call: Call) -> Outcome:
         return Outcome(error=error, usage=priced(agent, Usage()), metadata=metadata)
     usage = priced(agent, reply.usage, reply.model)
     return Outcome(output=reply.text, usage=usage, metadata=metadata)
+
+
+def limit_wait_error(call: Call, exc: LimitWaitTooLong, limits: Limits) -> ExecutionError:
+    """The error of a task whose next slot (or place in flight) is past its deadline, naming
+    the numbers in force for its key and model."""
+    message = (
+        f"task {call.task_id!r} would wait {exc.wait_s:.1f} s for agent {call.agent.name!r}'s "
+        f"rate limit (rpm {limits.rpm}, tpm {limits.tpm}, max_in_flight {limits.max_in_flight}), "
+        "past its deadline"
+    )
+    return ExecutionError(kind="timeout", message=message)
+
+
+def limiter_unavailable(call: Call, exc: LimiterUnavailable) -> ExecutionError:
+    """The error of a task whose rate limit's Redis stayed away until its deadline (the limiter
+    asked again until then: not retried)."""
+    message = f"task {call.task_id!r} could not take agent {call.agent.name!r}'s rate limit: {exc}"
+    return ExecutionError(kind="connection", message=message)
 
 
 def _endpoint(provider: Provider, agent: Agent) -> str:

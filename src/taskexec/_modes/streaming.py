@@ -21,6 +21,7 @@ from typing import Any
 
 from .._http import HttpResponse, TransportError
 from .._limits import (
+    LimiterUnavailable,
     LimitWaitTooLong,
     RateHeaders,
     estimate_tokens,
@@ -42,7 +43,7 @@ from ..providers import get_provider
 from ..providers.base import StreamReply
 from . import Call
 from .api import api_request, parse_api_response
-from .llm import _endpoint
+from .llm import _endpoint, limit_wait_error, limiter_unavailable
 from .script import (
     _READ_CHUNK,
     PIPE_DRAIN_S,
@@ -73,16 +74,6 @@ class StreamState:
     error: ExecutionError | None = None
     usage: Usage = field(default_factory=Usage)
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def _limit_error(call: Call, exc: LimitWaitTooLong) -> ExecutionError:
-    agent = call.agent
-    message = (
-        f"task {call.task_id!r} would wait {exc.wait_s:.1f} s for agent {agent.name!r}'s rate "
-        f"limit (rpm {agent.rpm}, tpm {agent.tpm}, max_in_flight {agent.max_in_flight}), past "
-        "its deadline"
-    )
-    return ExecutionError(kind="timeout", message=message)
 
 
 async def stream_llm(call: Call, state: StreamState) -> AsyncGenerator[str, None]:
@@ -124,7 +115,7 @@ async def stream_llm(call: Call, state: StreamState) -> AsyncGenerator[str, None
         reply = StreamReply()
         started = False
         estimate = estimate_tokens(agent, call.prompt) if limiter is not None else 0
-        too_large = over_tpm(agent, estimate) if limiter is not None else None
+        too_large = over_tpm(agent, estimate, limiter.in_force.tpm) if limiter is not None else None
         if too_large is not None:
             state.error = ExecutionError(kind="configuration", message=too_large)
             return
@@ -150,7 +141,11 @@ async def stream_llm(call: Call, state: StreamState) -> AsyncGenerator[str, None
                 await limiter.tighten(RateHeaders.parse(reply.headers))
             return
         except LimitWaitTooLong as exc:
-            state.error = _limit_error(call, exc)
+            assert limiter is not None  # only a limiter raises it
+            state.error = limit_wait_error(call, exc, limiter.in_force)
+            return
+        except LimiterUnavailable as exc:
+            state.error = limiter_unavailable(call, exc)
             return
         except AttemptFailed as failed:
             if limiter is not None and failed.error.status_code == 429:

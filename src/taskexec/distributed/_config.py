@@ -21,6 +21,7 @@ __all__ = (
     "Cluster",
     "check_run_id",
     "redact_url",
+    "url_redactor",
 )
 
 #: Prefix of every queue, exchange and Redis key, so that several deployments (or test runs)
@@ -51,6 +52,11 @@ def redact_url(url: str) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return "<a URL that cannot be parsed>"
+
+
+def url_redactor(*urls: str) -> Redactor:
+    """Return a redactor of the URLs' passwords, for messages that may quote them."""
+    return Redactor([secret for url in urls for secret in _url_secrets(url)])
 
 
 def _url_secrets(url: str) -> list[str]:
@@ -179,7 +185,7 @@ class Cluster:
 
     def redactor(self) -> Redactor:
         """Return a redactor of both URLs' passwords, for messages that may quote them."""
-        return Redactor([*_url_secrets(self.broker_url), *_url_secrets(self.results_url)])
+        return url_redactor(self.broker_url, self.results_url)
 
     # Names of everything the cluster uses, in one place.
 
