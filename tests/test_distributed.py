@@ -23,7 +23,7 @@ from taskexec._engines.base import Batch
 from taskexec.cli import main
 from taskexec.distributed import Cluster, Worker, WorkersEngine
 from taskexec.distributed._dispatch import Dispatcher
-from taskexec.distributed._wire import TASK_HEADER, TASK_VERSION, TaskMessage
+from taskexec.distributed._wire import TASK_HEADER, TASK_VERSION, TaskMessage, message_digest
 from taskexec.testing import MockServer, mock_server_in_thread
 
 from .cluster import (
@@ -275,19 +275,60 @@ async def test_messages_that_are_not_tasks_go_to_the_dead_letter_queue_unrun(
         async with store_of(cluster) as store:
             assert await store.counters("r1") == {"executions": 0, "duplicates": 0}
             # The two that name a run and a task tell their run why they did not run (another
-            # version's message; an agent this worker does not define), so it does not wait
-            # for ever; the two that name none have no run to tell.
-            stored = await store.get_many("r1", ["a", "b"])
+            # version's message; an agent this worker does not define), with a digest of the
+            # message, so that the orchestrator that sent it does not wait for ever; the two
+            # that name none have no run to tell. None of it is a result.
+            rejected = await store.rejections("r1", ["a", "b"])
+            assert await store.get_many("r1", ["a", "b"]) == {}
         assert worker.process.poll() is None  # still serving
-    assert {t: (r.status, r.error.kind if r.error else None) for t, r in stored.items()} == {
-        "a": (ExecutionStatus.FAILED, "configuration"),
-        "b": (ExecutionStatus.FAILED, "configuration"),
-    }
-    assert stored["a"].error is not None
-    assert "task/99" in stored["a"].error.message
-    assert stored["b"].error is not None
-    assert "agent 'other' is not defined by this worker" in stored["b"].error.message
-    assert (stored["b"].agent, stored["b"].metadata["worker"]) == ("other", "w")
+    assert rejected["a"][0] == message_digest(good.encode(), "task/99")
+    assert "task/99" in rejected["a"][1]
+    assert rejected["b"][0] == message_digest(foreign.encode(), TASK_VERSION)
+    assert "agent 'other' is not defined by this worker" in rejected["b"][1]
+
+
+async def test_a_wrong_version_message_naming_a_live_task_changes_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A message of another version that names a task running elsewhere (a forgery, a stale
+    copy) is dead-lettered, and the task's real execution gives its result: it is not failed
+    `configuration` while its request is paid for and dropped."""
+    with mock_server_in_thread(latency_s=1.0) as server:
+        agents_file = write_agents(tmp_path / "agents.yaml", _openai_agent(server))
+        with workers([WorkerProcess(agents_file, cluster, "w")]) as (worker,):
+            await worker.registered()
+            async with Dispatcher(cluster) as dispatcher:
+                await dispatcher.attach("live")
+                task = AgentTask(id="t", prompt="the real one")
+                running = asyncio.create_task(dispatcher.run("live", task, "writer", "llm"))
+                await eventually(lambda: server.stats.chat_requests == 1, timeout_s=30)
+                forged = TaskMessage(run_id="live", agent="writer", mode="llm", task=task)
+                connection = await aio_pika.connect(cluster.broker_url)
+                try:
+                    channel = await connection.channel()
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(
+                            forged.encode(),
+                            headers={TASK_HEADER: "task/99"},
+                            content_type="application/json",
+                        ),
+                        routing_key=cluster.queue("writer"),
+                    )
+                finally:
+                    await connection.close()
+                async with store_of(cluster) as store:
+                    for _ in range(200):  # the worker refused it, and said so
+                        if await store.rejections("live", ["t"]):
+                            break
+                        await asyncio.sleep(0.02)
+                    recorded = await store.rejections("live", ["t"])
+                dead = await queue_depth(cluster, cluster.dead_letter_queue)
+                still_running = not running.done()
+                result = await asyncio.wait_for(running, 30)
+    assert "task/99" in recorded["t"][1]
+    assert (dead, still_running) == (1, True)
+    assert result.status is ExecutionStatus.SUCCESS, result.error
+    assert server.stats.chat_requests == 1
 
 
 async def test_a_run_whose_messages_a_worker_cannot_read_fails_instead_of_waiting(

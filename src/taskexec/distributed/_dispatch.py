@@ -54,6 +54,7 @@ from ._wire import (
     FinishedEvent,
     TaskMessage,
     failure,
+    message_digest,
 )
 
 __all__ = ("Dispatcher", "new_run_id")  # new_run_id: from the engine seam, where run ids are
@@ -86,6 +87,9 @@ class _Waiting:
     sent_at: float
     #: When it was last seen held (a live lease) or sent: how long nobody has held it.
     held_at: float
+    #: The message as published (:func:`message_digest`): a worker's record that it could
+    #: not read a message fails the task only if it was this one.
+    digest: str
 
 
 class Dispatcher:
@@ -123,6 +127,7 @@ class Dispatcher:
         self._channel: AbstractChannel | None = None
         self._poller: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[object]] = set()
         self._pubsub: PubSub | None = None
         self._closing = asyncio.Event()
         self.store: ResultStore
@@ -203,7 +208,11 @@ class Dispatcher:
                 task_ids = json.loads(message["data"])
             except ValueError:
                 continue  # not a worker's: a notification reads the store, nothing more
-            if isinstance(task_ids, list):
+            if isinstance(task_ids, dict) and isinstance(task_ids.get("rejected"), list):
+                run_id = channel.removeprefix(prefix)
+                rejected = [(run_id, t) for t in task_ids["rejected"] if isinstance(t, str)]
+                self._spawn(self._fail_rejected(rejected))
+            elif isinstance(task_ids, list):
                 run_id = channel.removeprefix(prefix)
                 for task_id in task_ids:
                     if isinstance(task_id, str):
@@ -267,6 +276,8 @@ class Dispatcher:
         if self._listener is not None:
             self._listener.cancel()
         await settle([self._poller, self._listener, self._reading], CLOSE_TIMEOUT_S)
+        for task in list(self._background):
+            task.cancel()
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pubsub.aclose(), CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
@@ -338,7 +349,8 @@ class Dispatcher:
             stream=deltas is not None,
         )
         now = loop.time()
-        self._pending[key] = _Waiting(future, agent, mode, message, now, now)
+        digest = message_digest(message.encode(), TASK_VERSION)
+        self._pending[key] = _Waiting(future, agent, mode, message, now, now, digest)
         if deltas is not None:
             self._deltas[key] = deltas  # the worker streams the reply here, piece by piece
         try:
@@ -472,6 +484,36 @@ class Dispatcher:
         if self._reading is None:
             self._reading = asyncio.create_task(self._read_wanted())
 
+    def _spawn(self, work: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fail_rejected(self, keys: Sequence[TaskKey]) -> set[TaskKey]:
+        """Fail the waiting tasks whose very message a worker could not read (its record's
+        digest is the one this dispatcher published); return them. Anything else recorded
+        for a task (a forged or stale message naming it) is ignored."""
+        by_run: dict[str, list[str]] = {}
+        for run_id, task_id in keys:
+            if (run_id, task_id) in self._pending:
+                by_run.setdefault(run_id, []).append(task_id)
+        failed: set[TaskKey] = set()
+        for run_id, task_ids in by_run.items():
+            try:
+                found = await self.store.rejections(run_id, task_ids)
+            except (RedisError, OSError):
+                continue  # the orphan check looks again
+            for task_id, (digest, reason) in found.items():
+                entry = self._pending.get((run_id, task_id))
+                if entry is None or entry.digest != digest or entry.future.done():
+                    continue
+                result = await self._fail(
+                    (run_id, task_id), entry.agent, entry.mode, "configuration", reason
+                )
+                self._resolve((run_id, task_id), result)
+                failed.add((run_id, task_id))
+        return failed
+
     def _on_delta(self, body: bytes) -> None:
         try:
             delta = DeltaEvent.model_validate_json(body)
@@ -571,6 +613,9 @@ class Dispatcher:
             for key in due
             if (entry := self._pending.get(key)) is not None and entry.held_at != now
         ]
+        # A task nobody holds because a worker could not read its message (a lost notice).
+        refused = await self._fail_rejected([key for key, _ in orphans])
+        orphans = [(key, entry) for key, entry in orphans if key not in refused]
         queued: dict[str, int | None] = {}
         for (run_id, task_id), entry in orphans:
             if entry.agent not in queued:

@@ -80,9 +80,14 @@ end
 for _, channel in ipairs(channels) do redis.call('PUBLISH', channel, cjson.encode(ids[channel])) end
 return out
 """
-# Marking tasks sent: KEYS: the marks. ARGV: ttl, then the inputs digest of each.
+# Marking tasks sent: KEYS, two per task: the mark, the record of a worker that could not read
+# an earlier message of the task (dropped: it is about a message of before). ARGV: ttl, then
+# the inputs digest of each.
 _MARK_SENT = """
-for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end
+for i = 1, #KEYS / 2 do
+  redis.call('SET', KEYS[2 * i - 1], ARGV[i + 1], 'EX', ARGV[1])
+  redis.call('DEL', KEYS[2 * i])
+end
 return 0
 """
 # KEYS: cancelled mark, result, executions counter. ARGV: ttl. Returns 1 cancelled, 2 stored,
@@ -277,6 +282,37 @@ class ResultStore:
         """Every run's notification channel (one subscription per orchestrator)."""
         return self.cluster.key("done", "*")
 
+    def _rejected_key(self, run_id: str, task_id: str) -> str:
+        return self.cluster.key("run", run_id, "rejected", task_id)
+
+    async def record_rejection(self, run_id: str, task_id: str, digest: str, reason: str) -> None:
+        """Record that a worker could not read a message naming this task (its digest and
+        why), and tell the run. Only the orchestrator that sent that very message fails the
+        task for it: a message someone else made changes nothing."""
+        value = json.dumps({"digest": digest, "reason": reason})
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self._rejected_key(run_id, task_id), value, ex=self.cluster.result_ttl_s)
+            pipe.publish(self.done_channel(run_id), json.dumps({"rejected": [task_id]}))
+            await pipe.execute()
+
+    async def rejections(self, run_id: str, task_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """Return the recorded rejections of those of ``task_ids`` that have one:
+        task id -> (digest of the rejected message, why)."""
+        found: dict[str, tuple[str, str]] = {}
+        for start in range(0, len(task_ids), _MGET_CHUNK):
+            chunk = task_ids[start : start + _MGET_CHUNK]
+            values = await self.client.mget([self._rejected_key(run_id, t) for t in chunk])
+            for task_id, value in zip(chunk, values, strict=True):
+                try:
+                    data = json.loads(value) if value is not None else None
+                except ValueError:
+                    continue
+                if isinstance(data, dict) and all(
+                    isinstance(data.get(k), str) for k in ("digest", "reason")
+                ):
+                    found[task_id] = (data["digest"], data["reason"])
+        return found
+
     async def notify(self, run_id: str, task_id: str) -> None:
         """Publish that a task has a result (a worker that found it stored, say)."""
         await self.client.publish(self.done_channel(run_id), json.dumps([task_id]))
@@ -469,7 +505,11 @@ class ResultStore:
         await self._marks((run_id, task_id, inputs))
 
     async def _mark_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
-        keys = [self._sent_key(run_id, task_id) for run_id, task_id, _ in items]
+        keys = [
+            key
+            for run_id, task_id, _ in items
+            for key in (self._sent_key(run_id, task_id), self._rejected_key(run_id, task_id))
+        ]
         args: list[str | int] = [self.cluster.result_ttl_s, *(inputs for _, _, inputs in items)]
         await self._mark_sent(keys=keys, args=args)
         return [None] * len(items)

@@ -38,6 +38,7 @@ __all__ = (
     "decode_task",
     "failure",
     "inputs_digest",
+    "message_digest",
     "routing_key",
 )
 
@@ -93,6 +94,14 @@ def inputs_digest(
         [task.render_prompt(outputs), agent, mode, model or ""], ensure_ascii=False
     )
     return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def message_digest(body: bytes, version: object) -> str:
+    """A digest of a task message as sent: its protocol version header and its body. A worker
+    that cannot read a message records it; the orchestrator that sent that very message
+    recognises it (and no other one)."""
+    material = f"{version}\n".encode() + body
+    return hashlib.sha256(material).hexdigest()[:32]
 
 
 def decode_task(body: bytes, headers: object, content_type: str | None) -> TaskMessage:

@@ -71,6 +71,7 @@ from ._store import (
 )
 from ._wire import (
     CONTENT_TYPE,
+    TASK_HEADER,
     BadMessage,
     DeltaEvent,
     FinishedEvent,
@@ -78,6 +79,7 @@ from ._wire import (
     addressee,
     decode_task,
     failure,
+    message_digest,
     routing_key,
 )
 
@@ -388,24 +390,26 @@ class Worker:
 
     async def _unreadable(self, message: AbstractIncomingMessage, problem: BadMessage) -> None:
         """Tell the run of a taskexec message that this worker cannot run (another version's,
-        or for an agent this worker does not define) why, so that it does not wait for ever."""
+        or for an agent this worker does not define) why, so that it does not wait for ever.
+
+        Recorded next to the task with a digest of the message, not as its result: the
+        orchestrator that sent this very message fails the task with it; a message that names a
+        task someone else sent (a forgery, a stale copy) changes nothing, however the task's
+        real execution goes.
+        """
         found = addressee(message.body, message.headers)
         if found is None or self._store is None:
             return
-        run_id, task_id, agent = found
-        result = failure(
-            task_id,
-            agent,
-            "",
-            "configuration",
+        run_id, task_id, _ = found
+        version = message.headers.get(TASK_HEADER) if isinstance(message.headers, dict) else None
+        reason = (
             f"worker {self.name} did not run the task: {problem} (are the workers and the "
-            "orchestrator on the same version of taskexec, with the same agents?)",
-            worker=self.name,
-            run_id=run_id,
+            "orchestrator on the same version of taskexec, with the same agents?)"
         )
         try:
-            counted = await self._store.put_first(run_id, result)
-            await self._finished(run_id, task_id, result if counted is result else None)
+            await self._store.record_rejection(
+                run_id, task_id, message_digest(message.body, version), reason
+            )
         except Exception as exc:  # Redis away: the message is dead-lettered all the same
             log.error(
                 "worker %s: could not record task %s of run %s as unreadable: %s",
