@@ -4,8 +4,9 @@ The order of one task's steps is what makes a crash lose nothing and a hand-back
 
 1. A message that is not a taskexec task of this version, or names an agent this worker does
    not define, is rejected to the dead-letter queue and never run; if it names a run and a
-   task, that task is then recorded as ``failed`` with the reason (best effort: the rejection
-   needs no Redis), so that its run does not wait.
+   task, the reason is then recorded next to that task with a digest of the message (best
+   effort: the rejection needs no Redis), and the orchestrator that sent that very message
+   fails the task with it, so that its run does not wait.
 2. The task is taken under a lease in Redis (one script: not if its run was cancelled or it
    has a result, which acknowledges it unrun; not while another taker's lease is live, which
    waits for that result or that lease's expiry; not once ``delivery_limit`` earlier takers
