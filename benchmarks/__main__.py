@@ -342,6 +342,7 @@ def render(r: dict[str, Any]) -> str:
     lines += tracing.render(r["tracing"])
     if "migrate" in r:
         lines += migrate.render(r["migrate"])
+    lines += render_peers()
     fw = r["framework"]
     fw_ratio = fw["taskexec_us"]["median"] / fw["floor_us"]["median"]
     gaps = []
@@ -663,6 +664,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         rate = r["migrate"]["median files/s"]
         add("11", "taskexec migrate >= 50 files/s", rate, "{:.0f} files/s", rate >= 50)
     return found
+
+
+#: The peers harness's own report (../shared/peers_dist, run by hand: it starts Celery, taskiq,
+#: dramatiq and arq workers, which this suite does not install), kept in the repository and
+#: shown in this report as section 12.
+PEERS_REPORT = Path(__file__).resolve().parent / "PEERS.md"
+
+
+def render_peers() -> list[str]:
+    if not PEERS_REPORT.exists():
+        return []
+    return [PEERS_REPORT.read_text().rstrip(), ""]
 
 
 def render_targets(found: list[tuple[str, str, str, bool]]) -> list[str]:
