@@ -384,20 +384,17 @@ process of the run shares this machine's {cores} cores, and the run is CPU-bound
 time, measured in this run, was {cpu} ({total:.1f} s in all for {n} tasks, so at least
 {floor:.2f} s of wall time on {cores} cores), against {local} in-process ({local_total:.1f} s:
 the distributed path costs {extra_ms:.2f} ms of CPU more per task, spread over five
-processes). Profiles (pyinstrument, cProfile) found and removed
-three real costs: a keyspace SCAN per registry read, a queue declaration per first publish, and
-redis-py's pool raising past 100 connections (which requeued tasks); dropping a per-task
-"started" event saved another 10%, and redis-py's C parser (hiredis, now a dependency) 7-9% of
-the workers' CPU. What is left is spread over aio-pika's frame handling, two
-Redis round trips per task and asyncio itself, with no single hot spot in Python. Measured by
-hand outside the suite (December 2026, py-spy and per-process CPU): about a fifth of a worker's
-samples are in `send()`, one system call per AMQP frame group, Redis command and HTTP request;
-removing one Redis round trip per task changed nothing measurable; running the workers on uvloop
-saved about 8% of their CPU; not publishing the result events saved 23% of the run's CPU (in
-RabbitMQ, the workers and the orchestrator), and is the one large cost left, but the events on
-a RabbitMQ topic exchange are the design the distributed issue chose. Where the workers run on
-machines of their own, their CPU and the broker's are not taken from the orchestrator's; a
-2-core machine cannot show that.
+processes). Profiles (pyinstrument, cProfile, py-spy) found and removed, over three rounds: a
+keyspace SCAN per registry read, a queue declaration per first publish, redis-py's pool raising
+past 100 connections, a "started" event per task, redis-py's Python reply parser (hiredis is a
+dependency), the `finished` event per task on the RabbitMQ topic exchange (results are announced
+on Redis now; the exchange's events are opt-in), one Redis script call per task and step (the
+calls made together are one), one acknowledgement frame per task (the deliveries that finish
+together are one frame), and aiormq's pass over every unconfirmed publish per confirmation
+(publishes are windowed). Section 12 has the profile of what is left: asyncio's own
+scheduling, aio-pika's frame handling and socket writes, a result's JSON both ways, spread
+with no single hot spot. Where the workers run on machines of their own, their CPU and the
+broker's are not taken from the orchestrator's; a 2-core machine cannot show that.
 """
 
 
