@@ -15,9 +15,17 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from taskexec import Agent, AgentTask, ExecutionStatus, ProjectOrchestrator, TaskExecutor
+from taskexec import (
+    Agent,
+    AgentTask,
+    ExecutionStatus,
+    ProjectOrchestrator,
+    TaskExecutor,
+    UnknownAgentError,
+)
 from taskexec._async_engine import execute_task, run_batch
 from taskexec._tracing import (
     CAPTURE_CONTENT_ENV,
@@ -175,6 +183,59 @@ async def test_a_failed_task_marks_its_span(otel: Collected, mock_server: MockSe
     (task_span,) = otel.spans("taskexec.task")
     assert task_span.status.status_code is StatusCode.ERROR
     assert attrs(task_span)["error.type"] == "http_status"
+
+
+async def test_a_task_that_raises_marks_its_span_and_restores_the_context(
+    otel: Collected,
+) -> None:
+    # The spans are started and made current by hand (not start_as_current_span): an error
+    # raised through them must still be recorded, and the caller's context come back.
+    executor = TaskExecutor([Agent(name="a")])
+    before = trace.get_current_span()
+    with pytest.raises(UnknownAgentError):
+        await execute_task(
+            executor.parts.roster, executor.parts.settings, AgentTask(id="t", prompt="x"), "b", None
+        )
+    assert trace.get_current_span() is before
+    (task_span,) = otel.spans("taskexec.task")
+    assert task_span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in task_span.events] == ["exception"]
+    assert task_span.end_time is not None
+
+
+async def test_unsampled_tasks_record_nothing_but_their_metrics(
+    mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collected = Collected()
+    collected.tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    collected.tracer_provider.add_span_processor(SimpleSpanProcessor(collected.exporter))
+    use_providers(monkeypatch, collected)
+    agent = openai_agent(mock_server, "gpt", model="gpt-4o-mini")
+    tasks = [AgentTask(id=f"t{i}", prompt="x") for i in range(3)]
+    async with ProjectOrchestrator(TaskExecutor([agent])) as orchestrator:
+        results = await orchestrator.execute_tasks(tasks)
+    assert all(r.ok for r in results)
+    assert collected.spans() == []
+    (point,) = collected.points("gen_ai.client.operation.duration")
+    assert point.count == 3
+    collected.meter_provider.shutdown()
+
+
+async def test_each_agent_object_has_its_own_attempt_attributes(
+    otel: Collected, mock_server: MockServer
+) -> None:
+    # What an attempt's span says of its agent is made once per agent object: a new agent
+    # under the same name, another model and endpoint, is not served the old one's.
+    first = openai_agent(mock_server, "gpt", model="gpt-4o-mini")
+    second = Agent(name="gpt", provider="openai", model="gpt-4o", base_url="http://localhost:1")
+    for agent in (first, first, second):
+        async with TaskExecutor([agent], retry_policy=FAST_RETRY) as executor:
+            await executor.execute(AgentTask(id="t", prompt="x", max_retries=0))
+    chats = sorted(otel.spans(), key=lambda s: s.start_time or 0)
+    chats = [s for s in chats if s.kind is SpanKind.CLIENT]
+    assert [s.name for s in chats] == ["chat gpt-4o-mini", "chat gpt-4o-mini", "chat gpt-4o"]
+    assert [attrs(s)["server.address"] for s in chats] == ["127.0.0.1", "127.0.0.1", "localhost"]
+    assert attrs(chats[2])["server.port"] == 1
 
 
 async def test_an_attempt_cut_off_by_the_deadline_ends_its_span(

@@ -13,7 +13,9 @@ sets (or ``opentelemetry-instrument`` does). It emits:
 
 Cost: without the ``otel`` extra (``opentelemetry-api``) nothing is imported and every hook is a
 check of one module global. With the API but no SDK provider set, the hooks see that at each
-task and do nothing more either. The API is imported on first use, not with taskexec.
+task and do nothing more either. The API is imported on first use, not with taskexec. With an
+SDK provider, what a task costs is mostly the SDK's own work for its two spans (see
+docs/TRACING.md, What it costs); the hooks here keep their own part small.
 
 The W3C trace context crosses process boundaries with :func:`inject_trace_context` (into a
 message's headers) and :func:`trace_context_from` (around the work the message asks for).
@@ -37,9 +39,12 @@ __all__ = (
     "PROVIDER_NAMES",
     "Otel",
     "add_event",
+    "end_current_span",
     "error_type",
     "inject_trace_context",
     "otel_api",
+    "record_exception",
+    "start_current_span",
     "trace_context_from",
     "trace_dispatch",
     "trace_task",
@@ -84,44 +89,43 @@ class Otel:
         # The API's stand-ins while no SDK provider is set, as a tuple: isinstance() with a
         # union built at each call costs more than the rest of the check.
         self._no_sdk = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+        # (the API's global provider, what it gave), for the last global seen.
         self._tracer_for: tuple[object, Any] | None = None
-        self._meter_for: tuple[object, Any, Any] | None = None
+        self._meter_for: tuple[object, tuple[Any, Any] | None] | None = None
 
     def tracer(self) -> Any | None:
         """Return a tracer of the global provider, or None while no SDK provider is set."""
-        # Every task asks. The API's getter looks the environment up at each call; while no
-        # provider is set (its global is None, the common case of an installed but unused
-        # API) that answer is known without it. Only the fast path reads the global.
-        if (
-            vars(self.trace).get("_TRACER_PROVIDER", 0) is None
-            and not self._named["OTEL_PYTHON_TRACER_PROVIDER"]
-        ):
-            return None
-        provider = self.trace.get_tracer_provider()
-        if isinstance(provider, self._no_sdk):
-            return None
+        # Every task asks twice (its span, its attempts). The answer is cached against the API's
+        # global itself, so that a provider seen before costs one read of it; the API's getter
+        # would look the environment up at each call. A global of None (the common case of an
+        # installed but unused API) means no provider, unless the environment names one.
+        current = vars(self.trace).get("_TRACER_PROVIDER")
         cached = self._tracer_for
-        if cached is None or cached[0] is not provider:
-            version = _version()
-            cached = self._tracer_for = (
-                provider,
-                provider.get_tracer(INSTRUMENTATION_NAME, version),
-            )
-        return cached[1]
+        if cached is not None and cached[0] is current:
+            return cached[1]
+        if current is None and not self._named["OTEL_PYTHON_TRACER_PROVIDER"]:
+            return None
+        provider = self.trace.get_tracer_provider()  # may load the one the environment names
+        tracer = (
+            None
+            if isinstance(provider, self._no_sdk)
+            else provider.get_tracer(INSTRUMENTATION_NAME, _version())
+        )
+        self._tracer_for = (vars(self.trace).get("_TRACER_PROVIDER"), tracer)
+        return tracer
 
     def instruments(self) -> tuple[Any, Any] | None:
         """Return the token-usage and duration histograms, or None without a meter provider."""
-        if (
-            vars(self._metrics_globals).get("_METER_PROVIDER", 0) is None
-            and not self._named["OTEL_PYTHON_METER_PROVIDER"]
-        ):
-            return None  # as in tracer(): nothing set, known without the getter
-        provider = self.metrics.get_meter_provider()
-        # The API's stand-ins before an SDK provider is set (the proxy's class is private).
-        if type(provider).__name__ in ("_ProxyMeterProvider", "NoOpMeterProvider"):
-            return None
+        current = vars(self._metrics_globals).get("_METER_PROVIDER")  # as in tracer()
         cached = self._meter_for
-        if cached is None or cached[0] is not provider:
+        if cached is not None and cached[0] is current:
+            return cached[1]
+        if current is None and not self._named["OTEL_PYTHON_METER_PROVIDER"]:
+            return None
+        provider = self.metrics.get_meter_provider()
+        instruments: tuple[Any, Any] | None = None
+        # The API's stand-ins before an SDK provider is set (the proxy's class is private).
+        if type(provider).__name__ not in ("_ProxyMeterProvider", "NoOpMeterProvider"):
             meter = provider.get_meter(INSTRUMENTATION_NAME, _version())
             tokens = meter.create_histogram(
                 "gen_ai.client.token.usage",
@@ -135,8 +139,9 @@ class Otel:
                 description="GenAI operation duration",
                 explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
             )
-            cached = self._meter_for = (provider, tokens, duration)
-        return cached[1], cached[2]
+            instruments = (tokens, duration)
+        self._meter_for = (vars(self._metrics_globals).get("_METER_PROVIDER"), instruments)
+        return instruments
 
 
 _otel: Otel | None = None
@@ -164,6 +169,37 @@ def _version() -> str:
 # -- tasks --------------------------------------------------------------------------------------
 
 
+def start_current_span(
+    otel: Otel, tracer: Any, name: str, attributes: Mapping[str, Any], kind: Any = None
+) -> tuple[Any, object]:
+    """Start a span and make it the current one; return it and the token that undoes that.
+
+    What ``tracer.start_as_current_span`` does, less its two generator-based context managers
+    (it and ``use_span``), which were over a quarter of what a task's two spans cost (SDK
+    1.45). :func:`end_current_span` must follow in a ``finally``, in the same context.
+    """
+    if kind is None:
+        span = tracer.start_span(name, attributes=attributes)
+    else:
+        span = tracer.start_span(name, kind=kind, attributes=attributes)
+    return span, otel.context.attach(otel.trace.set_span_in_context(span))
+
+
+def end_current_span(otel: Otel, span: Any, token: object) -> None:
+    """Restore the context :func:`start_current_span` replaced, then end the span."""
+    otel.context.detach(token)
+    span.end()
+
+
+def record_exception(otel: Otel, span: Any, exc: Exception) -> None:
+    """Mark a span failed by an exception, as ``start_as_current_span`` would have."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(
+            otel.trace.Status(otel.trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+        )
+
+
 def trace_task(
     task: AgentTask, run: Coroutine[Any, Any, ExecutionResult]
 ) -> Coroutine[Any, Any, ExecutionResult]:
@@ -175,18 +211,23 @@ def trace_task(
     tracer = otel.tracer() if otel is not None else None
     if tracer is None:
         return run
-    return _traced_task(tracer, task, run)
+    assert otel is not None
+    return _traced_task(otel, tracer, task, run)
 
 
 async def _traced_task(
-    tracer: Any, task: AgentTask, run: Coroutine[Any, Any, ExecutionResult]
+    otel: Otel, tracer: Any, task: AgentTask, run: Coroutine[Any, Any, ExecutionResult]
 ) -> ExecutionResult:
-    with tracer.start_as_current_span(
-        "taskexec.task", attributes={"taskexec.task.id": task.id}
-    ) as span:
+    span, token = start_current_span(otel, tracer, "taskexec.task", {"taskexec.task.id": task.id})
+    try:
         result = await run
-        _end_task(span, result)
+        _end_task(otel, span, result)
         return result
+    except Exception as exc:  # a configuration error: task failures are results, not raised
+        record_exception(otel, span, exc)
+        raise
+    finally:
+        end_current_span(otel, span, token)
 
 
 def trace_dispatch(run_one: RunOne) -> RunOne:
@@ -212,35 +253,40 @@ def trace_task_blocking(
         tracer = otel.tracer() if otel is not None else None
         if tracer is None:
             return method(self, task, *args, **kwargs)
-        with tracer.start_as_current_span(
-            "taskexec.task", attributes={"taskexec.task.id": task.id}
-        ) as span:
+        assert otel is not None
+        span, token = start_current_span(
+            otel, tracer, "taskexec.task", {"taskexec.task.id": task.id}
+        )
+        try:
             result = method(self, task, *args, **kwargs)
-            _end_task(span, result)
+            _end_task(otel, span, result)
             return result
+        except Exception as exc:
+            record_exception(otel, span, exc)
+            raise
+        finally:
+            end_current_span(otel, span, token)
 
     return execute
 
 
-def _end_task(span: Any, result: ExecutionResult) -> None:
+def _end_task(otel: Otel, span: Any, result: ExecutionResult) -> None:
     if not span.is_recording():
         return
-    span.set_attributes(
-        {
-            "taskexec.agent": result.agent,
-            "taskexec.mode": result.mode,
-            "taskexec.engine": result.engine,
-            "taskexec.status": result.status.value,
-            "taskexec.attempts": result.attempts,
-        }
-    )
+    # One set_attributes call: the SDK checks every value and takes a lock per call.
+    attributes: dict[str, Any] = {
+        "taskexec.agent": result.agent,
+        "taskexec.mode": result.mode,
+        "taskexec.engine": result.engine,
+        "taskexec.status": result.status.value,
+        "taskexec.attempts": result.attempts,
+    }
     if result.usage.cost_usd is not None:
-        span.set_attribute("taskexec.cost_usd", result.usage.cost_usd)
+        attributes["taskexec.cost_usd"] = result.usage.cost_usd
     if result.error is not None:
-        span.set_attribute("error.type", result.error.kind)
-        otel = otel_api()
-        assert otel is not None
+        attributes["error.type"] = result.error.kind
         span.set_status(otel.trace.Status(otel.trace.StatusCode.ERROR, result.error.kind))
+    span.set_attributes(attributes)
 
 
 def add_event(name: str, attributes: Mapping[str, str | int | float | bool]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from ._tracing import (
     CAPTURE_VALUES,
     PROVIDER_NAMES,
     Otel,
+    end_current_span,
     error_type,
     otel_api,
 )
@@ -46,6 +48,54 @@ def traced_complete(provider: Provider, agent: Agent) -> Complete:
     return _Attempts(otel, tracer, instruments, provider, agent).complete
 
 
+class _AgentCalls:
+    """What the spans and metrics of an agent's calls say before any reply: the same for every
+    task of the agent, so made once per agent (its URL parsed once, not per task)."""
+
+    __slots__ = ("agent", "base", "name", "provider", "request")
+
+    def __init__(self, provider: Provider, agent: Agent) -> None:
+        # The agent is held weakly: the cache below must not keep agents of closed executors.
+        self.agent = weakref.ref(agent)
+        self.provider = provider
+        model = str(agent.model or getattr(provider, "default_model", None) or "")
+        self.name = f"chat {model}" if model else "chat"
+        #: The metrics' attributes. Neither dict is ever changed after this (the SDK copies).
+        self.base: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": PROVIDER_NAMES.get(provider.name, provider.name),
+            "gen_ai.request.model": model,
+        }
+        #: The attempt span's attributes at its start (where a sampler sees them).
+        self.request = dict(self.base)
+        if agent.max_tokens is not None:
+            self.request["gen_ai.request.max_tokens"] = agent.max_tokens
+        if agent.temperature is not None:
+            self.request["gen_ai.request.temperature"] = agent.temperature
+        base_url = getattr(provider, "base_url", None)
+        if callable(base_url):
+            where = urlsplit(str(base_url(agent)))
+            if where.hostname:
+                self.base["server.address"] = self.request["server.address"] = where.hostname
+                port = where.port or (443 if where.scheme == "https" else 80)
+                self.base["server.port"] = self.request["server.port"] = port
+
+
+#: By ``id(agent)``; an entry counts only while its agent is alive and the same object.
+_agent_calls: dict[int, _AgentCalls] = {}
+_AGENT_CALLS_MAX = 256  # agents come and go with executors; past this, start over
+
+
+def _calls_of(provider: Provider, agent: Agent) -> _AgentCalls:
+    found = _agent_calls.get(id(agent))
+    if found is not None and found.agent() is agent and found.provider is provider:
+        return found
+    if len(_agent_calls) >= _AGENT_CALLS_MAX:
+        _agent_calls.clear()
+    made = _agent_calls[id(agent)] = _AgentCalls(provider, agent)
+    return made
+
+
 class _Attempts:
     """Spans and metrics of one task's attempts at a chat reply."""
 
@@ -61,48 +111,41 @@ class _Attempts:
         self.tracer = tracer
         self.instruments = instruments
         self.provider = provider
-        model = agent.model or getattr(provider, "default_model", None) or ""
-        self.model = str(model)
-        self.base: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": PROVIDER_NAMES.get(provider.name, provider.name),
-            "gen_ai.request.model": self.model,
-        }
-        self.request = dict(self.base)
-        if agent.max_tokens is not None:
-            self.request["gen_ai.request.max_tokens"] = agent.max_tokens
-        if agent.temperature is not None:
-            self.request["gen_ai.request.temperature"] = agent.temperature
-        base_url = getattr(provider, "base_url", None)
-        if callable(base_url):
-            where = urlsplit(str(base_url(agent)))
-            if where.hostname:
-                self.base["server.address"] = self.request["server.address"] = where.hostname
-                port = where.port or (443 if where.scheme == "https" else 80)
-                self.base["server.port"] = self.request["server.port"] = port
+        calls = _calls_of(provider, agent)
+        self.name = calls.name
+        self.base = calls.base
+        self.request = calls.request
+        # Read once per task (not once per process, so that a long-lived worker's setting can
+        # change): an os.environ lookup per attempt was a measurable part of a span's cost.
+        self.capture = tracer is not None and _capture_content()
 
     async def complete(
         self, agent: Agent, prompt: str, pool: ClientPool, timeout_s: float | None
     ) -> ChatReply:
         if self.tracer is None:
             return await self._measured(None, agent, prompt, pool, timeout_s)
-        name = f"chat {self.model}" if self.model else "chat"
-        kind = self.otel.trace.SpanKind.CLIENT
-        with self.tracer.start_as_current_span(
-            name,
-            kind=kind,
-            attributes=self.request,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            if span.is_recording() and _capture_content():
-                span.set_attribute("gen_ai.input.messages", _input_messages(prompt))
+        otel = self.otel
+        kind = otel.trace.SpanKind.CLIENT
+        span = self.tracer.start_span(self.name, kind=kind, attributes=self.request)
+        if not span.is_recording():
+            # Not sampled: nothing to record on it, so it is not made current either (an HTTP
+            # client's spans then have the task's span as parent). A sampler is the lever for
+            # CPU-bound runs, so this path is kept short.
+            return await self._measured(None, agent, prompt, pool, timeout_s)
+        # Current while the request runs, so that an instrumented HTTP client's spans are its
+        # children. A failure is recorded by _measured (error.type, status), not as an event.
+        token = otel.context.attach(otel.trace.set_span_in_context(span))
+        try:
+            if self.capture:
+                content = {"gen_ai.input.messages": _input_messages(prompt)}
                 if agent.system_prompt:
-                    span.set_attribute(
-                        "gen_ai.system_instructions",
-                        json.dumps([{"type": "text", "content": agent.system_prompt}]),
+                    content["gen_ai.system_instructions"] = json.dumps(
+                        [{"type": "text", "content": agent.system_prompt}]
                     )
+                span.set_attributes(content)
             return await self._measured(span, agent, prompt, pool, timeout_s)
+        finally:
+            end_current_span(otel, span, token)
 
     async def _measured(
         self,
@@ -135,9 +178,6 @@ class _Attempts:
 
     def _succeeded(self, span: Any | None, reply: ChatReply, start: float) -> None:
         elapsed = time.perf_counter() - start
-        response = dict(self.base)
-        if reply.model:
-            response["gen_ai.response.model"] = reply.model
         if span is not None and span.is_recording():
             usage = reply.usage
             attributes: dict[str, Any] = {
@@ -149,24 +189,25 @@ class _Attempts:
             if reply.response_id:
                 attributes["gen_ai.response.id"] = reply.response_id
             if reply.finish_reasons:
-                attributes["gen_ai.response.finish_reasons"] = list(reply.finish_reasons)
+                attributes["gen_ai.response.finish_reasons"] = reply.finish_reasons
             if usage.cache_read_tokens:
                 attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read_tokens
             if usage.cache_write_tokens:
                 attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
-            if _capture_content():
+            if self.capture:
                 attributes["gen_ai.output.messages"] = _output_messages(reply)
             span.set_attributes(attributes)
         if self.instruments is not None:
             tokens, duration = self.instruments
+            response = dict(self.base)
+            if reply.model:
+                response["gen_ai.response.model"] = reply.model
             duration.record(elapsed, response)
             tokens.record(reply.usage.input_tokens, {**response, "gen_ai.token.type": "input"})
             tokens.record(reply.usage.output_tokens, {**response, "gen_ai.token.type": "output"})
 
 
 def _capture_content() -> bool:
-    # Read at each attempt, like the conventions' other instrumentations, so that it can be
-    # switched without a restart of a long-lived worker's configuration.
     return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in CAPTURE_VALUES
 
 
