@@ -95,7 +95,7 @@ def _workload(url: str, n: int, rounds: int, repeats: int) -> dict[str, Any]:
 
 def run_all(quick: bool, repeats: int) -> dict[str, Any]:
     """Both workloads; ``quick`` runs fewer rounds."""
-    n, rounds = 1000, 2 if quick else 5
+    n, rounds = (200, 1) if quick else (1000, 5)
     results = {"offline": _workload("offline", n, rounds, repeats)}
     print(f"tracing offline: {results['offline']}", file=sys.stderr)
     with ServerProcess(latency_s=0.02) as server:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,13 @@ from .conftest import ROOT
 
 def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
     """``python -m benchmarks --quick`` runs end to end, so the suite never rots."""
+    # Not measured for coverage (its subprocesses neither): the suite's own tests cover the
+    # code, and coverage's tracing in a benchmark's workers made this test five times slower.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

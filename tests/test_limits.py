@@ -182,9 +182,14 @@ def test_bad_limits_are_plan_errors_that_name_the_field(
 
 
 async def test_a_limited_agent_gets_no_429_from_a_limited_server() -> None:
-    """Against a server that allows 10 requests in any second, rpm 600 sends each once."""
+    """Against a server that allows 10 requests in any second, rpm 480 sends each once.
+
+    Below the server's own 600 by a margin: a request leaves at its slot but reaches the
+    server a little later, by however long the loop and the HTTP client take, and on a loaded
+    machine requests that arrive late then early bunch up inside the server's window (seen at
+    rpm 600 with the limiter's 3% headroom: one 429 in a few runs)."""
     async with MockServer(rate_limit=10) as server:
-        agent = limited_agent(server, rpm=600, max_retries=10)
+        agent = limited_agent(server, rpm=480, max_retries=10)
         async with TaskExecutor([agent], retry_policy=FAST_RETRY) as executor:
             tasks = [AgentTask(id=f"t{i}", prompt=f"p{i}") for i in range(15)]
             results = await ProjectOrchestrator(executor).execute_tasks(tasks)
@@ -233,8 +238,9 @@ async def test_two_processes_share_one_limit_through_redis(shared: bool) -> None
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TASKEXEC_RESULTS_URL": ""}
         env["TASKEXEC_LIMITER_URL"] = RESULTS_URL if shared else ""
         # The limit is named by the server's endpoint (a fresh port), so no earlier run's
-        # schedule is in the way.
-        rpm = 8 * 60
+        # schedule is in the way. 6 a second each: shared, below the server's 8 with room for
+        # the jitter of two processes' arrivals; each on its own, 12 together, over it.
+        rpm = 6 * 60
         processes = [
             await asyncio.create_subprocess_exec(
                 sys.executable,
