@@ -218,16 +218,37 @@ def trace_task(
 async def _traced_task(
     otel: Otel, tracer: Any, task: AgentTask, run: Coroutine[Any, Any, ExecutionResult]
 ) -> ExecutionResult:
-    span, token = start_current_span(otel, tracer, "taskexec.task", {"taskexec.task.id": task.id})
-    try:
-        result = await run
-        _end_task(otel, span, result)
+    with _TaskSpan(otel, tracer, task) as span:
+        return span.ended(await run)
+
+
+class _TaskSpan:
+    """A task's span, current while the task runs; a raised exception (a configuration error:
+    task failures are results, not raised) is recorded on it. A class, not a generator: the
+    generator-based context managers were over a quarter of what a task's two spans cost."""
+
+    __slots__ = ("otel", "span", "token")
+
+    def __init__(self, otel: Otel, tracer: Any, task: AgentTask) -> None:
+        self.otel = otel
+        self.span, self.token = start_current_span(
+            otel, tracer, "taskexec.task", {"taskexec.task.id": task.id}
+        )
+
+    def __enter__(self) -> _TaskSpan:
+        return self
+
+    def ended(self, result: ExecutionResult) -> ExecutionResult:
+        """Record the task's result on its span; return it."""
+        _end_task(self.otel, self.span, result)
         return result
-    except Exception as exc:  # a configuration error: task failures are results, not raised
-        record_exception(otel, span, exc)
-        raise
-    finally:
-        end_current_span(otel, span, token)
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(exc, Exception):
+                record_exception(self.otel, self.span, exc)
+        finally:
+            end_current_span(self.otel, self.span, self.token)
 
 
 def trace_dispatch(run_one: RunOne) -> RunOne:
@@ -254,18 +275,8 @@ def trace_task_blocking(
         if tracer is None:
             return method(self, task, *args, **kwargs)
         assert otel is not None
-        span, token = start_current_span(
-            otel, tracer, "taskexec.task", {"taskexec.task.id": task.id}
-        )
-        try:
-            result = method(self, task, *args, **kwargs)
-            _end_task(otel, span, result)
-            return result
-        except Exception as exc:
-            record_exception(otel, span, exc)
-            raise
-        finally:
-            end_current_span(otel, span, token)
+        with _TaskSpan(otel, tracer, task) as span:
+            return span.ended(method(self, task, *args, **kwargs))
 
     return execute
 

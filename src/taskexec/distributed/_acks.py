@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
 
-__all__ = ("Acknowledgements",)
+__all__ = ("Acknowledgements", "channel_closed", "settle_one")
 
 log = logging.getLogger("taskexec.worker")
 
@@ -140,7 +140,21 @@ async def settle_one(step: Awaitable[None]) -> None:
         log.info("could not settle a delivery (the channel reconnected?): %s", exc)
 
 
+def channel_closed(message: AbstractIncomingMessage) -> bool:
+    """True if the channel a message was delivered on is gone (RabbitMQ requeued it)."""
+    return _closed(_channel_of(message))
+
+
+def _channel_of(message: AbstractIncomingMessage) -> object:
+    try:
+        return message.channel
+    except Exception:  # aio-pika raises for a channel that is gone
+        return None
+
+
 def _closed(channel: object) -> bool:
+    if channel is None:
+        return True
     try:
         return bool(getattr(channel, "is_closed", False))
     except Exception:

@@ -91,9 +91,6 @@ class _Waiting:
     sent_at: float
     #: When it was last seen held (a live lease) or sent: how long nobody has held it.
     held_at: float
-    #: The message as published (:func:`message_digest`): a worker's record that it could
-    #: not read a message fails the task only if it was this one.
-    digest: str
 
 
 class Dispatcher:
@@ -357,8 +354,7 @@ class Dispatcher:
         )
         now = loop.time()
         body = message.encode()
-        digest = message_digest(body, TASK_VERSION)
-        self._pending[key] = _Waiting(future, agent, mode, message, body, now, now, digest)
+        self._pending[key] = _Waiting(future, agent, mode, message, body, now, now)
         if deltas is not None:
             self._deltas[key] = deltas  # the worker streams the reply here, piece by piece
         try:
@@ -517,7 +513,12 @@ class Dispatcher:
                 continue  # the orphan check looks again
             for task_id, (digest, reason) in found.items():
                 entry = self._pending.get((run_id, task_id))
-                if entry is None or entry.digest != digest or entry.future.done():
+                # A worker's record fails the task only if it is of this very message.
+                if (
+                    entry is None
+                    or entry.future.done()
+                    or message_digest(entry.body, TASK_VERSION) != digest
+                ):
                     continue
                 result = await self._fail(
                     (run_id, task_id), entry.agent, entry.mode, "configuration", reason

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -299,18 +299,15 @@ class ResultStore:
         """Return the recorded rejections of those of ``task_ids`` that have one:
         task id -> (digest of the rejected message, why)."""
         found: dict[str, tuple[str, str]] = {}
-        for start in range(0, len(task_ids), _MGET_CHUNK):
-            chunk = task_ids[start : start + _MGET_CHUNK]
-            values = await self.client.mget([self._rejected_key(run_id, t) for t in chunk])
-            for task_id, value in zip(chunk, values, strict=True):
-                try:
-                    data = json.loads(value) if value is not None else None
-                except ValueError:
-                    continue
-                if isinstance(data, dict) and all(
-                    isinstance(data.get(k), str) for k in ("digest", "reason")
-                ):
-                    found[task_id] = (data["digest"], data["reason"])
+        for task_id, value in await self._found(task_ids, lambda t: self._rejected_key(run_id, t)):
+            try:
+                data = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and all(
+                isinstance(data.get(k), str) for k in ("digest", "reason")
+            ):
+                found[task_id] = (data["digest"], data["reason"])
         return found
 
     async def notify(self, run_id: str, task_id: str) -> None:
@@ -413,25 +410,26 @@ class ResultStore:
         keys = [self._lease_key(run_id, task_id) for run_id, task_id in leases]
         return int(await self._renew(keys=keys, args=[self.lease_ttl_ms, *leases.values()]))
 
-    async def leased(self, run_id: str, task_ids: Sequence[str]) -> set[str]:
-        """Return those of ``task_ids`` that a worker holds under a live lease."""
-        held: set[str] = set()
+    async def _found(
+        self, task_ids: Sequence[str], key: Callable[[str], str]
+    ) -> list[tuple[str, bytes | str]]:
+        """The values of ``key(task)`` for those of ``task_ids`` that have one (MGET, in
+        chunks)."""
+        found: list[tuple[str, bytes | str]] = []
         for start in range(0, len(task_ids), _MGET_CHUNK):
             chunk = task_ids[start : start + _MGET_CHUNK]
-            values = await self.client.mget([self._lease_key(run_id, t) for t in chunk])
-            held.update(t for t, v in zip(chunk, values, strict=True) if v is not None)
-        return held
+            values = await self.client.mget([key(t) for t in chunk])
+            found += [(t, v) for t, v in zip(chunk, values, strict=True) if v is not None]
+        return found
+
+    async def leased(self, run_id: str, task_ids: Sequence[str]) -> set[str]:
+        """Return those of ``task_ids`` that a worker holds under a live lease."""
+        return {t for t, _ in await self._found(task_ids, lambda t: self._lease_key(run_id, t))}
 
     async def get_many(self, run_id: str, task_ids: Sequence[str]) -> dict[str, ExecutionResult]:
         """Return the stored results of those of ``task_ids`` that have one."""
-        found: dict[str, ExecutionResult] = {}
-        for start in range(0, len(task_ids), _MGET_CHUNK):
-            chunk = task_ids[start : start + _MGET_CHUNK]
-            values = await self.client.mget([self._result_key(run_id, t) for t in chunk])
-            for task_id, value in zip(chunk, values, strict=True):
-                if value is not None:
-                    found[task_id] = self._decode(run_id, task_id, value)
-        return found
+        stored = await self._found(task_ids, lambda t: self._result_key(run_id, t))
+        return {t: self._decode(run_id, t, value) for t, value in stored}
 
     async def forget(self, run_id: str, task_id: str) -> None:
         """Drop a task's stored result (its inputs changed: it must run again)."""
@@ -516,16 +514,8 @@ class ResultStore:
 
     async def sent_many(self, run_id: str, task_ids: Sequence[str]) -> dict[str, str]:
         """Return the inputs digests of those of ``task_ids`` an orchestrator sent."""
-        found: dict[str, str] = {}
-        for start in range(0, len(task_ids), _MGET_CHUNK):
-            chunk = task_ids[start : start + _MGET_CHUNK]
-            values = await self.client.mget([self._sent_key(run_id, t) for t in chunk])
-            for task_id, value in zip(chunk, values, strict=True):
-                if value is not None:
-                    found[task_id] = (
-                        value.decode(errors="replace") if isinstance(value, bytes) else value
-                    )
-        return found
+        sent = await self._found(task_ids, lambda t: self._sent_key(run_id, t))
+        return {t: v.decode(errors="replace") if isinstance(v, bytes) else v for t, v in sent}
 
     async def counters(self, run_id: str) -> dict[str, int]:
         """Return the run's ``executions`` and ``duplicates`` (results that lost the race)."""

@@ -57,7 +57,7 @@ from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
 from .._stream import create_stream
 from .._tracing import trace_context_from
-from ._acks import Acknowledgements, settle_one
+from ._acks import Acknowledgements, channel_closed, settle_one
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
@@ -554,7 +554,7 @@ class Worker:
                     self._roster_redact(str(exc) or type(exc).__name__),
                 )
                 self._unreleased.append((msg.run_id, msg.task.id, token, ran))
-        if self._channel is None or _channel_closed(message):
+        if self._channel is None or channel_closed(message):
             return
         headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
         copy = aio_pika.Message(
@@ -750,11 +750,3 @@ class Worker:
                 event.state,
                 self._roster_redact(str(exc) or type(exc).__name__),
             )
-
-
-def _channel_closed(message: AbstractIncomingMessage) -> bool:
-    """True if the channel a message was delivered on is gone (RabbitMQ requeued it)."""
-    try:
-        return bool(message.channel.is_closed)
-    except Exception:
-        return True
