@@ -76,7 +76,9 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # The process went between the two checks: reading the stat file of a process that is
+        # being reaped raises ESRCH, not ENOENT.
         return False
 
 
