@@ -69,7 +69,8 @@ async def test_reservations_survive_a_killed_worker(
     result: nothing leaks, and the spend stays under the ceiling."""
     slow_file = agents_file(tmp_path / "slow.yaml", slow_server)
     fast_file = agents_file(tmp_path / "fast.yaml", mock_server)
-    tasks = [AgentTask(id=f"b{i}", prompt=f"p{i}") for i in range(12)]
+    # Prompts of one length: each task's worst case is the same.
+    tasks = [AgentTask(id=f"b{i}", prompt=f"p{i:02d}") for i in range(12)]
     agents = taskexec.load_agents(fast_file)
     worst = worst_case_cost(agents[0], tasks[0].prompt)
     assert worst is not None
