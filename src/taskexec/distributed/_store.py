@@ -101,7 +101,8 @@ return 0
 """
 # Taking tasks under leases. KEYS, five per task: cancelled mark, result, lease, attempts (a set
 # of the lease tokens of the takes that did not hand the task back), executions counter.
-# ARGV: lease ttl in ms, result ttl in s, poison limit, then one lease token per task.
+# ARGV: lease ttl in ms, result ttl in s, poison limit, then per task its lease token and the
+# token of a lease to take over ('' for none: a lease held by a taker known to be dead).
 # Returns, per task, 1 cancelled, 2 stored, 3 leased by another taker (its lease is live), 4
 # every one of ``limit`` earlier takers died with it (poison); else takes the lease, counts the
 # attempt and the execution, and gives 0. The lease expires on Redis's clock unless renewed.
@@ -111,12 +112,13 @@ local out = {}
 for i = 0, #KEYS / 5 - 1 do
   local k = i * 5
   local code = 0
+  local lease = redis.call('GET', KEYS[k + 3])
   if redis.call('EXISTS', KEYS[k + 1]) == 1 then code = 1
   elseif redis.call('EXISTS', KEYS[k + 2]) == 1 then code = 2
-  elseif redis.call('EXISTS', KEYS[k + 3]) == 1 then code = 3
+  elseif lease and lease ~= ARGV[5 + 2 * i] then code = 3
   elseif redis.call('SCARD', KEYS[k + 4]) >= tonumber(ARGV[3]) then code = 4
   else
-    local token = ARGV[4 + i]
+    local token = ARGV[4 + 2 * i]
     redis.call('SET', KEYS[k + 3], token, 'PX', ARGV[1])
     redis.call('SADD', KEYS[k + 4], token)
     redis.call('EXPIRE', KEYS[k + 4], ARGV[2])
@@ -183,8 +185,11 @@ return redis.call('HMGET', KEYS[2], unpack(live))
 """
 
 
-async def connect_redis(cluster: Cluster) -> aioredis.Redis:
+async def connect_redis(cluster: Cluster, name: str | None = None) -> aioredis.Redis:
     """Return a client of the cluster's Redis, after checking that it answers.
+
+    Every connection of the client is named ``name`` (``CLIENT SETNAME``) if given: a worker
+    names its connections so that others can tell when it is gone.
 
     Raises:
         ClusterUnavailableError: Redis cannot be reached; the message names the URL (password
@@ -201,6 +206,7 @@ async def connect_redis(cluster: Cluster) -> aioredis.Redis:
             socket_connect_timeout=5,
             socket_timeout=REDIS_COMMAND_TIMEOUT_S,
             health_check_interval=10,
+            client_name=name,
         )
         client: aioredis.Redis = aioredis.Redis.from_pool(pool)
     except ValueError as exc:
@@ -252,8 +258,9 @@ class ResultStore:
         self._take = client.register_script(_TAKE)
         # The calls made together go out together (one script call for all of them).
         self._puts: Batched[tuple[str, ExecutionResult, str], bytes | int] = Batched(self._put_many)
-        self._takes: Batched[tuple[str, str, str], int] = Batched(self._take_many)
+        self._takes: Batched[tuple[str, str, str, str], int] = Batched(self._take_many)
         self._marks: Batched[tuple[str, str, str], None] = Batched(self._mark_many)
+        self._connected: Batched[str, bool] = Batched(self._connected_many)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._register = client.register_script(_REGISTER)
@@ -362,21 +369,43 @@ class ResultStore:
         found = await self._claim(keys=keys, args=[self.cluster.result_ttl_s])
         return (None, CANCELLED, STORED)[int(found)]
 
-    async def take(self, run_id: str, task_id: str, token: str) -> str | None:
+    async def take(
+        self, run_id: str, task_id: str, token: str, dead: str | None = None
+    ) -> str | None:
         """Take a task under a lease held by ``token``, unless it should not run here now.
 
         Returns None when taken (the execution and the attempt are counted); else
         :data:`CANCELLED`, :data:`STORED`, :data:`LEASED` (another taker's lease is live: wait
         for its result or its expiry) or :data:`POISON` (``delivery_limit`` earlier takers
-        died with it). One round trip, shared with the takes made at the same moment.
+        died with it). A live lease held by ``dead`` (the token of a taker known to be gone)
+        is taken over. One round trip, shared with the takes made at the same moment.
         """
-        found = await self._takes((run_id, task_id, token))
+        found = await self._takes((run_id, task_id, token, dead or ""))
         return (None, CANCELLED, STORED, LEASED, POISON)[found]
 
-    async def _take_many(self, items: Sequence[tuple[str, str, str]]) -> list[int]:
+    async def holder(self, run_id: str, task_id: str) -> str | None:
+        """The token of the task's live lease, or None."""
+        value = await self.client.get(self._lease_key(run_id, task_id))
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def connected(self, name: str) -> bool:
+        """Whether a client named ``name`` is connected to Redis now (``CLIENT LIST``, one
+        for the questions asked at the same moment).
+
+        Raises:
+            redis.exceptions.ResponseError: the Redis user may not list clients (an ACL
+                without ``CLIENT``, or a managed Redis that renamed the command).
+        """
+        return await self._connected(name)
+
+    async def _connected_many(self, names: Sequence[str]) -> list[bool]:
+        found = {client.get("name") for client in await self.client.client_list()}
+        return [name in found for name in names]
+
+    async def _take_many(self, items: Sequence[tuple[str, str, str, str]]) -> list[int]:
         keys: list[str] = []
         tokens: list[str] = []
-        for run_id, task_id, token in items:
+        for run_id, task_id, token, dead in items:
             keys += [
                 self.cluster.key("run", run_id, "cancelled"),
                 self._result_key(run_id, task_id),
@@ -384,7 +413,7 @@ class ResultStore:
                 self._attempts_key(run_id, task_id),
                 self._counter(run_id, "executions"),
             ]
-            tokens.append(token)
+            tokens += [token, dead]
         args: list[str | int] = [
             self.lease_ttl_ms,
             self.cluster.result_ttl_s,

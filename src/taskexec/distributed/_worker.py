@@ -46,7 +46,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .._calls import Roster
 from .._engines import entry
@@ -158,6 +158,12 @@ class Worker:
                 "':', '@' or '-'"
             )
         self.grace_s = grace_s
+        #: This process among the workers of that name: its lease tokens start with it, and
+        #: its connections to Redis carry it, so that a worker that finds a lease of a process
+        #: whose connections are all gone (it died) takes the task over at once.
+        self._instance = f"{self.name}/{uuid.uuid4().hex[:8]}"
+        #: False once Redis refused CLIENT LIST (then a dead worker's leases lapse instead).
+        self._may_list_clients = True
         self.done = 0
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Finished deliveries are acknowledged together, at the end of a loop iteration.
@@ -202,7 +208,7 @@ class Worker:
         Raises:
             ClusterUnavailableError: RabbitMQ or Redis cannot be reached at the start.
         """
-        redis = await connect_redis(self.cluster)
+        redis = await connect_redis(self.cluster, _client_name(self._instance))
         # The store first: a task can arrive the moment the first consumer is attached.
         self._store = store = ResultStore(redis, self.cluster)
         try:
@@ -424,8 +430,9 @@ class Worker:
         assert self._store is not None
         store, run_id, task = self._store, msg.run_id, msg.task
         key = (run_id, task.id)
-        token = f"{self.name}/{uuid.uuid4().hex[:16]}"
+        token = f"{self._instance}/{uuid.uuid4().hex[:16]}"
         taken = False
+        dead: str | None = None  # the token of a lease whose holder is gone
         loop = asyncio.get_running_loop()
         # The longest a delivery waits on another taker's lease before it is handed back (so
         # that it does not keep a prefetch slot for the length of someone else's task): one
@@ -439,7 +446,7 @@ class Worker:
                     # this delivery settles once that run stored its result.
                     await asyncio.wait({local})
                 async with self._slots:
-                    reason = await store.take(run_id, task.id, token)
+                    reason = await store.take(run_id, task.id, token, dead)
                     if reason is None:
                         taken = True
                         self._leases[key] = token
@@ -452,6 +459,13 @@ class Worker:
                             holder.set_result(None)
                         return
                 if reason == LEASED:
+                    # Delivered again: the holder's channel closed. If its connections to
+                    # Redis are gone too, its process is (killed, say): run the task now,
+                    # rather than after its lease lapses.
+                    gone = await self._gone(run_id, task.id) if message.redelivered else None
+                    if gone is not None and gone != dead:
+                        dead = gone
+                        continue
                     if loop.time() >= give_up:
                         log.info(
                             "worker %s: task %s of run %s is held by another worker; handed back",
@@ -486,6 +500,37 @@ class Worker:
             self._redis_trouble()
             # Released even when the take seemed to fail: its answer may be what was lost.
             await self._hand_back(message, msg, token, ran=taken)
+
+    async def _gone(self, run_id: str, task_id: str) -> str | None:
+        """The token of the task's lease if the worker process holding it has no connection to
+        Redis left (it died: its OS closed them), else None."""
+        if not self._may_list_clients or self._store is None:
+            return None
+        holder = await self._store.holder(run_id, task_id)
+        instance = holder.rpartition("/")[0] if holder else ""
+        if not instance or instance == self._instance:
+            return None
+        try:
+            connected = await self._store.connected(_client_name(instance))
+        except ResponseError as exc:
+            self._may_list_clients = False
+            log.warning(
+                "worker %s: Redis refused CLIENT LIST (%s): the tasks of a worker that dies "
+                "run elsewhere once its leases lapse (Cluster.lease_s), not at once",
+                self.name,
+                self._roster_redact(str(exc)),
+            )
+            return None
+        if connected:
+            return None
+        log.info(
+            "worker %s: task %s of run %s: its holder %s is gone; taken over",
+            self.name,
+            task_id,
+            run_id,
+            instance,
+        )
+        return holder
 
     async def _run(self, message: AbstractIncomingMessage, msg: TaskMessage, token: str) -> None:
         """Run a task taken under ``token``'s lease, store its result, and acknowledge it."""
@@ -750,3 +795,8 @@ class Worker:
                 event.state,
                 self._roster_redact(str(exc) or type(exc).__name__),
             )
+
+
+def _client_name(instance: str) -> str:
+    """The name of a worker process's connections to Redis."""
+    return f"taskexec-worker/{instance}"
