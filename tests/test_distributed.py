@@ -1617,3 +1617,83 @@ async def test_closing_a_connection_on_purpose_says_nothing(
         async with Dispatcher(cluster):
             pass
     assert not [r for r in caplog.records if "lost its connection" in r.getMessage()]
+
+
+async def test_a_redelivered_task_whose_holder_is_gone_is_taken_over_at_once(
+    mock_server: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task's lease is held by a worker process with no connection to Redis left (killed:
+    its OS closed them), and RabbitMQ delivers the task again: a worker takes the lease over
+    and runs it, instead of waiting for it to lapse (60 s here, past the test's bound)."""
+    from .conftest import openai_agent
+
+    require_services()
+    cluster = new_cluster(lease_s=60)
+    message = TaskMessage(
+        run_id="ghost", agent="writer", mode="llm", task=AgentTask(id="t", prompt="p")
+    )
+    async with store_of(cluster) as store:
+        assert await store.take("ghost", "t", "dead/0001/0001") is None  # its take, then death
+        connection = await aio_pika.connect(cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            queue = await _declare(channel, cluster, "writer")
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    message.encode(),
+                    headers={TASK_HEADER: TASK_VERSION},
+                    content_type="application/json",
+                ),
+                routing_key=cluster.queue("writer"),
+            )
+            # Delivered to the dead holder and never acknowledged: its channel closes, and
+            # RabbitMQ delivers the task again, marked redelivered.
+            assert await queue.get(no_ack=False, timeout=10) is not None
+            await channel.close()
+        finally:
+            await connection.close()
+        worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=2)
+        stop = asyncio.Event()
+        serving = asyncio.create_task(worker.serve(stop))
+        try:
+            with caplog.at_level("INFO", logger="taskexec"):
+                await eventually(lambda: worker.done == 1, timeout_s=20)
+            stored = await store.get_many("ghost", ["t"])
+            counted = await store.counters("ghost")
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+            await drop_cluster(cluster, ["writer"])
+    assert stored["t"].ok
+    assert mock_server.stats.chat_requests == 1
+    assert counted["executions"] == 2  # the dead holder's take and this one
+    assert any("its holder dead/0001 is gone; taken over" in r.message for r in caplog.records)
+
+
+async def test_a_lease_is_taken_over_only_while_its_holder_has_no_connection(
+    cluster: Cluster,
+) -> None:
+    """Whether a holder is gone is read from Redis's client list: a lease whose holder has a
+    connection named after it stays its own; once that connection closes, it is the one to
+    take over; a worker never takes over its own leases; a take naming another token as dead
+    does not take a live lease."""
+    import redis.asyncio as aioredis
+
+    from taskexec.distributed._store import LEASED
+
+    worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
+    async with store_of(cluster) as store:
+        worker._store = store
+        assert await store.take("r", "t", "other/0002/aa") is None
+        assert await store.take("r", "mine", f"{worker._instance}/bb") is None
+        holder = aioredis.from_url(cluster.results_url, client_name="taskexec-worker/other/0002")
+        try:
+            await holder.ping()
+            assert await worker._gone("r", "t") is None
+        finally:
+            await holder.aclose()
+        assert await worker._gone("r", "t") == "other/0002/aa"
+        assert await worker._gone("r", "mine") is None
+        assert await worker._gone("r", "nobody") is None
+        assert await store.take("r", "t", "w/cc", dead="other/0009/zz") == LEASED
+        assert await store.take("r", "t", "w/cc", dead="other/0002/aa") is None
