@@ -282,7 +282,7 @@ class Dispatcher:
             task.cancel()
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pubsub.aclose(), CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(self._pubsub.aclose(), CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call,unused-ignore]
         if self._connection is not None:
             # Bounded: closing must not keep a finished run waiting on a broker that went away.
             with contextlib.suppress(Exception):
