@@ -23,6 +23,7 @@ from taskexec import (
     TaskExecutor,
     UnknownAgentError,
     UnsupportedModeError,
+    _bridge,
 )
 from taskexec._async_engine import execute_task
 from taskexec.providers.offline import offline_reply
@@ -397,6 +398,11 @@ async def test_execute_never_creates_an_event_loop(
         Agent(name="remote", mode="api", url=mock_server.agent_url),
         script_agent("bot", "echo.py"),
     ]
+    # The sync shims' one loop per process is made before (whichever test comes first), and
+    # counts as long idle, so that the calls take its idle path too (a pass to read the
+    # sockets first): that must not run the loop another way either.
+    _bridge._shared.loop()
+    monkeypatch.setattr(_bridge._shared, "_idle_since", 1.0)
     async with make_executor(agents) as executor:
         with monkeypatch.context() as patched:
             patched.setattr(asyncio, "run", forbidden)

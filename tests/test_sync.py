@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -346,6 +346,42 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused(
         executor.close()
     assert (second.status, second.attempts) == (ExecutionStatus.SUCCESS, 1)
     assert server.stats.connections_opened == 2
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["busy", "idle"])
+def test_a_call_that_fails_to_start_gives_the_shared_loop_up(
+    monkeypatch: pytest.MonkeyPatch, idle: bool
+) -> None:
+    """A call whose task cannot be made (in the thread that drives the loop, right after it
+    took the loop, or on the loop's second pass after a while idle) raises that error, and the
+    loop is free: the next call, from another thread, runs instead of waiting for ever on a
+    driver that left."""
+    import concurrent.futures
+
+    from taskexec import _bridge
+
+    executor = taskexec.sync.TaskExecutor([Agent(name="a")])
+    assert executor.execute(AgentTask(id="warm", prompt="x")).ok
+    monkeypatch.setattr(_bridge._shared, "_idle_since", 1.0 if idle else 0.0)
+    shared_loop = _bridge._shared.loop()
+    create_task = asyncio.BaseEventLoop.create_task
+
+    def broken(loop: asyncio.BaseEventLoop, *args: Any, **kwargs: Any) -> Any:
+        if loop is shared_loop:
+            for arg in args:
+                arg.close()
+            raise RuntimeError("the call could not start")
+        return create_task(loop, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(asyncio.BaseEventLoop, "create_task", broken)
+        with pytest.raises(RuntimeError, match="could not start"):
+            executor.execute(AgentTask(id="t", prompt="x"))
+    assert not _bridge._shared._driving
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        result = pool.submit(executor.execute, AgentTask(id="u", prompt="y")).result(timeout=60)
+    assert result.status is ExecutionStatus.SUCCESS
+    executor.close()
 
 
 def _open_connections(server: MockServer) -> int:

@@ -79,21 +79,22 @@ class _SharedLoop:
             return self._loop
 
     def run(self, coro: Coroutine[Any, Any, T], context: contextvars.Context) -> T:
-        loop = self.loop()
+        try:
+            loop = self.loop()
+        except BaseException:
+            coro.close()
+            raise
         meeting = _Meeting(self, loop, coro, context)
         with self._cond:
             drive = not self._driving
             if drive:
                 self._driving = True
-        if drive:
-            self._read_if_idle(loop)
-            meeting.start()  # the loop is ours and idle: no hand-off needed
-        else:
+        if not drive:
             loop.call_soon_threadsafe(meeting.start)  # the driver's loop will pick it up
         try:
-            if not drive:
-                drive = self._wait(meeting)
             if drive:
+                self._drive(meeting, start=True)  # the loop is ours and idle: no hand-off
+            elif self._wait(meeting):
                 self._drive(meeting)
         except BaseException:
             # KeyboardInterrupt, or an exception raised into this thread (a signal handler's
@@ -116,11 +117,14 @@ class _SharedLoop:
                 self._cond.wait()
         return False
 
-    def _drive(self, meeting: _Meeting) -> None:
-        """Run the loop in this thread until ``meeting`` is done, then give the loop up."""
+    def _drive(self, meeting: _Meeting, *, start: bool = False) -> None:
+        """Run the loop in this thread until ``meeting`` is done (starting it first if
+        ``start``), then give the loop up, whatever was raised."""
         loop = meeting.loop
         try:
             self._driver_meeting = meeting
+            if start:
+                self._start_driven(meeting)
             if not meeting.done:
                 loop.run_forever()  # stopped by the meeting's task when it finishes
         finally:
@@ -130,22 +134,25 @@ class _SharedLoop:
                 self._idle_since = time.monotonic()
                 self._cond.notify_all()
 
-    def _read_if_idle(self, loop: asyncio.AbstractEventLoop) -> None:
-        """After a while idle, let the loop read what arrived meanwhile, before a call starts.
+    def _start_driven(self, meeting: _Meeting) -> None:
+        """Start the call of the thread that drives the loop, after a while idle one pass late.
 
         Nobody runs the loop between calls, so a server closing an idle keep-alive connection
-        goes unnoticed until the loop runs again; one pass of the loop notices it, so that the
-        next call does not pick that dead connection from the pool.
+        goes unnoticed until the loop runs again. After a while idle, the call's task is
+        started from the loop's second pass: the first polls the sockets and runs their
+        callbacks (a closed connection is seen), so that the call does not pick that dead
+        connection from the pool. (Not run_until_complete: a loop stopped early would raise
+        there, and the loop is run in one place only, below.)
         """
         if self._idle_since and time.monotonic() - self._idle_since > IDLE_READ_AFTER_S:
-            # One pass of the bridge's own loop polls its sockets once; this thread is the driver,
-            # so the loop is ours, and no other loop runs here (call() refused that first).
-            loop.run_until_complete(asyncio.sleep(0))  # the bridge's loop, not the async path
+            meeting.loop.call_soon(meeting.loop.call_soon, meeting.start)
+        else:
+            meeting.start()
 
     def finished(self, meeting: _Meeting) -> None:
         """Called on the loop when a call's task ends: wake its caller."""
-        if self._driver_meeting is meeting:
-            meeting.loop.stop()
+        if self._driver_meeting is meeting and meeting.loop.is_running():
+            meeting.loop.stop()  # never when not running: that would cut the next run short
         with self._cond:
             self._cond.notify_all()
 
@@ -199,11 +206,20 @@ class _Meeting:
     def start(self) -> None:
         # Runs on the loop's driving thread. The task runs in `context`, a copy of the caller's,
         # so the caller's contextvars are visible inside and changes can be copied back.
+        if self.done:
+            return  # cancelled before it started
         if self.cancel_requested:
             self.coro.close()
             self._end(cancelled=True)
             return
-        self.task = self.loop.create_task(self._run(), context=self.context)
+        run = self._run()
+        try:
+            self.task = self.loop.create_task(run, context=self.context)
+        except BaseException as exc:  # a task factory's error: the caller gets it
+            run.close()
+            self.coro.close()
+            self.error = exc
+            self._end()
 
     async def _run(self) -> None:
         try:
@@ -225,6 +241,10 @@ class _Meeting:
         self.cancel_requested = True
         if self.task is not None:
             self.task.cancel()
+        elif not self.done:
+            # Not started (its start is still queued, or starting it failed): it ends here.
+            self.coro.close()
+            self._end(cancelled=True)
 
     def outcome(self) -> Any:
         if self.was_cancelled:
