@@ -37,7 +37,7 @@ from .cluster import (
     store_of,
     workers,
 )
-from .conftest import eventually
+from .conftest import eventually, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # script-mode agents
 
@@ -1616,6 +1616,37 @@ async def test_closing_a_connection_on_purpose_says_nothing(
     for _ in range(3):
         async with Dispatcher(cluster):
             pass
+    assert not [r for r in caplog.records if "lost its connection" in r.getMessage()]
+
+
+def test_a_connection_left_open_closes_quietly_when_its_loop_ends(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An executor its program never closes (``asyncio.run(main())`` without ``aclose``): its
+    connection to the cluster closes as its loop ends, with no warning of a lost connection
+    and no socket left to the garbage collector on a dead loop."""
+    import gc
+
+    import redis as sync_redis
+
+    engine = WorkersEngine(cluster)
+    opened: list[tuple[Dispatcher, int]] = []
+
+    async def use() -> None:
+        dispatcher = await engine.dispatcher()
+        opened.append((dispatcher, await dispatcher.store.client.client_id()))
+
+    for _ in range(3):
+        with asyncio.Runner() as runner:
+            runner.run(use())
+    gc.collect()  # a socket left open warns here, and warnings fail this suite
+    assert engine.connections_opened == 3
+    assert all(
+        dispatcher._connection and dispatcher._connection.is_closed for dispatcher, _ in opened
+    )
+    ids = [client_id for _, client_id in opened]
+    with sync_redis.Redis.from_url(cluster.results_url) as client:
+        wait_until(lambda: not client.client_list(client_id=ids), "Redis saw the clients close")
     assert not [r for r in caplog.records if "lost its connection" in r.getMessage()]
 
 

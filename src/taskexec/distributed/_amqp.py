@@ -12,6 +12,7 @@ consumers after a reconnect.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -75,8 +76,10 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
     redact = cluster.redactor()
 
     def lost(_: object, exc: BaseException | None = None) -> None:
-        # Closed on purpose: aio-pika's close() passes a CancelledError as the reason.
-        if exc is None or connection.close_called:
+        # Closed on purpose: aio-pika's close() passes a CancelledError as the reason; so does
+        # a connection whose reader was cancelled here (its loop ending with the connection
+        # still open), which is no loss at the broker's end either.
+        if exc is None or connection.close_called or isinstance(exc, asyncio.CancelledError):
             return
         log.warning(
             "%s: lost its connection to RabbitMQ at %s (%s); waiting for it, reconnecting "

@@ -274,6 +274,14 @@ class Dispatcher:
         if self._closing.is_set():
             return
         self._closing.set()
+        try:
+            await self._stop()
+        finally:
+            # Whatever stopping raised (a close cancelled as its loop ends): Redis is closed.
+            if self._redis is not None:
+                await self._redis.aclose()
+
+    async def _stop(self) -> None:
         # The listener only reads (a wait of up to LISTEN_WAKE_S): cancelled, not waited for.
         if self._listener is not None:
             self._listener.cancel()
@@ -287,8 +295,6 @@ class Dispatcher:
             # Bounded: closing must not keep a finished run waiting on a broker that went away.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
-        if self._redis is not None:
-            await self._redis.aclose()
 
     async def with_redis(self, step: Callable[[], Awaitable[_T]], what: str) -> _T:
         """Run a step that needs Redis, waiting up to ``REDIS_WAIT_S`` for a Redis that cannot

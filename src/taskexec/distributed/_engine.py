@@ -112,6 +112,10 @@ class _OnLoop:
             dispatcher = await opening
         except Exception:
             return  # an opening that failed holds nothing to close
+        except asyncio.CancelledError:
+            if opening.cancelled():
+                return  # cancelled as its loop ends: it closed what it had opened
+            raise
         await dispatcher.aclose()
 
 

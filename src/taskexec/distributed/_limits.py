@@ -351,14 +351,16 @@ class RedisLimiter(Limiter):
         await self._renew_script(keys=[self._places], args=args)
 
     async def aclose(self) -> None:
-        await super().aclose()
-        renewing = self._renewing
-        if renewing is not None:
-            # Stopped between two renewals, never in the middle of a Redis command.
-            self._stop.set()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(renewing, _ADVISORY_S * 2)
-        await self.client.aclose()
+        try:
+            await super().aclose()
+            renewing = self._renewing
+            if renewing is not None:
+                # Stopped between two renewals, never in the middle of a Redis command.
+                self._stop.set()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(renewing, _ADVISORY_S * 2)
+        finally:
+            await self.client.aclose()
 
     async def paused_until(self, deadline: float = math.inf) -> float:
         value = await self._ask(deadline, lambda: self.client.get(self._keys[2]))

@@ -215,8 +215,12 @@ async def connect_redis(cluster: Cluster, name: str | None = None) -> aioredis.R
         ) from None
     try:
         await client.ping()
-    except (RedisError, OSError) as exc:
+    except BaseException as exc:
+        # Cancelled too (a loop that ends while a worker or orchestrator starts): the
+        # connection is closed here, not left to the garbage collector on a dead loop.
         await client.aclose()
+        if not isinstance(exc, (RedisError, OSError)):
+            raise
         cause = cluster.redactor()(str(exc) or type(exc).__name__)
         raise ClusterUnavailableError(
             f"cannot reach Redis at {redact_url(cluster.results_url)}: {cause}"

@@ -272,13 +272,15 @@ class Worker:
                 await asyncio.wait_for(self._acks.drain(), STOP_TIMEOUT_S)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._release_late(), STOP_TIMEOUT_S)
-            # Closing the connection hands every unacknowledged task back to RabbitMQ.
-            with contextlib.suppress(Exception):
-                await connection.close()
-            with contextlib.suppress(Exception):
-                await store.unregister(self.name)
-            await redis.aclose()
-            await self.executor.aclose()
+            try:
+                # Closing the connection hands every unacknowledged task back to RabbitMQ.
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                with contextlib.suppress(Exception):
+                    await store.unregister(self.name)
+            finally:
+                await redis.aclose()
+                await self.executor.aclose()
 
     async def _subscribe(
         self,
