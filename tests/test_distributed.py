@@ -1728,3 +1728,44 @@ async def test_a_lease_is_taken_over_only_while_its_holder_has_no_connection(
         assert await worker._gone("r", "nobody") is None
         assert await store.take("r", "t", "w/cc", dead="other/0009/zz") == LEASED
         assert await store.take("r", "t", "w/cc", dead="other/0002/aa") is None
+
+
+async def test_a_worker_cancelled_again_while_it_winds_down_still_closes_redis(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving worker cancelled, then cancelled again while it winds down (a supervisor's
+    second Ctrl-C, a loop that ends): winding down stops there, but its connections to Redis
+    and RabbitMQ are still closed, not left open to the garbage collector."""
+    from taskexec.distributed._acks import Acknowledgements
+    from taskexec.distributed._worker import _client_name
+
+    winding_down = asyncio.Event()
+
+    async def stuck(acks: Acknowledgements) -> None:
+        winding_down.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Acknowledgements, "drain", stuck)
+    worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
+    serving = asyncio.create_task(worker.serve(asyncio.Event()))
+    await asyncio.wait_for(worker.ready.wait(), 30)
+    name = _client_name(worker._instance)
+    async with store_of(cluster) as store:
+
+        async def connected() -> bool:
+            return any(c.get("name") == name for c in await store.client.client_list())
+
+        assert await connected()
+        serving.cancel()
+        await asyncio.wait_for(winding_down.wait(), 30)  # in the midst of winding down
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        gone = False
+        for _ in range(200):  # Redis sees a close within a few of its event-loop turns
+            gone = not await connected()
+            if gone:
+                break
+            await asyncio.sleep(0.05)
+        assert gone, "the worker's Redis connection is still open"
+    assert worker._consumers and all(queue.channel.is_closed for queue, _ in worker._consumers)

@@ -260,27 +260,37 @@ class Worker:
             await self._cancel_consumers()
             await self._drain(hurry)
         finally:
-            self._stopping = True
-            beating.set()
-            await settle([heartbeat, renewing, self._paused], STOP_TIMEOUT_S)
-            # Each job hands its task back (published again, then acknowledged) as it ends.
-            for task in list(self._in_flight):
-                task.cancel()
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
-            await settle(self._background, STOP_TIMEOUT_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._acks.drain(), STOP_TIMEOUT_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._release_late(), STOP_TIMEOUT_S)
             try:
-                # Closing the connection hands every unacknowledged task back to RabbitMQ.
-                with contextlib.suppress(Exception):
-                    await connection.close()
-                with contextlib.suppress(Exception):
-                    await store.unregister(self.name)
+                await self._wind_down(heartbeat, renewing, beating)
             finally:
-                await redis.aclose()
-                await self.executor.aclose()
+                # Even if winding down was cut short (the serving task cancelled again, its
+                # loop ending), the connections and the executor's pools are closed.
+                try:
+                    # Closing the connection hands every unacknowledged task back to RabbitMQ.
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                    with contextlib.suppress(Exception):
+                        await store.unregister(self.name)
+                finally:
+                    await redis.aclose()
+                    await self.executor.aclose()
+
+    async def _wind_down(
+        self, heartbeat: asyncio.Task[None], renewing: asyncio.Task[None], beating: asyncio.Event
+    ) -> None:
+        """Stop the heartbeat and hand back what is in flight."""
+        self._stopping = True
+        beating.set()
+        await settle([heartbeat, renewing, self._paused], STOP_TIMEOUT_S)
+        # Each job hands its task back (published again, then acknowledged) as it ends.
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        await settle(self._background, STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._acks.drain(), STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._release_late(), STOP_TIMEOUT_S)
 
     async def _subscribe(
         self,
