@@ -1768,4 +1768,5 @@ async def test_a_worker_cancelled_again_while_it_winds_down_still_closes_redis(
                 break
             await asyncio.sleep(0.05)
         assert gone, "the worker's Redis connection is still open"
-    assert worker._consumers and all(queue.channel.is_closed for queue, _ in worker._consumers)
+    assert worker._consumers
+    assert all(queue.channel.is_closed for queue, _ in worker._consumers)
