@@ -704,12 +704,19 @@ class Worker:
                     seq += 1
                     await self._publish_delta(delta)
 
+        relayed = asyncio.Event()
+
         async def left() -> None:
             # Polled: the mark is set in Redis by another process. A failed read is not a
-            # departure: the stream goes on, and the next read tells.
+            # departure: the stream goes on, and the next read tells. Told to stop with an
+            # event, between two reads, never cancelled in one (see _loops: a Redis command
+            # cancelled midway can swallow the cancellation, and this loop went on for ever).
             while True:
                 # The first look after one interval: the stream's start is not kept waiting.
-                await asyncio.sleep(STREAM_CANCEL_POLL_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(relayed.wait(), STREAM_CANCEL_POLL_S)
+                if relayed.is_set():
+                    return
                 with contextlib.suppress(Exception):
                     if await store.is_cancelled(msg.run_id, msg.task.id):
                         return
@@ -718,9 +725,10 @@ class Worker:
         try:
             await asyncio.wait({relaying, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (relaying, watching):
-                task.cancel()
-            await asyncio.gather(relaying, watching, return_exceptions=True)
+            relayed.set()
+            relaying.cancel()  # the caller left (or this task was cancelled): close the request
+            await asyncio.gather(relaying, return_exceptions=True)
+            await settle([watching], STOP_TIMEOUT_S)
         failed = None if relaying.cancelled() else relaying.exception()
         if failed is not None:
             raise failed  # Redis or the broker went away: handled as for any task
