@@ -14,6 +14,7 @@ Ctrl-C, 143 SIGTERM.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -42,11 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reserve_standard_descriptors() -> None:
+    """Put /dev/null on descriptors 0-2 that the command was started without (``>&- 2>&-``).
+
+    Otherwise the next file the process opens takes their number: an event loop's epoll or
+    wake-up descriptor became "stdout", and a write meant for the terminal went into it (uvloop
+    aborted the process). Python has already set ``sys.stdout`` (or ``sys.stderr``) to None for
+    a closed one; that stays so.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free number, which is this one: those below are open by now.
+            os.open(os.devnull, os.O_RDWR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     # Started in the background by a non-interactive shell, a process inherits SIGINT ignored;
     # Ctrl-C handling below needs the default handler back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _reserve_standard_descriptors()
     args = build_parser().parse_args(argv)
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = BestEffortStream(sys.stdout), BestEffortStream(sys.stderr)
