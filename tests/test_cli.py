@@ -141,60 +141,6 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert bad_env.returncode == 2
     assert "TASKEXEC_MAX_CONCURRENCY" in bad_env.stderr
     assert "Traceback" not in bad_env.stderr
-    bad_loop = taskexec("run", str(plan), env={"TASKEXEC_LOOP": "trio"})
-    assert bad_loop.returncode == 2
-    assert "TASKEXEC_LOOP='trio': expected one of auto, uvloop, asyncio" in bad_loop.stderr
-    assert "Traceback" not in bad_loop.stderr
-
-
-@pytest.mark.parametrize(
-    ("choice", "loop_module"),
-    [("", "uvloop"), ("auto", "uvloop"), (" UVLOOP ", "uvloop"), ("asyncio", "asyncio")],
-)
-def test_commands_run_on_the_loop_taskexec_loop_chooses(
-    monkeypatch: pytest.MonkeyPatch, choice: str, loop_module: str
-) -> None:
-    """uvloop where installed (the workers extra, which the dev extra includes), asyncio's own
-    loop on request; either way a loop of the command's own, closed when it ends."""
-    import asyncio
-
-    from taskexec.cli._loop import run_main
-
-    monkeypatch.setenv("TASKEXEC_LOOP", choice)
-    loops: list[asyncio.AbstractEventLoop] = []
-
-    async def which() -> str:
-        loops.append(asyncio.get_running_loop())
-        return type(loops[0]).__module__
-
-    assert run_main(which()).split(".")[0] == loop_module
-    assert loops[0].is_closed()
-
-
-def test_a_loop_that_cannot_be_had_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """uvloop asked for but absent (Windows, or an install without the workers extra) is a
-    usage error naming the fix; on auto the command falls back to asyncio's loop. The main
-    coroutine of a refused run is closed, never left un-awaited."""
-    import asyncio
-
-    from taskexec.cli._loop import run_main
-    from taskexec.cli._output import UsageError
-
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
-
-    async def main() -> str:
-        await asyncio.sleep(0)
-        return type(asyncio.get_running_loop()).__module__
-
-    monkeypatch.setenv("TASKEXEC_LOOP", "uvloop")
-    refused = main()
-    with pytest.raises(
-        UsageError, match=r"uvloop is not installed: pip install 'taskexec\[workers\]'"
-    ):
-        run_main(refused)
-    assert refused.cr_frame is None  # closed before it ever ran
-    monkeypatch.setenv("TASKEXEC_LOOP", "auto")
-    assert run_main(main()).startswith("asyncio")
 
 
 def _llm_plan(

@@ -25,7 +25,6 @@ from .._results import Progress
 from .._stream import DeltaPrinter, stream_engine_name, stream_task
 from ..bus import MessageBus
 from ._args import engine_name, positive_float, positive_int
-from ._loop import run_main
 from ._output import UsageError
 from ._report import FULL_TABLE_MAX, Reporter, open_for_append, print_summary, read_previous
 from ._signals import Interrupts
@@ -186,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                     completed = _run_in_thread(engine, batch, interrupts)
                 else:
                     # The command line's own entry point: it owns the process's event loop.
-                    completed = run_main(
+                    completed = asyncio.run(
                         _run_on_loop(engine, batch, executor, report, interrupts, counts, printer)
                     )
                 if printer is not None:

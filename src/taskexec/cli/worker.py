@@ -24,7 +24,6 @@ from .._errors import MissingExtraError
 from .._plan import load_agents
 from .._plugins import load_plugin
 from ._args import positive_int, seconds
-from ._loop import run_main
 from ._output import UsageError, printable
 from ._signals import Interrupts
 from ._status import EXIT_OK
@@ -157,7 +156,7 @@ def worker(args: argparse.Namespace) -> int:
         await worker.serve(stop, hurry)
 
     # The worker's own entry point: it owns the process's event loop.
-    run_main(serve())
+    asyncio.run(serve())
     print(f"taskexec: worker {worker.name} stopped after {worker.done} task(s)", file=sys.stderr)
     return EXIT_OK
 
