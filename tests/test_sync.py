@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -382,6 +383,65 @@ def test_a_call_that_fails_to_start_gives_the_shared_loop_up(
         result = pool.submit(executor.execute, AgentTask(id="u", prompt="y")).result(timeout=60)
     assert result.status is ExecutionStatus.SUCCESS
     executor.close()
+
+
+def test_a_call_interrupted_before_its_task_ran_still_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C while a call's start is still queued behind a busy loop: its start and its
+    cancellation then run in one pass, so its task is cancelled before its first step. The
+    call still ends (KeyboardInterrupt in the caller), its coroutine never ran, and the loop
+    goes on serving the other thread's call."""
+    from taskexec import _bridge
+
+    shared = _bridge._shared
+    shared.loop()
+    busy, release = threading.Event(), threading.Event()
+
+    async def hog() -> str:
+        busy.set()
+        # Blocks the shared loop itself, so that what other threads queue meanwhile waits.
+        release.wait(30)
+        return "hog"
+
+    ran: list[bool] = []
+
+    async def victim() -> None:
+        ran.append(True)
+
+    real_wait = _bridge._SharedLoop._wait
+    waits: list[object] = []
+
+    def interrupted(loop: _bridge._SharedLoop, meeting: object) -> bool:
+        waits.append(meeting)
+        if len(waits) == 1:
+            raise KeyboardInterrupt  # as Ctrl-C would, while its start is queued
+        release.set()  # now the loop runs again: the start and the cancel in one pass
+        return real_wait(loop, meeting)  # type: ignore[arg-type]
+
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, coro: Coroutine[Any, Any, object]) -> None:
+        try:
+            outcomes[name] = shared.run(coro, contextvars.copy_context())
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    # Daemon threads: a call that never ends fails the test instead of hanging the process.
+    driver = threading.Thread(target=call, args=("driver", hog()), daemon=True)
+    driver.start()
+    assert busy.wait(30)
+    monkeypatch.setattr(_bridge._SharedLoop, "_wait", interrupted)
+    caller = threading.Thread(target=call, args=("victim", victim()), daemon=True)
+    caller.start()
+    caller.join(60)
+    driver.join(60)
+    assert not caller.is_alive(), "the interrupted call never ended"
+    assert isinstance(outcomes["victim"], KeyboardInterrupt)
+    assert outcomes["driver"] == "hog"
+    assert ran == []
+    assert len(waits) == 2
+    assert not shared._driving
 
 
 def _open_connections(server: MockServer) -> int:

@@ -125,8 +125,8 @@ class _SharedLoop:
             self._driver_meeting = meeting
             if start:
                 self._start_driven(meeting)
-            if not meeting.done:
-                loop.run_forever()  # stopped by the meeting's task when it finishes
+            while not meeting.done:
+                loop.run_forever()  # stopped when the meeting ends (or by a stray stop: again)
         finally:
             with self._cond:
                 self._driver_meeting = None
@@ -220,6 +220,10 @@ class _Meeting:
             self.coro.close()
             self.error = exc
             self._end()
+            return
+        # The call ends when its task does, however it does: cancelled before its first step
+        # (Ctrl-C while its start was queued), its coroutine never runs a line of _run().
+        self.task.add_done_callback(self._task_done)
 
     async def _run(self) -> None:
         try:
@@ -229,10 +233,14 @@ class _Meeting:
             raise
         except BaseException as exc:
             self.error = exc
-        finally:
-            self._end()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.coro.close()  # a no-op if it ran; not left un-awaited if it never did
+        self._end(cancelled=task.cancelled())
 
     def _end(self, *, cancelled: bool = False) -> None:
+        if self.done:
+            return
         self.was_cancelled = self.was_cancelled or cancelled
         self.done = True
         self.owner.finished(self)
