@@ -37,7 +37,7 @@ from .cluster import (
     store_of,
     workers,
 )
-from .conftest import eventually, wait_until
+from .conftest import eventually, openai_agent, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # script-mode agents
 
@@ -1576,6 +1576,18 @@ async def test_a_broker_that_stops_answering_is_noticed_and_said(
     assert "guest:***@" in lost
 
 
+async def test_a_reader_cancelled_while_the_loop_runs_is_a_lost_connection(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiormq cancels its reader when the broker stops answering (its heartbeat): that close
+    comes with a CancelledError, as a loop's end does, and is still said while the loop runs."""
+    async with Dispatcher(cluster) as dispatcher:
+        assert dispatcher._connection is not None
+        dispatcher._connection.transport.connection._reader_task.cancel()
+        await eventually(lambda: "lost its connection to RabbitMQ" in caplog.text, 30)
+        await eventually(lambda: "connected to RabbitMQ at" in caplog.text, 30)
+
+
 async def test_a_worker_runs_no_more_than_its_concurrency_across_reconnects(
     use_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1770,3 +1782,78 @@ async def test_a_worker_cancelled_again_while_it_winds_down_still_closes_redis(
         assert gone, "the worker's Redis connection is still open"
     assert worker._consumers
     assert all(queue.channel.is_closed for queue, _ in worker._consumers)
+
+
+async def test_closing_an_engine_while_it_opens_can_itself_be_cancelled(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aclose()`` under a timeout while the engine's connection is still opening: the
+    timeout's cancellation reaches the caller (it is not taken for the opening's own), and the
+    opening is cancelled with it, closing what it had opened."""
+    entered = asyncio.Event()
+
+    async def slow_open(dispatcher: Dispatcher) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Dispatcher, "open", slow_open)
+    engine = WorkersEngine(cluster)
+    opening = asyncio.create_task(engine.dispatcher())
+    await asyncio.wait_for(entered.wait(), 30)
+    closing = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0)  # one step: the close now waits on the opening
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+
+
+async def test_a_stream_through_a_worker_ends_though_redis_swallows_a_cancellation(
+    cluster: Cluster, mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's watch for a departed caller reads Redis while the stream runs. redis-py can
+    turn a cancellation that lands in a read into an error (its command timeout): here every
+    read hangs until cancelled, then fails so. The stream's task still ends and its result is
+    stored: the watch is told to stop between reads and is settled within a bound, never
+    awaited after a cancellation it may lose."""
+    from taskexec.distributed import _worker as worker_module
+    from taskexec.distributed._store import ResultStore
+
+    async def swallowing(store: ResultStore, run_id: str, task_id: str) -> bool:
+        try:
+            await asyncio.Event().wait()  # a read that does not come back by itself
+        except asyncio.CancelledError:
+            raise TimeoutError("the read was cancelled (as redis-py reports it)") from None
+        return False
+
+    monkeypatch.setattr(ResultStore, "is_cancelled", swallowing)
+    monkeypatch.setattr(worker_module, "STOP_TIMEOUT_S", 0.5)
+    monkeypatch.setenv("TASKEXEC_NAMESPACE", cluster.namespace)
+    agent = openai_agent(mock_server, "writer", max_retries=0)
+    worker = Worker([agent], cluster, concurrency=2)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.serve(stop))
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 30)
+        async with TaskExecutor(
+            [agent], broker_url=cluster.broker_url, results_url=cluster.results_url
+        ) as executor:
+
+            async def streamed() -> tuple[list[str], taskexec.ExecutionResult]:
+                prompt = "one two three four [[chunk_delay=0.05]]"
+                async with executor.stream(AgentTask(id="s", prompt=prompt)) as stream:
+                    return [delta async for delta in stream], stream.result
+
+            # The bound only keeps a broken worker from hanging the test.
+            deltas, result = await asyncio.wait_for(streamed(), 60)
+    finally:
+        stop.set()
+        # Not awaited past the bound: a worker that lost a cancellation would not end.
+        ended, _ = await asyncio.wait({serving}, timeout=30)
+        if not ended:
+            serving.cancel()
+    assert ended, "the worker did not stop"
+    assert result.status is ExecutionStatus.SUCCESS, result.error
+    assert "".join(deltas) == result.output
+    assert worker.done == 1

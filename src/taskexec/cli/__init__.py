@@ -56,7 +56,8 @@ def _reserve_standard_descriptors() -> None:
             os.fstat(fd)
         except OSError:
             # The lowest free number, which is this one: those below are open by now.
-            os.open(os.devnull, os.O_RDWR)
+            # Inheritable, as the descriptor it stands for would have been.
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

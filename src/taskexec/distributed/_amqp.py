@@ -33,6 +33,8 @@ __all__ = ("connect_broker", "declare_agent_queue", "declare_events", "queue_dep
 #: Seconds between reconnection attempts after the broker went away (aio-pika's default is 5).
 RECONNECT_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
+#: How long a loop must outlive a connection whose reader was cancelled for the loss to be said.
+LOST_CHECK_S = 0.5
 #: AMQP heartbeat proposed to the broker (RabbitMQ's default is 60 s): a broker that accepts
 #: but stops answering (a frozen host, a partition that drops packets) is noticed within a few
 #: periods, the connection is dropped and re-opened, and the process says so on stderr. A
@@ -75,11 +77,8 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
     where = redact_url(cluster.broker_url)
     redact = cluster.redactor()
 
-    def lost(_: object, exc: BaseException | None = None) -> None:
-        # Closed on purpose: aio-pika's close() passes a CancelledError as the reason; so does
-        # a connection whose reader was cancelled here (its loop ending with the connection
-        # still open), which is no loss at the broker's end either.
-        if exc is None or connection.close_called or isinstance(exc, asyncio.CancelledError):
+    def say_lost(exc: BaseException) -> None:
+        if connection.close_called:
             return
         log.warning(
             "%s: lost its connection to RabbitMQ at %s (%s); waiting for it, reconnecting "
@@ -89,6 +88,18 @@ async def connect_broker(cluster: Cluster, name: str) -> AbstractRobustConnectio
             redact(str(exc) or type(exc).__name__),
             RECONNECT_INTERVAL_S,
         )
+
+    def lost(_: object, exc: BaseException | None = None) -> None:
+        # Closed on purpose: aio-pika's close() passes a CancelledError as the reason.
+        if exc is None or connection.close_called:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            # A reader cancelled: by aiormq's heartbeat (a broker that stopped answering), or
+            # by the loop ending with the connection still open. Said only if the loop is still
+            # running a moment later: an ending loop closes first, and takes the timer with it.
+            asyncio.get_running_loop().call_later(LOST_CHECK_S, say_lost, exc)
+            return
+        say_lost(exc)
 
     def back(*_: object) -> None:
         log.warning("%s: connected to RabbitMQ at %s again", name, where)

@@ -277,9 +277,17 @@ class Dispatcher:
         try:
             await self._stop()
         finally:
-            # Whatever stopping raised (a close cancelled as its loop ends): Redis is closed.
-            if self._redis is not None:
-                await self._redis.aclose()
+            # Whatever stopping raised (a close cancelled as its loop ends), the connections
+            # are closed: a later aclose() is a no-op.
+            try:
+                if self._connection is not None:
+                    # Bounded: closing must not keep a finished run waiting on a broker that
+                    # went away.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
+            finally:
+                if self._redis is not None:
+                    await self._redis.aclose()
 
     async def _stop(self) -> None:
         # The listener only reads (a wait of up to LISTEN_WAKE_S): cancelled, not waited for.
@@ -291,10 +299,6 @@ class Dispatcher:
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pubsub.aclose(), CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call,unused-ignore]
-        if self._connection is not None:
-            # Bounded: closing must not keep a finished run waiting on a broker that went away.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
 
     async def with_redis(self, step: Callable[[], Awaitable[_T]], what: str) -> _T:
         """Run a step that needs Redis, waiting up to ``REDIS_WAIT_S`` for a Redis that cannot

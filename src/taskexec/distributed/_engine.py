@@ -109,13 +109,15 @@ class _OnLoop:
         if opening is None:
             return
         try:
-            dispatcher = await opening
+            dispatcher = await asyncio.shield(opening)
         except Exception:
             return  # an opening that failed holds nothing to close
         except asyncio.CancelledError:
-            if opening.cancelled():
-                return  # cancelled as its loop ends: it closed what it had opened
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                opening.cancel()  # this close was cancelled: the opening closes what it opened
+                raise
+            return  # the opening was cancelled (its loop ending): it closed what it had opened
         await dispatcher.aclose()
 
 

@@ -266,9 +266,10 @@ class Worker:
                 # Even if winding down was cut short (the serving task cancelled again, its
                 # loop ending), the connections and the executor's pools are closed.
                 try:
-                    # Closing the connection hands every unacknowledged task back to RabbitMQ.
+                    # Closing the connection hands every unacknowledged task back to RabbitMQ
+                    # (bounded: a broker that stopped answering does not hold the exit).
                     with contextlib.suppress(Exception):
-                        await connection.close()
+                        await asyncio.wait_for(connection.close(), STOP_TIMEOUT_S)
                     with contextlib.suppress(Exception):
                         await store.unregister(self.name)
                 finally:
