@@ -399,7 +399,7 @@ async def test_execute_never_creates_an_event_loop(
         script_agent("bot", "echo.py"),
     ]
     # The sync shims' one loop per process is made before (whichever test comes first), and
-    # counts as long idle, so that the calls take its idle path too (a pass to read the
+    # counts as long idle, so that the first call takes its idle path too (a pass to read the
     # sockets first): that must not run the loop another way either.
     _bridge._shared.loop()
     monkeypatch.setattr(_bridge._shared, "_idle_since", 1.0)

@@ -201,17 +201,12 @@ class _Meeting:
     value: Any = None
     error: BaseException | None = None
     was_cancelled: bool = False
-    cancel_requested: bool = False
 
     def start(self) -> None:
         # Runs on the loop's driving thread. The task runs in `context`, a copy of the caller's,
         # so the caller's contextvars are visible inside and changes can be copied back.
         if self.done:
-            return  # cancelled before it started
-        if self.cancel_requested:
-            self.coro.close()
-            self._end(cancelled=True)
-            return
+            return  # cancelled before it started (cancel() ended it)
         run = self._run()
         try:
             self.task = self.loop.create_task(run, context=self.context)
@@ -229,8 +224,7 @@ class _Meeting:
         try:
             self.value = await self.coro
         except asyncio.CancelledError:
-            self.was_cancelled = True
-            raise
+            raise  # the task ends cancelled: _task_done says so
         except BaseException as exc:
             self.error = exc
 
@@ -246,7 +240,6 @@ class _Meeting:
         self.owner.finished(self)
 
     def cancel(self) -> None:
-        self.cancel_requested = True
         if self.task is not None:
             self.task.cancel()
         elif not self.done:
