@@ -10,6 +10,10 @@ it does not hold a prefetch slot. Rejections and hand-backs are settled one by o
 
 Delivery tags count per channel, so the bookkeeping is per channel; a channel that closed
 (a reconnect) took its deliveries back to the queue, and its acknowledgements are dropped.
+
+A message that carries a batch of tasks is delivered as one :class:`Part` per task, each
+settled on its own as a lone task's message would be (acknowledged, handed back, dead-lettered);
+the message is acknowledged once every part of it is settled.
 """
 
 from __future__ import annotations
@@ -17,14 +21,69 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from aio_pika.abc import AbstractIncomingMessage
 
-__all__ = ("Acknowledgements", "channel_closed", "settle_one")
+__all__ = ("Acknowledgements", "Delivery", "Part", "channel_closed", "settle_one")
 
 log = logging.getLogger("taskexec.worker")
+
+
+class Part:
+    """One task of a delivered batch, settled on its own.
+
+    It stands in for a message where a worker handles a task: its body and headers are those
+    of the task's own message (as a lone message of it would have); acknowledging it settles
+    this part only, and rejecting it moves its task's message to the dead-letter queue
+    through ``dead_letter`` (a batch cannot be rejected in part).
+    """
+
+    __slots__ = ("_dead_letter", "batch", "body", "headers", "message_id")
+
+    def __init__(
+        self,
+        batch: AbstractIncomingMessage,
+        body: bytes,
+        headers: dict[str, Any],
+        message_id: str | None,
+        dead_letter: Callable[[Part], Awaitable[None]],
+    ) -> None:
+        self.batch = batch
+        self.body = body
+        self.headers = headers
+        self.message_id = message_id
+        self._dead_letter = dead_letter
+
+    @property
+    def content_type(self) -> str | None:
+        return self.batch.content_type
+
+    @property
+    def redelivered(self) -> bool | None:
+        return self.batch.redelivered
+
+    @property
+    def channel(self) -> object:
+        return self.batch.channel
+
+    @property
+    def delivery_tag(self) -> int | None:
+        return self.batch.delivery_tag
+
+    async def ack(self) -> None:
+        """Nothing to send: :class:`Acknowledgements` counts the part as settled."""
+
+    def reject(self, requeue: bool = False) -> Awaitable[None]:
+        """Move this task's message to the dead-letter queue (never requeued)."""
+        assert not requeue, "a part of a batch is handed back by publishing it again"
+        return self._dead_letter(self)
+
+
+#: What a worker settles: a delivered message, or one task of a delivered batch.
+Delivery: TypeAlias = AbstractIncomingMessage | Part
 
 
 @dataclass(slots=True)
@@ -33,6 +92,8 @@ class _Channel:
     unsettled: set[int] = field(default_factory=set)
     #: Finished, to be acknowledged at the next flush.
     finished: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+    #: Batches delivered: how many of their parts are not settled yet, by delivery tag.
+    parts_left: dict[int, int] = field(default_factory=dict)
 
 
 class Acknowledgements:
@@ -47,34 +108,54 @@ class Acknowledgements:
         self._sender: asyncio.Task[None] | None = None
         self._flush_soon = False
 
-    def _state(self, message: AbstractIncomingMessage) -> _Channel:
+    def _state(self, message: Delivery) -> _Channel:
         return self._channels.setdefault(message.channel, _Channel())
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
-        """A delivery this worker will settle (before anything else may settle it)."""
+    def delivered(self, message: AbstractIncomingMessage, parts: int = 0) -> None:
+        """A delivery this worker will settle (before anything else may settle it); a batch
+        of ``parts`` tasks is acknowledged once as many parts were settled."""
         if message.delivery_tag is not None:
-            self._state(message).unsettled.add(message.delivery_tag)
+            state = self._state(message)
+            state.unsettled.add(message.delivery_tag)
+            if parts:
+                state.parts_left[message.delivery_tag] = parts
 
-    def ack(self, message: AbstractIncomingMessage) -> None:
+    def ack(self, message: Delivery) -> None:
         """Acknowledge a delivery at the end of this iteration of the loop."""
         tag = message.delivery_tag
         if tag is None:
+            return
+        if isinstance(message, Part):
+            self._part_settled(message)
             return
         self._state(message).finished[tag] = message
         if not self._flush_soon:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def settle(self, message: AbstractIncomingMessage, step: Awaitable[None]) -> None:
-        """Settle a delivery on its own (a rejection, a hand-back's acknowledgement)."""
+    def _part_settled(self, part: Part) -> None:
+        state = self._channels.get(part.channel)
+        tag = part.delivery_tag
+        if state is None or tag is None or tag not in state.parts_left:
+            return  # its channel closed: RabbitMQ requeued the whole batch
+        state.parts_left[tag] -= 1
+        if not state.parts_left[tag]:
+            del state.parts_left[tag]
+            self.ack(part.batch)
+
+    async def settle(self, message: Delivery, step: Awaitable[None]) -> None:
+        """Settle a delivery on its own (a rejection, a hand-back's acknowledgement); a part
+        of a batch counts as settled once ``step`` succeeded."""
         state = self._channels.get(message.channel)
-        if state is not None and message.delivery_tag is not None:
+        if state is not None and message.delivery_tag is not None and not isinstance(message, Part):
             state.unsettled.discard(message.delivery_tag)
         sent = asyncio.get_running_loop().create_future()
 
         async def then_tell() -> None:
             try:
                 await step
+                if isinstance(message, Part):
+                    self._part_settled(message)
             finally:
                 if not sent.done():
                     sent.set_result(None)
@@ -140,12 +221,12 @@ async def settle_one(step: Awaitable[None]) -> None:
         log.info("could not settle a delivery (the channel reconnected?): %s", exc)
 
 
-def channel_closed(message: AbstractIncomingMessage) -> bool:
+def channel_closed(message: Delivery) -> bool:
     """True if the channel a message was delivered on is gone (RabbitMQ requeued it)."""
     return _closed(_channel_of(message))
 
 
-def _channel_of(message: AbstractIncomingMessage) -> object:
+def _channel_of(message: Delivery) -> object:
     try:
         return message.channel
     except Exception:  # aio-pika raises for a channel that is gone

@@ -11,6 +11,12 @@ that each waiting task's agent still has a live
 worker, and that someone holds each waiting task: a task with no live lease and no message
 queued for its agent for ``orphan_after_s`` is sent again (its message was lost); a copy sent
 in vain is acknowledged unrun by the worker that gets it.
+
+Tasks that become ready together for one agent while more of its tasks wait than its live
+workers have slots go in one message (a batch, see :func:`batch_size`): those tasks would wait
+in the queue anyway, and RabbitMQ's work, the publisher confirm, the delivery and the
+acknowledgement are then paid once per batch instead of once per task. A worker runs and
+settles each task of a batch on its own.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from ._config import Cluster
 from ._loops import repeat, settle
 from ._store import REDIS_COMMAND_TIMEOUT_S, ResultStore, connect_redis
 from ._wire import (
+    BATCH_VERSION,
     CONTENT_TYPE,
     TASK_HEADER,
     TASK_VERSION,
@@ -57,13 +64,17 @@ from ._wire import (
     message_digest,
 )
 
-__all__ = ("Dispatcher", "new_run_id")  # new_run_id: from the engine seam, where run ids are
+# new_run_id: from the engine seam, where run ids are
+__all__ = ("Dispatcher", "batch_size", "new_run_id")
 
 log = logging.getLogger("taskexec")
 #: How long a publish is retried while the broker connection is being restored.
 PUBLISH_RETRY_S = 60.0
 #: The most task messages out at once and not yet confirmed by RabbitMQ.
 PUBLISH_WINDOW = 256
+#: The most tasks in one message, and the most bytes of task messages in one.
+BATCH_MOST = 50
+BATCH_BYTES = 1024 * 1024
 _SEEN_EVENTS = 10_000
 CLOSE_TIMEOUT_S = 5.0
 #: How long a step of a run that needs Redis waits for it to come back before it gives up.
@@ -75,6 +86,29 @@ _T = TypeVar("_T")
 
 #: A task of a run: (run id, task id).
 TaskKey = tuple[str, str]
+
+
+def batch_size(waiting: int, slots: int) -> int:
+    """How many tasks of an agent one message may carry, with ``waiting`` of its tasks not
+    back yet and ``slots`` tasks of it running at once on its live workers.
+
+    One: while every waiting task can run at once, each goes on its own, to whichever worker
+    is free. Beyond that, each slot has ``waiting // slots`` tasks to run one after another,
+    and a message of that many moves tasks from the queue to a worker that would have run
+    them in turn anyway (at most :data:`BATCH_MOST`; one with no worker known).
+    """
+    if slots <= 0 or waiting <= slots:
+        return 1
+    return max(1, min(BATCH_MOST, waiting // slots))
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A task message to publish with the others that are ready in the same loop iteration."""
+
+    message: TaskMessage
+    body: bytes
+    sent: asyncio.Future[bool]
 
 
 @dataclass(slots=True)
@@ -119,6 +153,12 @@ class Dispatcher:
         self._reading: asyncio.Task[None] | None = None
         self._events: aio_pika.abc.AbstractExchange | None = None
         self._served: set[str] = set()
+        #: How many tasks of each agent its live workers run at once, together.
+        self._slots: dict[str, int] = {}
+        #: How many tasks of each agent were handed to :meth:`run` and are not back.
+        self._waiting: dict[str, int] = {}
+        #: Task messages to publish at the end of this loop iteration, by agent.
+        self._outbox: dict[str, list[_Outgoing]] = {}
         self._served_at = 0.0
         self._unserved_since: dict[str, float] = {}
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
@@ -156,7 +196,7 @@ class Dispatcher:
                 auto_delete=True,
             )
             await queue.consume(self._on_event, no_ack=True)
-            self._served = await self.store.served_agents()
+            await self._read_registry()
             await self._subscribe()
         except BaseException:
             await self.aclose()
@@ -365,6 +405,7 @@ class Dispatcher:
         now = loop.time()
         body = message.encode()
         self._pending[key] = _Waiting(future, agent, mode, message, body, now, now)
+        self._waiting[agent] = self._waiting.get(agent, 0) + 1
         if deltas is not None:
             self._deltas[key] = deltas  # the worker streams the reply here, piece by piece
         try:
@@ -388,6 +429,7 @@ class Dispatcher:
         finally:
             self._pending.pop(key, None)
             self._deltas.pop(key, None)
+            self._waiting[agent] -= 1
 
     def _no_worker(self, agent: str) -> str:
         return (
@@ -407,23 +449,75 @@ class Dispatcher:
             if loop.time() - self._served_at >= self.cluster.poll_s:
                 self._served_at = loop.time()
                 with contextlib.suppress(RedisError, OSError):  # Redis away: the wait goes on
-                    self._served = await self.store.served_agents()
+                    await self._read_registry()
         return True
 
+    async def _read_registry(self) -> None:
+        """Read which agents live workers serve, and with how many slots in all."""
+        slots: dict[str, int] = {}
+        for worker in await self.store.workers():
+            for agent in worker.agents:
+                slots[agent] = slots.get(agent, 0) + worker.concurrency
+        self._slots = slots
+        self._served = set(slots)
+
     async def _publish(self, message: TaskMessage, encoded: bytes) -> bool:
+        """Publish a task message, in one message with the other tasks of its agent that are
+        ready in this loop iteration, as many as :func:`batch_size` allows; return whether
+        RabbitMQ took it."""
+        loop = asyncio.get_running_loop()
+        outbox = self._outbox.setdefault(message.agent, [])
+        if not outbox:
+            # After the callbacks of this iteration, which may add to it.
+            loop.call_soon(self._flush, message.agent)
+        sent: asyncio.Future[bool] = loop.create_future()
+        outbox.append(_Outgoing(message, encoded, sent))
+        return await sent
+
+    def _flush(self, agent: str) -> None:
+        # A task whose run was cancelled meanwhile is not sent.
+        outgoing = [o for o in self._outbox.pop(agent, []) if not o.sent.done()]
+        most = batch_size(self._waiting.get(agent, 0), self._slots.get(agent, 0))
+        batch: list[_Outgoing] = []
+        size = 0
+        for item in outgoing:
+            if batch and (len(batch) >= most or size + len(item.body) > BATCH_BYTES):
+                self._spawn(self._send(agent, batch))
+                batch, size = [], 0
+            batch.append(item)
+            size += len(item.body) + 1
+        if batch:
+            self._spawn(self._send(agent, batch))
+
+    async def _send(self, agent: str, batch: list[_Outgoing]) -> None:
+        try:
+            sent = await self._publish_now(agent, [item.body for item in batch], batch[0].message)
+        except BaseException:
+            for item in batch:
+                if not item.sent.done():
+                    item.sent.set_result(False)
+            raise
+        for item in batch:
+            if not item.sent.done():
+                item.sent.set_result(sent)
+
+    async def _publish_now(self, agent: str, bodies: list[bytes], first: TaskMessage) -> bool:
+        """Publish one message of one task (or several, as a batch), confirmed; retried while
+        the broker connection is being restored."""
         assert self._channel is not None
+        lone = len(bodies) == 1
         body = aio_pika.Message(
-            encoded,
+            bodies[0] if lone else b"\n".join(bodies),
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={TASK_HEADER: TASK_VERSION},
-            message_id=f"{message.run_id}:{message.task.id}",
+            headers={TASK_HEADER: TASK_VERSION if lone else BATCH_VERSION},
+            message_id=f"{first.run_id}:{first.task.id}" + ("" if lone else f"+{len(bodies) - 1}"),
         )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + PUBLISH_RETRY_S
         while True:
             try:
-                await self._declare(message.agent)
+                await self._declare(agent)
                 # With publisher confirms (aio-pika's default), this returns once RabbitMQ
                 # has the message, persisted in the quorum queue. At most PUBLISH_WINDOW
                 # unconfirmed at once: aiormq looks through every unconfirmed publish for each
@@ -431,15 +525,16 @@ class Dispatcher:
                 # CPU there), and a window of a few hundred keeps the broker just as busy.
                 async with self._window:
                     await self._channel.default_exchange.publish(
-                        body, routing_key=self.cluster.queue(message.agent)
+                        body, routing_key=self.cluster.queue(agent)
                     )
                 return True
             except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if loop.time() >= give_up:
                     log.error(
-                        "run %s: cannot publish task %s: %s",
-                        message.run_id,
-                        message.task.id,
+                        "run %s: cannot publish task %s%s: %s",
+                        first.run_id,
+                        first.task.id,
+                        "" if lone else f" and {len(bodies) - 1} more",
                         self.cluster.redactor()(str(exc) or type(exc).__name__),
                     )
                     return False
@@ -595,7 +690,8 @@ class Dispatcher:
             await self._fetch(waiting)
             await self._resend_orphans([t for t in waiting if t in self._pending], now)
         # Tasks whose agent lost its last worker: fail them after the allowed wait.
-        self._served = served = await self.store.served_agents()
+        await self._read_registry()
+        served = self._served
         agents = {entry.agent for entry in self._pending.values()}
         for agent in agents:
             if agent in served:
@@ -657,4 +753,5 @@ class Dispatcher:
                 self.cluster.orphan_after_s,
             )
             self.resent += 1
-            await self._publish(entry.message, entry.body)
+            # On its own: a worker of an earlier version, which refuses batches, runs it.
+            await self._publish_now(entry.agent, [entry.body], entry.message)

@@ -28,6 +28,7 @@ from .._models import (
 from ._config import RUN_ID_PATTERN
 
 __all__ = (
+    "BATCH_VERSION",
     "CONTENT_TYPE",
     "TASK_HEADER",
     "BadMessage",
@@ -40,11 +41,16 @@ __all__ = (
     "inputs_digest",
     "message_digest",
     "routing_key",
+    "split_batch",
 )
 
 #: The header every task message carries, with the protocol version as its value.
 TASK_HEADER = "x-taskexec"
 TASK_VERSION = "task/1"
+#: The header value of a message that carries several task messages of :data:`TASK_VERSION`,
+#: one per line (an encoded task message holds no newline: JSON escapes it in strings).
+#: A worker of this version reads both kinds; one of an earlier version refuses a batch.
+BATCH_VERSION = "tasks/1"
 CONTENT_TYPE = "application/json"
 #: A task message larger than this is not a taskexec task (prompts are text, not payloads).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -125,6 +131,25 @@ def decode_task(body: bytes, headers: object, content_type: str | None) -> TaskM
         return TaskMessage.model_validate_json(body)
     except ValidationError as exc:
         raise BadMessage(f"invalid task: {exc.error_count()} problem(s)") from None
+
+
+def split_batch(body: bytes, headers: object, content_type: str | None) -> list[bytes] | None:
+    """Return the task messages a batch carries (each as its own bytes, as sent), or None if
+    the message is not a batch.
+
+    Raises:
+        BadMessage: It says it is a batch, but cannot be one.
+    """
+    if not isinstance(headers, dict) or headers.get(TASK_HEADER) != BATCH_VERSION:
+        return None
+    if content_type != CONTENT_TYPE:
+        raise BadMessage(f"content type {content_type!r}, not {CONTENT_TYPE}")
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise BadMessage(f"{len(body)} bytes, more than a batch of tasks may have")
+    parts = body.split(b"\n")
+    if not all(parts):
+        raise BadMessage("a batch of tasks with an empty line")
+    return parts
 
 
 def addressee(body: bytes, headers: object) -> tuple[str, str, str] | None:

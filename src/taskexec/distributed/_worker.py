@@ -57,7 +57,7 @@ from .._executor import TaskExecutor
 from .._models import Agent, ExecutionResult
 from .._stream import create_stream
 from .._tracing import trace_context_from
-from ._acks import Acknowledgements, channel_closed, settle_one
+from ._acks import Acknowledgements, Delivery, Part, channel_closed
 from ._amqp import connect_broker, declare_agent_queue, declare_events
 from ._config import Cluster
 from ._loops import repeat, settle
@@ -73,6 +73,7 @@ from ._store import (
 from ._wire import (
     CONTENT_TYPE,
     TASK_HEADER,
+    TASK_VERSION,
     BadMessage,
     DeltaEvent,
     FinishedEvent,
@@ -82,6 +83,7 @@ from ._wire import (
     failure,
     message_digest,
     routing_key,
+    split_batch,
 )
 
 __all__ = ("Worker",)
@@ -387,20 +389,59 @@ class Worker:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
+            bodies = split_batch(message.body, message.headers, message.content_type)
+        except BadMessage as exc:
+            await self._refuse(message, exc)
+            return
+        if bodies is None:
+            await self._take(message)
+            return
+        # A batch: each task is a part, settled on its own; the message is acknowledged once
+        # every part is. A part's headers are those of a lone message of its task.
+        headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
+        headers[TASK_HEADER] = TASK_VERSION
+        self._acks.delivered(message, parts=len(bodies))
+        for body in bodies:
+            await self._take(Part(message, body, headers, None, self._to_dead_letters))
+
+    async def _take(self, message: Delivery) -> None:
+        """Start the task a delivery carries, or refuse it."""
+        try:
             task = decode_task(message.body, message.headers, message.content_type)
             if task.agent not in self._roster.agents:
                 raise BadMessage(f"agent {task.agent!r} is not defined by this worker")
         except BadMessage as exc:
-            log.warning(
-                "worker %s: rejected a message to the dead-letter queue: %s", self.name, exc
-            )
-            # Rejected first: the dead-letter path needs no Redis; telling the run is best
-            # effort (a run that is not told sees a task nobody holds, and sends it again).
-            await settle_one(message.reject(requeue=False))
-            self._spawn(self._unreadable(message, exc), self._background)
+            await self._refuse(message, exc)
             return
-        self._acks.delivered(message)
+        if isinstance(message, Part):
+            message.message_id = f"{task.run_id}:{task.task.id}"
+        else:
+            self._acks.delivered(message)
         self._spawn(self._handle(message, task), self._in_flight)
+
+    async def _refuse(self, message: Delivery, problem: BadMessage) -> None:
+        log.warning(
+            "worker %s: rejected a message to the dead-letter queue: %s", self.name, problem
+        )
+        # Rejected first: the dead-letter path needs no Redis; telling the run is best
+        # effort (a run that is not told sees a task nobody holds, and sends it again).
+        await self._acks.settle(message, message.reject(requeue=False))
+        self._spawn(self._unreadable(message, problem), self._background)
+
+    async def _to_dead_letters(self, part: Part) -> None:
+        """Move one task of a batch to the dead-letter queue (confirmed): what rejecting a
+        lone task's message makes RabbitMQ do."""
+        assert self._channel is not None
+        copy = aio_pika.Message(
+            part.body,
+            headers=part.headers,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=part.message_id,
+        )
+        await self._channel.default_exchange.publish(
+            copy, routing_key=self.cluster.dead_letter_queue, timeout=STOP_TIMEOUT_S
+        )
 
     @staticmethod
     def _spawn(work: Any, into: set[asyncio.Task[None]]) -> None:
@@ -408,7 +449,7 @@ class Worker:
         into.add(job)
         job.add_done_callback(into.discard)
 
-    async def _unreadable(self, message: AbstractIncomingMessage, problem: BadMessage) -> None:
+    async def _unreadable(self, message: Delivery, problem: BadMessage) -> None:
         """Tell the run of a taskexec message that this worker cannot run (another version's,
         or for an agent this worker does not define) why, so that it does not wait for ever.
 
@@ -439,7 +480,7 @@ class Worker:
                 self._roster_redact(str(exc) or type(exc).__name__),
             )
 
-    async def _handle(self, message: AbstractIncomingMessage, msg: TaskMessage) -> None:
+    async def _handle(self, message: Delivery, msg: TaskMessage) -> None:
         assert self._store is not None
         store, run_id, task = self._store, msg.run_id, msg.task
         key = (run_id, task.id)
@@ -545,7 +586,7 @@ class Worker:
         )
         return holder
 
-    async def _run(self, message: AbstractIncomingMessage, msg: TaskMessage, token: str) -> None:
+    async def _run(self, message: Delivery, msg: TaskMessage, token: str) -> None:
         """Run a task taken under ``token``'s lease, store its result, and acknowledge it."""
         assert self._store is not None
         run_id, task = msg.run_id, msg.task
@@ -588,7 +629,7 @@ class Worker:
         self._acks.ack(message)
 
     async def _hand_back(
-        self, message: AbstractIncomingMessage, msg: TaskMessage, token: str | None, *, ran: bool
+        self, message: Delivery, msg: TaskMessage, token: str | None, *, ran: bool
     ) -> None:
         """Give a task back to the queue without RabbitMQ counting a failed delivery.
 
@@ -740,7 +781,7 @@ class Worker:
         body = aio_pika.Message(delta.model_dump_json().encode(), content_type=CONTENT_TYPE)
         await self._events.publish(body, routing_key(delta.run_id, delta.task_id, "delta"))
 
-    async def _skip(self, message: AbstractIncomingMessage, msg: TaskMessage, reason: str) -> None:
+    async def _skip(self, message: Delivery, msg: TaskMessage, reason: str) -> None:
         log.info(
             "worker %s: task %s of run %s not run: %s", self.name, msg.task.id, msg.run_id, reason
         )
@@ -751,7 +792,7 @@ class Worker:
             await self._finished(msg.run_id, msg.task.id, None)
         self._acks.ack(message)
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, msg: TaskMessage) -> None:
+    async def _dead_letter(self, message: Delivery, msg: TaskMessage) -> None:
         """Record a task every earlier taker died with, and move its message aside."""
         assert self._store is not None
         result = self._dead_lettered(msg, self.cluster.delivery_limit)
