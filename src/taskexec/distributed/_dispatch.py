@@ -143,6 +143,8 @@ class Dispatcher:
         self._pending: dict[TaskKey, _Waiting] = {}
         #: How many tasks this dispatcher sent again because nobody held them.
         self.resent = 0
+        #: How many task messages RabbitMQ took from this dispatcher (a batch is one).
+        self.published = 0
         self._attached: dict[str, asyncio.Future[Any]] = {}
         self._users: dict[str, int] = {}
         #: Where the pieces of streamed tasks go, by task.
@@ -527,6 +529,7 @@ class Dispatcher:
                     await self._channel.default_exchange.publish(
                         body, routing_key=self.cluster.queue(agent)
                     )
+                self.published += 1
                 return True
             except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if loop.time() >= give_up:

@@ -1,0 +1,293 @@
+"""Batches: the tasks of one agent that are ready together, while more of them wait than its
+workers have slots, travel in one message; a worker settles each on its own. On the real
+RabbitMQ and Redis, requests counted at the server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+import taskexec
+from taskexec import AgentTask, ExecutionStatus
+from taskexec.distributed import Cluster, Worker
+from taskexec.distributed._amqp import declare_agent_queue
+from taskexec.distributed._dispatch import BATCH_MOST, Dispatcher, batch_size
+from taskexec.distributed._wire import (
+    BATCH_VERSION,
+    TASK_HEADER,
+    TASK_VERSION,
+    BadMessage,
+    TaskMessage,
+    message_digest,
+    split_batch,
+)
+from taskexec.testing import MockServer
+
+from .cluster import drop_cluster, new_cluster, queue_depth, require_services, store_of
+from .conftest import eventually, openai_agent
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    require_services()
+    made = new_cluster()
+    yield made
+    await drop_cluster(made, ["writer", "other"])
+
+
+@pytest.mark.parametrize(
+    ("waiting", "slots", "expected"),
+    [
+        (1, 0, 1),  # no worker known: one task per message
+        (500, 0, 1),
+        (3, 10, 1),  # every task can start at once: each goes to whichever worker is free
+        (10, 10, 1),
+        (19, 10, 1),
+        (20, 10, 2),  # two rounds per slot: two tasks per message
+        (5000, 200, 25),
+        (10**6, 1, BATCH_MOST),
+    ],
+)
+def test_a_batch_is_one_slots_share_of_what_waits(waiting: int, slots: int, expected: int) -> None:
+    assert batch_size(waiting, slots) == expected
+
+
+def test_a_batch_splits_into_its_tasks_as_sent() -> None:
+    one = TaskMessage(run_id="r", agent="a", mode="llm", task=AgentTask(id="x", prompt="a\nb"))
+    two = TaskMessage(run_id="r", agent="a", mode="llm", task=AgentTask(id="y", prompt="\n"))
+    body = b"\n".join([one.encode(), two.encode()])
+    headers = {TASK_HEADER: BATCH_VERSION}
+    assert split_batch(body, headers, "application/json") == [one.encode(), two.encode()]
+    assert split_batch(one.encode(), {TASK_HEADER: TASK_VERSION}, "application/json") is None
+    assert split_batch(body, None, None) is None
+    for bad, content_type, problem in [
+        (body + b"\n", "application/json", "empty line"),
+        (b"\n\n", "application/json", "empty line"),
+        (body, "text/plain", "content type"),
+    ]:
+        with pytest.raises(BadMessage, match=problem):
+            split_batch(bad, headers, content_type)
+
+
+async def _serving(worker: Worker) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.serve(stop))
+    await asyncio.wait_for(worker.ready.wait(), 30)
+    return stop, serving
+
+
+async def test_more_tasks_than_slots_go_in_batches_and_each_runs_once(
+    cluster: Cluster, mock_server: MockServer
+) -> None:
+    """60 tasks at once for 4 slots: a quarter of what waits per message (15), so 4 messages
+    carry them; every task runs once (counted at the server) and gets its own result."""
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=4)
+    stop, serving = await _serving(worker)
+    try:
+        async with Dispatcher(cluster) as dispatcher:
+            await dispatcher.attach("many")
+            tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(60)]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(dispatcher.run("many", t, "writer", "llm") for t in tasks)), 60
+            )
+            published = dispatcher.published
+        async with store_of(cluster) as store:
+            counted = await store.counters("many")
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    assert [(r.task_id, r.status) for r in results] == [
+        (t.id, ExecutionStatus.SUCCESS) for t in tasks
+    ]
+    assert published == 4
+    assert mock_server.stats.chat_requests == 60
+    assert counted == {"executions": 60, "duplicates": 0}
+    assert worker.done == 60
+    # Every message was acknowledged: nothing went back to the queue when the worker left.
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+async def test_tasks_that_can_all_start_at_once_go_one_per_message(
+    cluster: Cluster, mock_server: MockServer
+) -> None:
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=8)
+    stop, serving = await _serving(worker)
+    try:
+        async with Dispatcher(cluster) as dispatcher:
+            await dispatcher.attach("few")
+            tasks = [AgentTask(id=f"t{i}", prompt="p") for i in range(8)]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(dispatcher.run("few", t, "writer", "llm") for t in tasks)), 60
+            )
+            published = dispatcher.published
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    assert all(r.ok for r in results)
+    assert published == 8
+    assert mock_server.stats.chat_requests == 8
+
+
+async def test_a_task_cancelled_before_its_batch_goes_is_not_sent(cluster: Cluster) -> None:
+    async with store_of(cluster) as store:
+        await store.register(_registration("w", ["writer"], concurrency=1))
+    async with Dispatcher(cluster) as dispatcher:
+        await dispatcher.attach("gone")
+        kept = asyncio.create_task(
+            dispatcher.run("gone", AgentTask(id="kept", prompt="p"), "writer", "llm")
+        )
+        left = asyncio.create_task(
+            dispatcher.run("gone", AgentTask(id="left", prompt="p"), "writer", "llm")
+        )
+        await asyncio.sleep(0)  # both wait in the outbox, whose flush comes after this step
+        left.cancel()
+        await eventually(lambda: dispatcher.published == 1, timeout_s=30)
+        kept.cancel()
+        await asyncio.gather(kept, left, return_exceptions=True)
+    connection = await aio_pika.connect(cluster.broker_url)
+    try:
+        channel = await connection.channel()
+        queue = await declare_agent_queue(channel, cluster, "writer")
+        message = await queue.get(timeout=10)
+        assert message is not None
+        await message.ack()
+        assert message.headers[TASK_HEADER] == TASK_VERSION  # one task: a lone message
+        assert TaskMessage.model_validate_json(message.body).task.id == "kept"
+        assert await queue.get(fail=False) is None
+    finally:
+        await connection.close()
+
+
+def _registration(name: str, agents: list[str], concurrency: int) -> Any:
+    from taskexec.distributed._store import worker_info
+
+    return worker_info(name, "host", 1, agents, concurrency, 0, 0, 0.0)
+
+
+async def _publish_batch(cluster: Cluster, parts: list[bytes]) -> None:
+    connection = await aio_pika.connect(cluster.broker_url)
+    try:
+        channel = await connection.channel()
+        queue = await declare_agent_queue(channel, cluster, "writer")
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b"\n".join(parts),
+                headers={TASK_HEADER: BATCH_VERSION},
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=queue.name,
+        )
+    finally:
+        await connection.close()
+
+
+async def test_a_batchs_unreadable_tasks_go_to_the_dead_letter_queue_alone(
+    cluster: Cluster, mock_server: MockServer
+) -> None:
+    """A batch with a task for an agent this worker does not define and a line that is no
+    task: each goes to the dead-letter queue as a lone message (the first tells its run why,
+    with the digest of its own message), the others run, and the batch is acknowledged."""
+    good = [
+        TaskMessage(run_id="mixed", agent="writer", mode="llm", task=AgentTask(id=i, prompt="p"))
+        for i in ("a", "b")
+    ]
+    foreign = TaskMessage(
+        run_id="mixed", agent="other", mode="llm", task=AgentTask(id="c", prompt="p")
+    )
+    parts = [good[0].encode(), foreign.encode(), b"{not json", good[1].encode()]
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=4)
+    stop, serving = await _serving(worker)
+    try:
+        await _publish_batch(cluster, parts)
+        await eventually(lambda: worker.done == 2, timeout_s=30)
+        async with store_of(cluster) as store:
+            stored = await store.get_many("mixed", ["a", "b", "c"])
+            for _ in range(200):
+                if await store.rejections("mixed", ["c"]):
+                    break
+                await asyncio.sleep(0.02)
+            rejected = await store.rejections("mixed", ["c"])
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    assert sorted(stored) == ["a", "b"]
+    assert all(r.ok for r in stored.values())
+    assert mock_server.stats.chat_requests == 2
+    assert rejected["c"][0] == message_digest(foreign.encode(), TASK_VERSION)
+    assert "agent 'other' is not defined by this worker" in rejected["c"][1]
+    connection = await aio_pika.connect(cluster.broker_url)
+    try:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(cluster.dead_letter_queue, passive=True)
+        bodies = []
+        while (message := await dead.get(fail=False)) is not None:
+            await message.ack()
+            assert message.headers[TASK_HEADER] == TASK_VERSION
+            bodies.append(message.body)
+    finally:
+        await connection.close()
+    assert sorted(bodies) == sorted([foreign.encode(), b"{not json"])
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+async def test_a_batch_that_cannot_be_one_goes_to_the_dead_letter_queue_whole(
+    cluster: Cluster,
+) -> None:
+    task = TaskMessage(run_id="r", agent="writer", mode="llm", task=AgentTask(id="a", prompt="p"))
+    worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
+    stop, serving = await _serving(worker)
+    try:
+        await _publish_batch(cluster, [task.encode(), b""])  # an empty line: not a batch
+        for _ in range(200):
+            if await queue_depth(cluster, cluster.dead_letter_queue) == 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    assert await queue_depth(cluster, cluster.dead_letter_queue) == 1
+    assert worker.done == 0
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+async def test_a_stopped_worker_hands_back_each_task_of_a_batch_alone(
+    cluster: Cluster, mock_server: MockServer
+) -> None:
+    """Stopped while a batch runs (one slot: one task running, two waiting for it), the worker
+    hands back each task as a lone message, and the batch itself is acknowledged: three
+    messages wait, not the batch as well."""
+    mock_server.latency_s = 30.0
+    parts = [
+        TaskMessage(
+            run_id="back", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
+        ).encode()
+        for i in range(3)
+    ]
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1, grace_s=0)
+    stop, serving = await _serving(worker)
+    try:
+        await _publish_batch(cluster, parts)
+        await eventually(lambda: mock_server.stats.chat_requests == 1, timeout_s=30)
+        assert worker.in_flight == 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    connection = await aio_pika.connect(cluster.broker_url)
+    try:
+        channel = await connection.channel()
+        queue = await declare_agent_queue(channel, cluster, "writer")
+        handed_back = []
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            handed_back.append((message.headers[TASK_HEADER], message.body))
+    finally:
+        await connection.close()
+    assert sorted(handed_back) == sorted((TASK_VERSION, p) for p in parts)
+    async with store_of(cluster) as store:
+        # Handed back, not failed: no result, and no take counted against the tasks.
+        assert await store.get_many("back", ["t0", "t1", "t2"]) == {}
