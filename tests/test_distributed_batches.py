@@ -5,6 +5,7 @@ RabbitMQ and Redis, requests counted at the server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import taskexec
 from taskexec import AgentTask, ExecutionStatus
 from taskexec.distributed import Cluster, Worker
 from taskexec.distributed._amqp import declare_agent_queue
-from taskexec.distributed._dispatch import BATCH_MOST, Dispatcher, batch_size
+from taskexec.distributed._dispatch import Dispatcher, batch_size
 from taskexec.distributed._wire import (
     BATCH_VERSION,
     TASK_HEADER,
@@ -40,20 +41,23 @@ async def cluster() -> AsyncIterator[Cluster]:
 
 
 @pytest.mark.parametrize(
-    ("waiting", "slots", "expected"),
+    ("waiting", "slots", "most", "expected"),
     [
-        (1, 0, 1),  # no worker known: one task per message
-        (500, 0, 1),
-        (3, 10, 1),  # every task can start at once: each goes to whichever worker is free
-        (10, 10, 1),
-        (19, 10, 1),
-        (20, 10, 2),  # two rounds per slot: two tasks per message
-        (5000, 200, 25),
-        (10**6, 1, BATCH_MOST),
+        (1, 0, 8, 1),  # no worker known: one task per message
+        (500, 0, 8, 1),
+        (3, 10, 8, 1),  # every task can start at once: each goes to whichever worker is free
+        (10, 10, 8, 1),
+        (19, 10, 8, 1),
+        (20, 10, 8, 2),  # two rounds per slot: two tasks per message
+        (5000, 200, 8, 8),
+        (5000, 200, 50, 25),
+        (5000, 200, 1, 1),
     ],
 )
-def test_a_batch_is_one_slots_share_of_what_waits(waiting: int, slots: int, expected: int) -> None:
-    assert batch_size(waiting, slots) == expected
+def test_a_batch_is_one_slots_share_of_what_waits(
+    waiting: int, slots: int, most: int, expected: int
+) -> None:
+    assert batch_size(waiting, slots, most) == expected
 
 
 def test_a_batch_splits_into_its_tasks_as_sent() -> None:
@@ -80,15 +84,18 @@ async def _serving(worker: Worker) -> tuple[asyncio.Event, asyncio.Task[None]]:
     return stop, serving
 
 
+@pytest.mark.parametrize(("most", "messages"), [(None, 8), (1, 60), (20, 4)])
 async def test_more_tasks_than_slots_go_in_batches_and_each_runs_once(
-    cluster: Cluster, mock_server: MockServer
+    cluster: Cluster, mock_server: MockServer, most: int | None, messages: int
 ) -> None:
-    """60 tasks at once for 4 slots: a quarter of what waits per message (15), so 4 messages
-    carry them; every task runs once (counted at the server) and gets its own result."""
+    """60 tasks at once for 4 slots: a quarter of what waits per message (15), or the most a
+    message may carry (8 by default, 1: each alone); every task runs once (counted at the
+    server) and gets its own result."""
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=4)
     stop, serving = await _serving(worker)
+    sending = cluster if most is None else dataclasses.replace(cluster, batch=most)
     try:
-        async with Dispatcher(cluster) as dispatcher:
+        async with Dispatcher(sending) as dispatcher:
             await dispatcher.attach("many")
             tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(60)]
             results = await asyncio.wait_for(
@@ -103,7 +110,7 @@ async def test_more_tasks_than_slots_go_in_batches_and_each_runs_once(
     assert [(r.task_id, r.status) for r in results] == [
         (t.id, ExecutionStatus.SUCCESS) for t in tasks
     ]
-    assert published == 4
+    assert published == messages
     assert mock_server.stats.chat_requests == 60
     assert counted == {"executions": 60, "duplicates": 0}
     assert worker.done == 60

@@ -101,6 +101,7 @@ def test_no_password_survives_redaction_or_repr(password: str) -> None:
         ({"no_worker_wait_s": 0}, "no_worker_wait_s"),
         ({"heartbeat_s": -1}, "heartbeat_s"),
         ({"result_ttl_s": 0}, "result_ttl_s"),
+        ({"batch": 0}, "batch"),
     ],
 )
 def test_bad_cluster_settings_name_the_setting(fields: dict[str, object], problem: str) -> None:
@@ -288,6 +289,23 @@ def test_the_wait_for_a_worker_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> 
     for bad in ("0", "soon", "-1"):
         monkeypatch.setenv("TASKEXEC_NO_WORKER_WAIT_S", bad)
         with pytest.raises(ConfigurationError, match="TASKEXEC_NO_WORKER_WAIT_S"):
+            Cluster.from_env()
+
+
+def test_the_most_tasks_in_a_message_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BROKER_ENV_VAR, BROKER)
+    monkeypatch.setenv(RESULTS_ENV_VAR, RESULTS)
+    monkeypatch.setenv("TASKEXEC_NO_WORKER_WAIT_S", "2.5")
+    cluster = Cluster.from_env()
+    assert cluster is not None
+    assert cluster.batch == 8
+    monkeypatch.setenv("TASKEXEC_BATCH", "1")
+    cluster = Cluster.from_env()
+    assert cluster is not None
+    assert (cluster.batch, cluster.no_worker_wait_s) == (1, 2.5)
+    for bad in ("0", "-3", "many", "2.5"):
+        monkeypatch.setenv("TASKEXEC_BATCH", bad)
+        with pytest.raises(ConfigurationError, match="TASKEXEC_BATCH="):
             Cluster.from_env()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .._engines.base import RUN_ID_PATTERN, check_run_id
@@ -13,6 +14,7 @@ from .._errors import ConfigurationError
 from .._secrets import Redactor
 
 __all__ = (
+    "BATCH_ENV_VAR",
     "BROKER_ENV_VAR",
     "NAMESPACE_ENV_VAR",
     "NO_WORKER_WAIT_ENV_VAR",
@@ -29,6 +31,8 @@ __all__ = (
 NAMESPACE_ENV_VAR = "TASKEXEC_NAMESPACE"
 #: How long a task waits for a live worker of its agent (seconds; default 30).
 NO_WORKER_WAIT_ENV_VAR = "TASKEXEC_NO_WORKER_WAIT_S"
+#: The most tasks an orchestrator puts in one message (default 8; 1: each task alone).
+BATCH_ENV_VAR = "TASKEXEC_BATCH"
 _NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "token"})
 
@@ -98,6 +102,10 @@ class Cluster:
             (and without a message queued for its agent) before it is sent again: its message
             was lost (dead-lettered by RabbitMQ's own limit, or never published by an
             orchestrator that crashed). A copy sent in vain is acknowledged unrun.
+        batch: The most tasks an orchestrator puts in one message (``TASKEXEC_BATCH``). It
+            batches only while more tasks of an agent wait than its live workers have slots,
+            and then no more than each slot would run in turn anyway; a worker holds up to its
+            concurrency times this many tasks. 1 sends each task alone.
         events: Workers also publish each task's end on the events exchange (for a dashboard
             that binds a queue there; ``taskexec worker --events``). Off by default: an
             orchestrator learns of results from Redis, and an event costs a publish per task.
@@ -113,6 +121,7 @@ class Cluster:
     poll_s: float = 1.0
     orphan_after_s: float = 30.0
     lease_s: float = 1.5
+    batch: int = 8
     events: bool = False
 
     def __post_init__(self) -> None:
@@ -137,6 +146,8 @@ class Cluster:
                 raise ConfigurationError(f"{name} must be > 0")
         if self.result_ttl_s < 1:
             raise ConfigurationError("result_ttl_s must be >= 1")
+        if self.batch < 1:
+            raise ConfigurationError("batch must be >= 1")
 
     def __repr__(self) -> str:
         return (
@@ -170,18 +181,26 @@ class Cluster:
                 "set (unset both to run in-process)"
             )
         namespace = os.environ.get(NAMESPACE_ENV_VAR, "").strip() or "taskexec"
+        settings: dict[str, Any] = {}
         raw_wait = os.environ.get(NO_WORKER_WAIT_ENV_VAR, "").strip()
-        if not raw_wait:
-            return cls(broker, results, namespace=namespace)
-        try:
-            wait = float(raw_wait)
-        except ValueError:
-            wait = 0.0
-        if not wait > 0:
-            raise ConfigurationError(
-                f"{NO_WORKER_WAIT_ENV_VAR}={raw_wait!r} is not a number of seconds > 0"
-            )
-        return cls(broker, results, namespace=namespace, no_worker_wait_s=wait)
+        if raw_wait:
+            try:
+                wait = float(raw_wait)
+            except ValueError:
+                wait = 0.0
+            if not wait > 0:
+                raise ConfigurationError(
+                    f"{NO_WORKER_WAIT_ENV_VAR}={raw_wait!r} is not a number of seconds > 0"
+                )
+            settings["no_worker_wait_s"] = wait
+        raw_batch = os.environ.get(BATCH_ENV_VAR, "").strip()
+        if raw_batch:
+            if not (raw_batch.isdigit() and int(raw_batch) >= 1):
+                raise ConfigurationError(
+                    f"{BATCH_ENV_VAR}={raw_batch!r} is not a whole number of tasks >= 1"
+                )
+            settings["batch"] = int(raw_batch)
+        return cls(broker, results, namespace=namespace, **settings)
 
     def redactor(self) -> Redactor:
         """Return a redactor of both URLs' passwords, for messages that may quote them."""

@@ -72,8 +72,7 @@ log = logging.getLogger("taskexec")
 PUBLISH_RETRY_S = 60.0
 #: The most task messages out at once and not yet confirmed by RabbitMQ.
 PUBLISH_WINDOW = 256
-#: The most tasks in one message, and the most bytes of task messages in one.
-BATCH_MOST = 50
+#: The most bytes of task messages in one message.
 BATCH_BYTES = 1024 * 1024
 _SEEN_EVENTS = 10_000
 CLOSE_TIMEOUT_S = 5.0
@@ -88,18 +87,18 @@ _T = TypeVar("_T")
 TaskKey = tuple[str, str]
 
 
-def batch_size(waiting: int, slots: int) -> int:
+def batch_size(waiting: int, slots: int, most: int) -> int:
     """How many tasks of an agent one message may carry, with ``waiting`` of its tasks not
     back yet and ``slots`` tasks of it running at once on its live workers.
 
     One: while every waiting task can run at once, each goes on its own, to whichever worker
     is free. Beyond that, each slot has ``waiting // slots`` tasks to run one after another,
     and a message of that many moves tasks from the queue to a worker that would have run
-    them in turn anyway (at most :data:`BATCH_MOST`; one with no worker known).
+    them in turn anyway (at most ``most``, ``Cluster.batch``; one with no worker known).
     """
     if slots <= 0 or waiting <= slots:
         return 1
-    return max(1, min(BATCH_MOST, waiting // slots))
+    return max(1, min(most, waiting // slots))
 
 
 @dataclass(slots=True)
@@ -479,7 +478,9 @@ class Dispatcher:
     def _flush(self, agent: str) -> None:
         # A task whose run was cancelled meanwhile is not sent.
         outgoing = [o for o in self._outbox.pop(agent, []) if not o.sent.done()]
-        most = batch_size(self._waiting.get(agent, 0), self._slots.get(agent, 0))
+        most = batch_size(
+            self._waiting.get(agent, 0), self._slots.get(agent, 0), self.cluster.batch
+        )
         batch: list[_Outgoing] = []
         size = 0
         for item in outgoing:
