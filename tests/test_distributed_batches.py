@@ -298,3 +298,44 @@ async def test_a_stopped_worker_hands_back_each_task_of_a_batch_alone(
     async with store_of(cluster) as store:
         # Handed back, not failed: no result, and no take counted against the tasks.
         assert await store.get_many("back", ["t0", "t1", "t2"]) == {}
+
+
+async def test_a_batch_redelivered_after_its_worker_died_runs_only_what_has_no_result(
+    cluster: Cluster, mock_server: MockServer
+) -> None:
+    """A worker that dies with a batch (delivered, never acknowledged) leaves all of it to
+    RabbitMQ. The next worker runs the tasks without a result, acknowledges unrun the one the
+    dead worker had stored, and acknowledges the batch."""
+    from taskexec.distributed._wire import failure
+
+    parts = [
+        TaskMessage(
+            run_id="died", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
+        ).encode()
+        for i in range(3)
+    ]
+    stored_first = failure("t0", "writer", "llm", "bad_response", "the dead worker's result")
+    async with store_of(cluster) as store:
+        await store.put_first("died", stored_first)
+        await _publish_batch(cluster, parts)
+        connection = await aio_pika.connect(cluster.broker_url)
+        try:
+            channel = await connection.channel()
+            queue = await declare_agent_queue(channel, cluster, "writer")
+            assert await queue.get(no_ack=False, timeout=10) is not None
+            await channel.close()  # the holder's channel goes: RabbitMQ requeues the batch
+        finally:
+            await connection.close()
+        worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=4)
+        stop, serving = await _serving(worker)
+        try:
+            await eventually(lambda: worker.done == 2, timeout_s=30)
+            results = await store.get_many("died", ["t0", "t1", "t2"])
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+    assert results["t0"] == stored_first
+    assert results["t1"].ok
+    assert results["t2"].ok
+    assert mock_server.stats.chat_requests == 2
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
