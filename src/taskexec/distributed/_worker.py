@@ -119,8 +119,9 @@ class Worker:
         agents: The agents this worker runs; a task message can name only these. Keys come
             from this process's environment (or the agents' own ``api_key``).
         cluster: The broker and results store.
-        concurrency: The most tasks running at once (also the broker's prefetch, so that it
-            never hands this worker more than it runs).
+        concurrency: The most tasks running at once, and the broker's prefetch in messages: a
+            lone task's message is never held without running; an orchestrator sends batches
+            (up to ``Cluster.batch`` tasks) only while every slot has that many waiting.
         name: The worker's name in the registry (default: ``<host>-<pid>``).
         grace_s: On stop, how long tasks in flight may take to finish before they are handed
             back (unacknowledged, so another worker runs them).
@@ -309,8 +310,9 @@ class Worker:
             connection = await connect_broker(self.cluster, f"taskexec worker {self.name}")
             try:
                 channel = await connection.channel()
-                # The prefetch is the concurrency: RabbitMQ never hands this worker a task it
-                # would have to hold without running (which another worker could run meanwhile).
+                # The prefetch is the concurrency: RabbitMQ never hands this worker a lone task
+                # it would have to hold without running (which another worker could run
+                # meanwhile); a batch comes only while every slot has that many tasks waiting.
                 await channel.set_qos(prefetch_count=self.concurrency)
                 # Publisher confirms (aio-pika's default): a task handed back is acknowledged
                 # only once RabbitMQ has its copy.
