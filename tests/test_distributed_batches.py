@@ -339,3 +339,31 @@ async def test_a_batch_redelivered_after_its_worker_died_runs_only_what_has_no_r
     assert results["t2"].ok
     assert mock_server.stats.chat_requests == 2
     assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+async def test_tasks_of_a_batch_waiting_for_a_slot_are_not_sent_again(
+    mock_server: MockServer,
+) -> None:
+    """Three tasks for one slot: one message, two of its tasks wait in the worker for the slot,
+    unleased, for longer than ``orphan_after_s``. The worker reports holding more than it runs,
+    so the orchestrator does not take them for lost and send them again."""
+    require_services()
+    cluster = new_cluster(orphan_after_s=1.0, poll_s=0.1, heartbeat_s=0.1)
+    mock_server.latency_s = 1.5
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1)
+    stop, serving = await _serving(worker)
+    try:
+        async with Dispatcher(cluster) as dispatcher:
+            await dispatcher.attach("slow")
+            tasks = [AgentTask(id=f"t{i}", prompt="p") for i in range(3)]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(dispatcher.run("slow", t, "writer", "llm") for t in tasks)), 60
+            )
+            published, resent = dispatcher.published, dispatcher.resent
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+        await drop_cluster(cluster, ["writer"])
+    assert all(r.ok for r in results)
+    assert (published, resent) == (1, 0)
+    assert mock_server.stats.chat_requests == 3

@@ -99,9 +99,10 @@ class Cluster:
             often): after a worker's crash, how long its tasks wait before another worker
             runs them.
         orphan_after_s: How long a task an orchestrator waits on may go without a live lease
-            (and without a message queued for its agent) before it is sent again: its message
-            was lost (dead-lettered by RabbitMQ's own limit, or never published by an
-            orchestrator that crashed). A copy sent in vain is acknowledged unrun.
+            (without a message queued for its agent, and without a worker of its agent that
+            holds more tasks than it runs) before it is sent again: its message was lost
+            (dead-lettered by RabbitMQ's own limit, or never published by an orchestrator
+            that crashed). A copy sent in vain is acknowledged unrun.
         batch: The most tasks an orchestrator puts in one message (``TASKEXEC_BATCH``). It
             batches only while more tasks of an agent wait than its live workers have slots,
             and then no more than each slot would run in turn anyway; a worker holds up to its

@@ -8,9 +8,10 @@ channel, to which the dispatcher subscribes (the fast path; the reads of notific
 arrive together are one MGET). Every ``poll_s``, the dispatcher also reads Redis for the tasks
 it still waits on, which covers notifications lost while a connection was down, and checks
 that each waiting task's agent still has a live
-worker, and that someone holds each waiting task: a task with no live lease and no message
-queued for its agent for ``orphan_after_s`` is sent again (its message was lost); a copy sent
-in vain is acknowledged unrun by the worker that gets it.
+worker, and that someone holds each waiting task: a task with no live lease, no message
+queued for its agent and no worker of its agent holding more tasks than it runs, for
+``orphan_after_s``, is sent again (its message was lost); a copy sent in vain is acknowledged
+unrun by the worker that gets it.
 
 Tasks that become ready together for one agent while more of its tasks wait than its live
 workers have slots go in one message (a batch, see :func:`batch_size`): those tasks would wait
@@ -156,6 +157,9 @@ class Dispatcher:
         self._served: set[str] = set()
         #: How many tasks of each agent its live workers run at once, together.
         self._slots: dict[str, int] = {}
+        #: Agents with a live worker that holds more tasks than it runs (a batch's tasks
+        #: waiting for its slots, unleased): their tasks are not orphans for that.
+        self._holding: set[str] = set()
         #: How many tasks of each agent were handed to :meth:`run` and are not back.
         self._waiting: dict[str, int] = {}
         #: Task messages to publish at the end of this loop iteration, by agent.
@@ -456,11 +460,15 @@ class Dispatcher:
     async def _read_registry(self) -> None:
         """Read which agents live workers serve, and with how many slots in all."""
         slots: dict[str, int] = {}
+        holding: set[str] = set()
         for worker in await self.store.workers():
             for agent in worker.agents:
                 slots[agent] = slots.get(agent, 0) + worker.concurrency
+            if worker.in_flight > worker.concurrency:
+                holding.update(worker.agents)
         self._slots = slots
         self._served = set(slots)
+        self._holding = holding
 
     async def _publish(self, message: TaskMessage, encoded: bytes) -> bool:
         """Publish a task message, in one message with the other tasks of its agent that are
@@ -743,7 +751,9 @@ class Dispatcher:
         for (run_id, task_id), entry in orphans:
             if entry.agent not in queued:
                 assert self._channel is not None
-                queued[entry.agent] = await queue_depth(
+                # A worker that holds more tasks than it runs (a batch's tasks wait for its
+                # slots, unleased) may hold this one: as good as queued.
+                queued[entry.agent] = entry.agent in self._holding or await queue_depth(
                     self._channel, self.cluster.queue(entry.agent)
                 )
             if queued[entry.agent]:
