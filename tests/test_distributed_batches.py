@@ -367,3 +367,32 @@ async def test_tasks_of_a_batch_waiting_for_a_slot_are_not_sent_again(
     assert all(r.ok for r in results)
     assert (published, resent) == (1, 0)
     assert mock_server.stats.chat_requests == 3
+
+
+async def test_a_worker_stopping_runs_out_its_running_task_and_hands_back_the_waiting_ones(
+    cluster: Cluster, mock_server: MockServer
+) -> None:
+    """Stopped with a grace long enough for its running task, a worker lets that task finish
+    but does not start the tasks of the batch still waiting for its slot: they go back to the
+    queue alone, unrun."""
+    mock_server.latency_s = 1.0
+    parts = [
+        TaskMessage(
+            run_id="grace", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
+        ).encode()
+        for i in range(3)
+    ]
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1, grace_s=60)
+    stop, serving = await _serving(worker)
+    try:
+        await _publish_batch(cluster, parts)
+        await eventually(lambda: mock_server.stats.chat_requests == 1, timeout_s=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    async with store_of(cluster) as store:
+        stored = await store.get_many("grace", ["t0", "t1", "t2"])
+    assert list(stored) == ["t0"]
+    assert stored["t0"].ok
+    assert (worker.done, mock_server.stats.chat_requests) == (1, 1)
+    assert await queue_depth(cluster, cluster.queue("writer")) == 2

@@ -502,6 +502,11 @@ class Worker:
                     # this delivery settles once that run stored its result.
                     await asyncio.wait({local})
                 async with self._slots:
+                    if self._stopping:
+                        # Stopping: a task that waited for a slot (a batch's) is handed back
+                        # unrun rather than started in the grace meant for running ones.
+                        await self._hand_back(message, msg, None, ran=False)
+                        return
                     reason = await store.take(run_id, task.id, token, dead)
                     if reason is None:
                         taken = True
