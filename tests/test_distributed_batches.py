@@ -169,10 +169,48 @@ async def test_a_task_cancelled_before_its_batch_goes_is_not_sent(cluster: Clust
         await connection.close()
 
 
-def _registration(name: str, agents: list[str], concurrency: int) -> Any:
+def _registration(
+    name: str, agents: list[str], concurrency: int, protocols: tuple[str, ...] = ("task/1",)
+) -> Any:
     from taskexec.distributed._store import worker_info
 
-    return worker_info(name, "host", 1, agents, concurrency, 0, 0, 0.0)
+    return worker_info(name, "host", 1, agents, concurrency, 0, 0, 0.0, protocols=protocols)
+
+
+@pytest.mark.parametrize(
+    ("protocols", "stream", "messages"),
+    [
+        ((TASK_VERSION, BATCH_VERSION), False, 1),
+        # A worker of an earlier version registers no protocols: it would refuse a batch.
+        ((TASK_VERSION,), False, 5),
+        # A stream's first piece does not wait behind a batch's other tasks.
+        ((TASK_VERSION, BATCH_VERSION), True, 5),
+    ],
+)
+async def test_batches_go_only_to_workers_that_read_them_and_never_carry_streams(
+    cluster: Cluster, protocols: tuple[str, ...], stream: bool, messages: int
+) -> None:
+    async with store_of(cluster) as store:
+        await store.register(_registration("w", ["writer"], 1, protocols))
+    async with Dispatcher(cluster) as dispatcher:
+        await dispatcher.attach("mixed")
+        runs = [
+            asyncio.create_task(
+                dispatcher.run(
+                    "mixed",
+                    AgentTask(id=f"t{i}", prompt="p"),
+                    "writer",
+                    "llm",
+                    deltas=asyncio.Queue() if stream else None,
+                )
+            )
+            for i in range(5)
+        ]
+        await eventually(lambda: dispatcher.published == messages, timeout_s=30)
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+    assert await queue_depth(cluster, cluster.queue("writer")) == messages
 
 
 async def _publish_batch(cluster: Cluster, parts: list[bytes]) -> None:
@@ -301,7 +339,7 @@ async def test_a_stopped_worker_hands_back_each_task_of_a_batch_alone(
 
 
 async def test_a_batch_redelivered_after_its_worker_died_runs_only_what_has_no_result(
-    cluster: Cluster, mock_server: MockServer
+    cluster: Cluster, mock_server: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker that dies with a batch (delivered, never acknowledged) leaves all of it to
     RabbitMQ. The next worker runs the tasks without a result, acknowledges unrun the one the
@@ -329,11 +367,14 @@ async def test_a_batch_redelivered_after_its_worker_died_runs_only_what_has_no_r
         worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=4)
         stop, serving = await _serving(worker)
         try:
-            await eventually(lambda: worker.done == 2, timeout_s=30)
+            with caplog.at_level("INFO", logger="taskexec.worker"):
+                await eventually(lambda: worker.done == 2, timeout_s=30)
             results = await store.get_many("died", ["t0", "t1", "t2"])
         finally:
             stop.set()
             await asyncio.wait_for(serving, 30)
+    # Sent again one per message (its tasks do not share a taker's fate again), then run.
+    assert any("redelivered batch's 3 tasks sent again" in r.message for r in caplog.records)
     assert results["t0"] == stored_first
     assert results["t1"].ok
     assert results["t2"].ok
@@ -396,3 +437,74 @@ async def test_a_worker_stopping_runs_out_its_running_task_and_hands_back_the_wa
     assert stored["t0"].ok
     assert (worker.done, mock_server.stats.chat_requests) == (1, 1)
     assert await queue_depth(cluster, cluster.queue("writer")) == 2
+
+
+async def test_a_batchs_task_that_waits_long_for_a_slot_goes_back_to_the_queue_alone(
+    cluster: Cluster,
+    mock_server: MockServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch stays unacknowledged while any of its tasks waits: a task that waited longer
+    than PART_WAIT_S for a slot goes back to the queue alone (and runs from there, here on
+    the same worker), so that a batch never outlives RabbitMQ's consumer timeout."""
+    import taskexec.distributed._worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PART_WAIT_S", 0.3)
+    mock_server.latency_s = 1.0
+    parts = [
+        TaskMessage(
+            run_id="long", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
+        ).encode()
+        for i in range(3)
+    ]
+    worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1)
+    stop, serving = await _serving(worker)
+    try:
+        with caplog.at_level("INFO", logger="taskexec.worker"):
+            await _publish_batch(cluster, parts)
+            await eventually(lambda: worker.done == 3, timeout_s=30)
+        async with store_of(cluster) as store:
+            stored = await store.get_many("long", ["t0", "t1", "t2"])
+            counted = await store.counters("long")
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    handed_back = sorted(
+        r.getMessage().split()[3] for r in caplog.records if "for a slot; handed back" in r.message
+    )
+    assert handed_back == ["t1", "t2"]
+    assert all(r.ok for r in stored.values())
+    assert sorted(stored) == ["t0", "t1", "t2"]
+    assert counted == {"executions": 3, "duplicates": 0}
+    assert mock_server.stats.chat_requests == 3
+    assert await queue_depth(cluster, cluster.queue("writer")) == 0
+
+
+async def test_a_task_the_dead_letter_queue_cannot_take_is_dropped_after_a_few_tries(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ drops a rejected message whose dead-letter queue cannot take it; a batch's
+    task is moved there by the worker, which tries a few times, says so, and settles it, so
+    that the batch is not kept unacknowledged for as long as the channel lives."""
+    import taskexec.distributed._worker as worker_module
+    from taskexec.distributed._acks import Part
+
+    monkeypatch.setattr(worker_module, "RETRY_PAUSE_S", 0.0)
+    attempts: list[str] = []
+
+    class Refusing:
+        async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
+            attempts.append(routing_key)
+            raise ConnectionError("the dead-letter queue has no leader")
+
+    class Channel:
+        default_exchange = Refusing()
+
+    worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
+    worker._channel = Channel()  # type: ignore[assignment]
+    part = Part(None, b"{not json", {TASK_HEADER: TASK_VERSION}, None, worker._to_dead_letters)  # type: ignore[arg-type]
+    with caplog.at_level("ERROR", logger="taskexec.worker"):
+        await part.reject()
+    assert attempts == [cluster.dead_letter_queue] * worker_module.DEAD_LETTER_ATTEMPTS
+    assert any("dropped it" in r.message for r in caplog.records)

@@ -41,7 +41,7 @@ class Part:
     through ``dead_letter`` (a batch cannot be rejected in part).
     """
 
-    __slots__ = ("_dead_letter", "batch", "body", "headers", "message_id")
+    __slots__ = ("_dead_letter", "batch", "body", "headers", "message_id", "settled")
 
     def __init__(
         self,
@@ -56,6 +56,8 @@ class Part:
         self.headers = headers
         self.message_id = message_id
         self._dead_letter = dead_letter
+        #: Counted towards its batch's acknowledgement (once, however often it is settled).
+        self.settled = False
 
     @property
     def content_type(self) -> str | None:
@@ -67,7 +69,7 @@ class Part:
 
     @property
     def channel(self) -> object:
-        return self.batch.channel
+        return _channel_of(self.batch)
 
     @property
     def delivery_tag(self) -> int | None:
@@ -108,14 +110,17 @@ class Acknowledgements:
         self._sender: asyncio.Task[None] | None = None
         self._flush_soon = False
 
-    def _state(self, message: Delivery) -> _Channel:
-        return self._channels.setdefault(message.channel, _Channel())
+    def _state(self, message: Delivery) -> _Channel | None:
+        channel = _channel_of(message)
+        if _closed(channel):
+            return None  # RabbitMQ requeued what was delivered on it
+        return self._channels.setdefault(channel, _Channel())
 
     def delivered(self, message: AbstractIncomingMessage, parts: int = 0) -> None:
         """A delivery this worker will settle (before anything else may settle it); a batch
         of ``parts`` tasks is acknowledged once as many parts were settled."""
-        if message.delivery_tag is not None:
-            state = self._state(message)
+        state = self._state(message)
+        if state is not None and message.delivery_tag is not None:
             state.unsettled.add(message.delivery_tag)
             if parts:
                 state.parts_left[message.delivery_tag] = parts
@@ -128,12 +133,18 @@ class Acknowledgements:
         if isinstance(message, Part):
             self._part_settled(message)
             return
-        self._state(message).finished[tag] = message
+        state = self._state(message)
+        if state is None:
+            return
+        state.finished[tag] = message
         if not self._flush_soon:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _part_settled(self, part: Part) -> None:
+        if part.settled:
+            return
+        part.settled = True
         state = self._channels.get(part.channel)
         tag = part.delivery_tag
         if state is None or tag is None or tag not in state.parts_left:
@@ -146,7 +157,7 @@ class Acknowledgements:
     async def settle(self, message: Delivery, step: Awaitable[None]) -> None:
         """Settle a delivery on its own (a rejection, a hand-back's acknowledgement); a part
         of a batch counts as settled once ``step`` succeeded."""
-        state = self._channels.get(message.channel)
+        state = self._channels.get(_channel_of(message))
         if state is not None and message.delivery_tag is not None and not isinstance(message, Part):
             state.unsettled.discard(message.delivery_tag)
         sent = asyncio.get_running_loop().create_future()

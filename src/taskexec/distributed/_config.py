@@ -99,14 +99,15 @@ class Cluster:
             often): after a worker's crash, how long its tasks wait before another worker
             runs them.
         orphan_after_s: How long a task an orchestrator waits on may go without a live lease
-            (without a message queued for its agent, and without a worker of its agent that
-            holds more tasks than it runs) before it is sent again: its message was lost
+            (without a message queued for its agent, and without a worker that holds tasks
+            of its agent waiting for a slot) before it is sent again: its message was lost
             (dead-lettered by RabbitMQ's own limit, or never published by an orchestrator
             that crashed). A copy sent in vain is acknowledged unrun.
         batch: The most tasks an orchestrator puts in one message (``TASKEXEC_BATCH``). It
             batches only while more tasks of an agent wait than its live workers have slots,
             and then no more than each slot would run in turn anyway; a worker holds up to its
-            concurrency times this many tasks. 1 sends each task alone.
+            concurrency times this many tasks. 1 sends each task alone. Streamed tasks, and
+            the tasks of agents served by a worker of an earlier version, always go alone.
         events: Workers also publish each task's end on the events exchange (for a dashboard
             that binds a queue there; ``taskexec worker --events``). Off by default: an
             orchestrator learns of results from Redis, and an event costs a publish per task.

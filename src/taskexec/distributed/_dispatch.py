@@ -9,7 +9,7 @@ arrive together are one MGET). Every ``poll_s``, the dispatcher also reads Redis
 it still waits on, which covers notifications lost while a connection was down, and checks
 that each waiting task's agent still has a live
 worker, and that someone holds each waiting task: a task with no live lease, no message
-queued for its agent and no worker of its agent holding more tasks than it runs, for
+queued for its agent and no worker holding tasks of its agent that wait for a slot, for
 ``orphan_after_s``, is sent again (its message was lost); a copy sent in vain is acknowledged
 unrun by the worker that gets it.
 
@@ -17,7 +17,8 @@ Tasks that become ready together for one agent while more of its tasks wait than
 workers have slots go in one message (a batch, see :func:`batch_size`): those tasks would wait
 in the queue anyway, and RabbitMQ's work, the publisher confirm, the delivery and the
 acknowledgement are then paid once per batch instead of once per task. A worker runs and
-settles each task of a batch on its own.
+settles each task of a batch on its own. Streamed tasks go alone, and so do the tasks of an
+agent that a worker of an earlier version (which refuses batches) serves.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def batch_size(waiting: int, slots: int, most: int) -> int:
     and a message of that many moves tasks from the queue to a worker that would have run
     them in turn anyway (at most ``most``, ``Cluster.batch``; one with no worker known).
     """
-    if slots <= 0 or waiting <= slots:
+    if slots <= 0:
         return 1
     return max(1, min(most, waiting // slots))
 
@@ -157,9 +158,11 @@ class Dispatcher:
         self._served: set[str] = set()
         #: How many tasks of each agent its live workers run at once, together.
         self._slots: dict[str, int] = {}
-        #: Agents with a live worker that holds more tasks than it runs (a batch's tasks
-        #: waiting for its slots, unleased): their tasks are not orphans for that.
+        #: Agents with a live worker that holds tasks of theirs waiting for its slots (a
+        #: batch's, unleased): their tasks are not orphans for that.
         self._holding: set[str] = set()
+        #: Agents whose live workers all read batches.
+        self._batched: set[str] = set()
         #: How many tasks of each agent were handed to :meth:`run` and are not back.
         self._waiting: dict[str, int] = {}
         #: Task messages to publish at the end of this loop iteration, by agent.
@@ -460,20 +463,26 @@ class Dispatcher:
     async def _read_registry(self) -> None:
         """Read which agents live workers serve, and with how many slots in all."""
         slots: dict[str, int] = {}
+        lone: set[str] = set()
         holding: set[str] = set()
         for worker in await self.store.workers():
             for agent in worker.agents:
                 slots[agent] = slots.get(agent, 0) + worker.concurrency
-            if worker.in_flight > worker.concurrency:
-                holding.update(worker.agents)
+            if BATCH_VERSION not in worker.protocols:
+                lone.update(worker.agents)  # an earlier worker: it would refuse a batch
+            holding.update(worker.holding)
         self._slots = slots
         self._served = set(slots)
+        self._batched = self._served - lone
         self._holding = holding
 
     async def _publish(self, message: TaskMessage, encoded: bytes) -> bool:
         """Publish a task message, in one message with the other tasks of its agent that are
         ready in this loop iteration, as many as :func:`batch_size` allows; return whether
         RabbitMQ took it."""
+        if message.stream:
+            # A stream's first piece is not kept waiting behind a batch's other tasks.
+            return await self._publish_now(message.agent, [encoded], message)
         loop = asyncio.get_running_loop()
         outbox = self._outbox.setdefault(message.agent, [])
         if not outbox:
@@ -487,7 +496,9 @@ class Dispatcher:
         # A task whose run was cancelled meanwhile is not sent.
         outgoing = [o for o in self._outbox.pop(agent, []) if not o.sent.done()]
         most = batch_size(
-            self._waiting.get(agent, 0), self._slots.get(agent, 0), self.cluster.batch
+            self._waiting.get(agent, 0),
+            self._slots.get(agent, 0),
+            self.cluster.batch if agent in self._batched else 1,
         )
         batch: list[_Outgoing] = []
         size = 0
@@ -751,8 +762,8 @@ class Dispatcher:
         for (run_id, task_id), entry in orphans:
             if entry.agent not in queued:
                 assert self._channel is not None
-                # A worker that holds more tasks than it runs (a batch's tasks wait for its
-                # slots, unleased) may hold this one: as good as queued.
+                # A worker that holds tasks of the agent waiting for its slots (a batch's,
+                # unleased) may hold this one: as good as queued.
                 queued[entry.agent] = entry.agent in self._holding or await queue_depth(
                     self._channel, self.cluster.queue(entry.agent)
                 )

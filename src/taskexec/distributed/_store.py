@@ -242,6 +242,11 @@ class WorkerInfo(BaseModel):
     done: int = 0
     started_at: float
     seen_at: float
+    #: The task protocols the worker reads (an earlier worker registers none: ``task/1`` only,
+    #: so orchestrators send it no batches).
+    protocols: list[str] = ["task/1"]
+    #: The agents of tasks delivered to this worker that wait for one of its slots (unleased).
+    holding: list[str] = []
 
 
 class ResultStore:
@@ -616,6 +621,9 @@ def worker_info(
     in_flight: int,
     done: int,
     started_at: float,
+    *,
+    protocols: Iterable[str] = ("task/1",),
+    holding: Iterable[str] = (),
 ) -> WorkerInfo:
     """Return a worker's registration as of now."""
     return WorkerInfo(
@@ -628,6 +636,8 @@ def worker_info(
         done=done,
         started_at=started_at,
         seen_at=time.time(),
+        protocols=list(protocols),
+        holding=sorted(holding),
     )
 
 

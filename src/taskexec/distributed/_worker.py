@@ -71,6 +71,7 @@ from ._store import (
     worker_info,
 )
 from ._wire import (
+    BATCH_VERSION,
     CONTENT_TYPE,
     TASK_HEADER,
     TASK_VERSION,
@@ -97,6 +98,12 @@ SUBSCRIBE_ATTEMPTS = 5
 RETRY_PAUSE_S = 1.0
 #: How often a worker streaming a task checks that its caller is still there.
 STREAM_CANCEL_POLL_S = 0.05
+#: The longest a task of a batch waits here for a slot before it goes back to the queue alone
+#: (to a worker with a free slot, or one that joined since). It bounds how long a batch stays
+#: unacknowledged: this, plus the longest task, stays well below RabbitMQ's consumer timeout.
+PART_WAIT_S = 120.0
+#: How often moving a task of a batch to the dead-letter queue is tried.
+DEAD_LETTER_ATTEMPTS = 3
 #: Headers RabbitMQ sets on a delivery, dropped when a task is published again.
 _BROKER_HEADERS = (
     "x-delivery-count",
@@ -177,6 +184,9 @@ class Worker:
         #: The leases this worker holds (renewed every third of Cluster.lease_s):
         #: (run, task) -> token.
         self._leases: dict[tuple[str, str], str] = {}
+        #: How many tasks delivered here wait for a slot, by agent (the registry says which
+        #: agents have any: their tasks are held here unleased, not lost).
+        self._awaiting_slot: dict[str, int] = {}
         #: The jobs that run a task here, so that a second delivery of it waits for this one.
         self._holders: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -387,6 +397,8 @@ class Worker:
             len(self._in_flight),
             self.done,
             self._started_at,
+            protocols=(TASK_VERSION, BATCH_VERSION),
+            holding=[agent for agent, waiting in self._awaiting_slot.items() if waiting],
         )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -402,9 +414,52 @@ class Worker:
         # every part is. A part's headers are those of a lone message of its task.
         headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
         headers[TASK_HEADER] = TASK_VERSION
+        if message.redelivered:
+            # Its worker died (or lost its channel) with it. Run together again, its tasks
+            # would share every taker's fate: one that kills its worker would have the others
+            # counted as dying with it each time. One message each, they go their own ways.
+            self._acks.delivered(message)
+            self._spawn(self._unbatch(message, bodies, headers), self._background)
+            return
         self._acks.delivered(message, parts=len(bodies))
         for body in bodies:
             await self._take(Part(message, body, headers, None, self._to_dead_letters))
+
+    async def _unbatch(
+        self, message: AbstractIncomingMessage, bodies: list[bytes], headers: dict[str, Any]
+    ) -> None:
+        """Publish each task of a redelivered batch alone (confirmed), then acknowledge the
+        batch; if a publish fails, the batch stays unacknowledged and RabbitMQ requeues it when
+        the channel closes (the copies already published are acknowledged unrun, or wait on
+        the lease, where they meet the task again)."""
+        assert self._channel is not None
+        queue = message.routing_key or ""
+        try:
+            for body in bodies:
+                copy = aio_pika.Message(
+                    body,
+                    headers=headers,
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                await self._channel.default_exchange.publish(
+                    copy, routing_key=queue, timeout=STOP_TIMEOUT_S
+                )
+        except Exception as exc:
+            log.warning(
+                "worker %s: could not send a redelivered batch's %d tasks again one by one (%s); "
+                "RabbitMQ requeues it when the connection closes",
+                self.name,
+                len(bodies),
+                self.cluster.redactor()(str(exc) or type(exc).__name__),
+            )
+            return
+        log.info(
+            "worker %s: a redelivered batch's %d tasks sent again one per message",
+            self.name,
+            len(bodies),
+        )
+        self._acks.ack(message)
 
     async def _take(self, message: Delivery) -> None:
         """Start the task a delivery carries, or refuse it."""
@@ -432,7 +487,14 @@ class Worker:
 
     async def _to_dead_letters(self, part: Part) -> None:
         """Move one task of a batch to the dead-letter queue (confirmed): what rejecting a
-        lone task's message makes RabbitMQ do."""
+        lone task's message makes RabbitMQ do.
+
+        Tried a few times; then the copy is dropped, with an error on the log, as RabbitMQ
+        drops a rejected message whose dead-letter queue cannot take it (its default,
+        at-most-once dead-lettering). The task's run loses nothing: its failure or the reason
+        it was refused is already recorded. Keeping the batch unacknowledged instead would
+        hold a prefetch slot for as long as the channel lives.
+        """
         assert self._channel is not None
         copy = aio_pika.Message(
             part.body,
@@ -441,9 +503,24 @@ class Worker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=part.message_id,
         )
-        await self._channel.default_exchange.publish(
-            copy, routing_key=self.cluster.dead_letter_queue, timeout=STOP_TIMEOUT_S
-        )
+        for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
+            try:
+                await self._channel.default_exchange.publish(
+                    copy, routing_key=self.cluster.dead_letter_queue, timeout=STOP_TIMEOUT_S
+                )
+                return
+            except Exception as exc:
+                if attempt == DEAD_LETTER_ATTEMPTS:
+                    log.error(
+                        "worker %s: could not move task message %s of a batch to the "
+                        "dead-letter queue %r (%s); dropped it",
+                        self.name,
+                        part.message_id or "(unreadable)",
+                        self.cluster.dead_letter_queue,
+                        self._roster_redact(str(exc) or type(exc).__name__),
+                    )
+                    return
+                await asyncio.sleep(RETRY_PAUSE_S)
 
     @staticmethod
     def _spawn(work: Any, into: set[asyncio.Task[None]]) -> None:
@@ -494,6 +571,9 @@ class Worker:
         # that it does not keep a prefetch slot for the length of someone else's task): one
         # lease lifetime, by which a dead taker's lease has expired.
         give_up = loop.time() + store.lease_ttl_ms / 1000 + self.cluster.heartbeat_s
+        arrived = loop.time()
+        #: A hand-back of this delivery began: a cancellation does not start another.
+        handing_back = False
         try:
             while True:
                 local = self._holders.get(key)
@@ -501,10 +581,27 @@ class Worker:
                     # Delivered again while this worker runs it (its channel reconnected):
                     # this delivery settles once that run stored its result.
                     await asyncio.wait({local})
-                async with self._slots:
-                    if self._stopping:
+                await self._wait_for_slot(msg.agent)
+                try:
+                    if channel_closed(message):
+                        # Its channel closed while it waited (a reconnect): RabbitMQ requeued
+                        # it, and whoever it goes to runs it.
+                        return
+                    waited = loop.time() - arrived
+                    if self._stopping or (isinstance(message, Part) and waited > PART_WAIT_S):
                         # Stopping: a task that waited for a slot (a batch's) is handed back
-                        # unrun rather than started in the grace meant for running ones.
+                        # unrun rather than started in the grace meant for running ones. A
+                        # batch's task that waited long goes back to the queue alone.
+                        if not self._stopping:
+                            log.info(
+                                "worker %s: task %s of run %s waited %.0f s for a slot; "
+                                "handed back",
+                                self.name,
+                                task.id,
+                                run_id,
+                                waited,
+                            )
+                        handing_back = True
                         await self._hand_back(message, msg, None, ran=False)
                         return
                     reason = await store.take(run_id, task.id, token, dead)
@@ -519,6 +616,8 @@ class Worker:
                             self._holders.pop(key, None)
                             holder.set_result(None)
                         return
+                finally:
+                    self._slots.release()
                 if reason == LEASED:
                     # Delivered again: the holder's channel closed. If its connections to
                     # Redis are gone too, its process is (killed, say): run the task now,
@@ -534,6 +633,7 @@ class Worker:
                             task.id,
                             run_id,
                         )
+                        handing_back = True
                         await self._hand_back(message, msg, None, ran=False)
                         return
                     await asyncio.sleep(self.cluster.lease_s / 3)  # a lapse is seen at once
@@ -545,7 +645,8 @@ class Worker:
                 return
         except asyncio.CancelledError:
             # Stopping: hand the task back without it counting as a failed delivery.
-            await self._hand_back(message, msg, token, ran=taken)
+            if not handing_back:
+                await self._hand_back(message, msg, token, ran=taken)
             raise
         except Exception as exc:
             # Redis went away, say: hand the task back (it does not count as an attempt) and
@@ -560,7 +661,16 @@ class Worker:
             )
             self._redis_trouble()
             # Released even when the take seemed to fail: its answer may be what was lost.
-            await self._hand_back(message, msg, token, ran=taken)
+            if not handing_back:
+                await self._hand_back(message, msg, token, ran=taken)
+
+    async def _wait_for_slot(self, agent: str) -> None:
+        """Take one of this worker's slots, counting the wait for the registry."""
+        self._awaiting_slot[agent] = self._awaiting_slot.get(agent, 0) + 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._awaiting_slot[agent] -= 1
 
     async def _gone(self, run_id: str, task_id: str) -> str | None:
         """The token of the task's lease if the worker process holding it has no connection to
