@@ -213,6 +213,31 @@ async def test_batches_go_only_to_workers_that_read_them_and_never_carry_streams
     assert await queue_depth(cluster, cluster.queue("writer")) == messages
 
 
+def _three_tasks(run_id: str) -> list[bytes]:
+    """The messages of tasks t0, t1 and t2 of a run, for the writer agent."""
+    return [
+        TaskMessage(
+            run_id=run_id, agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
+        ).encode()
+        for i in range(3)
+    ]
+
+
+async def _take_all(cluster: Cluster, queue_name: str) -> list[tuple[object, bytes]]:
+    """Take every message waiting in a queue: (its protocol header, its body) each."""
+    connection = await aio_pika.connect(cluster.broker_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        taken: list[tuple[object, bytes]] = []
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            taken.append((message.headers.get(TASK_HEADER), message.body))
+        return taken
+    finally:
+        await connection.close()
+
+
 async def _publish_batch(cluster: Cluster, parts: list[bytes]) -> None:
     connection = await aio_pika.connect(cluster.broker_url)
     try:
@@ -265,18 +290,8 @@ async def test_a_batchs_unreadable_tasks_go_to_the_dead_letter_queue_alone(
     assert mock_server.stats.chat_requests == 2
     assert rejected["c"][0] == message_digest(foreign.encode(), TASK_VERSION)
     assert "agent 'other' is not defined by this worker" in rejected["c"][1]
-    connection = await aio_pika.connect(cluster.broker_url)
-    try:
-        channel = await connection.channel()
-        dead = await channel.declare_queue(cluster.dead_letter_queue, passive=True)
-        bodies = []
-        while (message := await dead.get(fail=False)) is not None:
-            await message.ack()
-            assert message.headers[TASK_HEADER] == TASK_VERSION
-            bodies.append(message.body)
-    finally:
-        await connection.close()
-    assert sorted(bodies) == sorted([foreign.encode(), b"{not json"])
+    dead = await _take_all(cluster, cluster.dead_letter_queue)
+    assert sorted(dead) == sorted((TASK_VERSION, p) for p in [foreign.encode(), b"{not json"])
     assert await queue_depth(cluster, cluster.queue("writer")) == 0
 
 
@@ -307,12 +322,7 @@ async def test_a_stopped_worker_hands_back_each_task_of_a_batch_alone(
     hands back each task as a lone message, and the batch itself is acknowledged: three
     messages wait, not the batch as well."""
     mock_server.latency_s = 30.0
-    parts = [
-        TaskMessage(
-            run_id="back", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
-        ).encode()
-        for i in range(3)
-    ]
+    parts = _three_tasks("back")
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1, grace_s=0)
     stop, serving = await _serving(worker)
     try:
@@ -322,16 +332,7 @@ async def test_a_stopped_worker_hands_back_each_task_of_a_batch_alone(
     finally:
         stop.set()
         await asyncio.wait_for(serving, 30)
-    connection = await aio_pika.connect(cluster.broker_url)
-    try:
-        channel = await connection.channel()
-        queue = await declare_agent_queue(channel, cluster, "writer")
-        handed_back = []
-        while (message := await queue.get(fail=False)) is not None:
-            await message.ack()
-            handed_back.append((message.headers[TASK_HEADER], message.body))
-    finally:
-        await connection.close()
+    handed_back = await _take_all(cluster, cluster.queue("writer"))
     assert sorted(handed_back) == sorted((TASK_VERSION, p) for p in parts)
     async with store_of(cluster) as store:
         # Handed back, not failed: no result, and no take counted against the tasks.
@@ -346,12 +347,7 @@ async def test_a_batch_redelivered_after_its_worker_died_runs_only_what_has_no_r
     dead worker had stored, and acknowledges the batch."""
     from taskexec.distributed._wire import failure
 
-    parts = [
-        TaskMessage(
-            run_id="died", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
-        ).encode()
-        for i in range(3)
-    ]
+    parts = _three_tasks("died")
     stored_first = failure("t0", "writer", "llm", "bad_response", "the dead worker's result")
     async with store_of(cluster) as store:
         await store.put_first("died", stored_first)
@@ -417,12 +413,7 @@ async def test_a_worker_stopping_runs_out_its_running_task_and_hands_back_the_wa
     but does not start the tasks of the batch still waiting for its slot: they go back to the
     queue alone, unrun."""
     mock_server.latency_s = 1.0
-    parts = [
-        TaskMessage(
-            run_id="grace", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
-        ).encode()
-        for i in range(3)
-    ]
+    parts = _three_tasks("grace")
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1, grace_s=60)
     stop, serving = await _serving(worker)
     try:
@@ -452,12 +443,7 @@ async def test_a_batchs_task_that_waits_long_for_a_slot_goes_back_to_the_queue_a
 
     monkeypatch.setattr(worker_module, "PART_WAIT_S", 0.3)
     mock_server.latency_s = 1.0
-    parts = [
-        TaskMessage(
-            run_id="long", agent="writer", mode="llm", task=AgentTask(id=f"t{i}", prompt="p")
-        ).encode()
-        for i in range(3)
-    ]
+    parts = _three_tasks("long")
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1)
     stop, serving = await _serving(worker)
     try:
