@@ -332,10 +332,30 @@ def test_mock_server_rejects_unknown_faults() -> None:
     assert "unknown fault 'boom'" in completed.stderr
 
 
-def test_main_runs_in_process() -> None:
+@pytest.mark.parametrize("argv", [["validate", str(EXAMPLE)], ["validate", "missing.yaml"]])
+def test_main_runs_in_process_and_leaves_its_callers_objects_collectable(
+    argv: list[str],
+) -> None:
+    """The command keeps what existed before it out of the collector's passes while it runs
+    (gc.freeze), and hands it back when it returns, however it returns."""
+    import gc
+
     from taskexec import cli
 
-    assert cli.main(["validate", str(EXAMPLE)]) == 0
+    seen: list[int] = []
+    real_handler = cli.validate.validate
+
+    def spying(args: object) -> int:
+        seen.append(gc.get_freeze_count())
+        return real_handler(args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli.validate, "validate", spying)
+        code = cli.main(argv)
+    assert code == (0 if argv[1] != "missing.yaml" else 2)
+    assert len(seen) == 1
+    assert seen[0] > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:

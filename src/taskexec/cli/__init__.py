@@ -14,6 +14,7 @@ Ctrl-C, 143 SIGTERM.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -69,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = BestEffortStream(sys.stdout), BestEffortStream(sys.stderr)
+    # A run makes many short-lived objects per task, and each of the collector's full passes
+    # would also walk everything imported so far (1,000 tasks on workers: 30-45 ms of the
+    # run's start, before the first task went out). What exists now is left out of those
+    # passes for the command's length, then handed back, so that a program that calls main()
+    # in its own process keeps its objects collectable.
+    gc.freeze()
     try:
         code: int = args.handler(args)
     except PlanError as exc:
@@ -80,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
+        gc.unfreeze()
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = streams

@@ -64,10 +64,6 @@ class Part:
         return self.batch.content_type
 
     @property
-    def redelivered(self) -> bool | None:
-        return self.batch.redelivered
-
-    @property
     def channel(self) -> object:
         return _channel_of(self.batch)
 

@@ -619,10 +619,11 @@ class Worker:
                 finally:
                     self._slots.release()
                 if reason == LEASED:
-                    # Delivered again: the holder's channel closed. If its connections to
-                    # Redis are gone too, its process is (killed, say): run the task now,
+                    # Delivered again (the holder's channel closed), or a copy (a redelivered
+                    # batch's, sent again alone; a hand-back's). If the holder's connections
+                    # to Redis are gone too, its process is (killed, say): run the task now,
                     # rather than after its lease lapses.
-                    gone = await self._gone(run_id, task.id) if message.redelivered else None
+                    gone = await self._gone(run_id, task.id)
                     if gone is not None and gone != dead:
                         dead = gone
                         continue
