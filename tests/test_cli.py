@@ -358,6 +358,20 @@ def test_main_runs_in_process_and_leaves_its_callers_objects_collectable(
     assert gc.get_freeze_count() == 0
 
 
+def test_main_leaves_what_its_caller_froze_frozen() -> None:
+    import gc
+
+    from taskexec import cli
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert cli.main(["validate", str(EXAMPLE)]) == 0
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     """On a terminal, stderr gets a live progress bar instead of one line per task."""
     import pty

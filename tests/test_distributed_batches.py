@@ -494,3 +494,45 @@ async def test_a_task_the_dead_letter_queue_cannot_take_is_dropped_after_a_few_t
         await part.reject()
     assert attempts == [cluster.dead_letter_queue] * worker_module.DEAD_LETTER_ATTEMPTS
     assert any("dropped it" in r.message for r in caplog.records)
+
+
+async def test_a_redelivered_batch_that_cannot_be_sent_again_alone_goes_back_to_its_queue(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending a redelivered batch's tasks again one by one fails (the broker refuses, a few
+    times): the batch is returned to its queue, not kept unacknowledged for as long as the
+    channel lives."""
+    import taskexec.distributed._worker as worker_module
+
+    monkeypatch.setattr(worker_module, "RETRY_PAUSE_S", 0.0)
+    attempts: list[str] = []
+    settled: list[str] = []
+
+    class Refusing:
+        async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
+            attempts.append(routing_key)
+            raise ConnectionError("the queue has no leader")
+
+    class Channel:
+        default_exchange = Refusing()
+        is_closed = False
+
+    class Delivered:
+        channel = Channel()
+        delivery_tag = 7
+        routing_key = cluster.queue("writer")
+
+        async def nack(self, requeue: bool = True) -> None:
+            settled.append(f"nack requeue={requeue}")
+
+        async def ack(self, multiple: bool = False) -> None:
+            settled.append("ack")
+
+    worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
+    worker._channel = Channel()  # type: ignore[assignment]
+    batch = Delivered()
+    worker._acks.delivered(batch)  # type: ignore[arg-type]
+    await worker._unbatch(batch, _three_tasks("back"), {TASK_HEADER: TASK_VERSION})  # type: ignore[arg-type]
+    await worker._acks.drain()
+    assert attempts == [cluster.queue("writer")] * worker_module.DEAD_LETTER_ATTEMPTS
+    assert settled == ["nack requeue=True"]

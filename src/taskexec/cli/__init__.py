@@ -74,8 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # would also walk everything imported so far (1,000 tasks on workers: 30-45 ms of the
     # run's start, before the first task went out). What exists now is left out of those
     # passes for the command's length, then handed back, so that a program that calls main()
-    # in its own process keeps its objects collectable.
-    gc.freeze()
+    # in its own process keeps its objects collectable. Not if something froze objects
+    # already (the program itself, a main() still running): unfreezing would undo that too.
+    freezing = gc.get_freeze_count() == 0
+    if freezing:
+        gc.freeze()
     try:
         code: int = args.handler(args)
     except PlanError as exc:
@@ -87,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
-        gc.unfreeze()
+        if freezing:
+            gc.unfreeze()
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = streams

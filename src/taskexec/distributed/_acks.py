@@ -104,6 +104,8 @@ class Acknowledgements:
         #: tag to RabbitMQ, which closes the channel for it.
         self._due: deque[Awaitable[None]] = deque()
         self._sender: asyncio.Task[None] | None = None
+        #: Parts of batches being settled (held here: the loop keeps only weak references).
+        self._settling: set[asyncio.Future[None]] = set()
         self._flush_soon = False
 
     def _state(self, message: Delivery) -> _Channel | None:
@@ -153,16 +155,23 @@ class Acknowledgements:
     async def settle(self, message: Delivery, step: Awaitable[None]) -> None:
         """Settle a delivery on its own (a rejection, a hand-back's acknowledgement); a part
         of a batch counts as settled once ``step`` succeeded."""
+        if isinstance(message, Part):
+            # Not an acknowledgement frame: nothing to keep in order with the others, and a
+            # slow step (a publish tried again) must not hold them up. Shielded, as the
+            # others are: a caller cancelled meanwhile does not cut it short.
+            settling = asyncio.ensure_future(self._settle_part(message, step))
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+            await asyncio.shield(settling)
+            return
         state = self._channels.get(_channel_of(message))
-        if state is not None and message.delivery_tag is not None and not isinstance(message, Part):
+        if state is not None and message.delivery_tag is not None:
             state.unsettled.discard(message.delivery_tag)
         sent = asyncio.get_running_loop().create_future()
 
         async def then_tell() -> None:
             try:
                 await step
-                if isinstance(message, Part):
-                    self._part_settled(message)
             finally:
                 if not sent.done():
                     sent.set_result(None)
@@ -170,6 +179,15 @@ class Acknowledgements:
         self._due.append(then_tell())
         self._start()
         await asyncio.shield(sent)
+
+    async def _settle_part(self, part: Part, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except Exception as exc:
+            # Left unsettled: its batch stays unacknowledged until its channel closes.
+            log.warning("could not settle a task of a batch: %s", exc)
+            return
+        self._part_settled(part)
 
     def _flush(self) -> None:
         self._flush_soon = False
@@ -208,6 +226,8 @@ class Acknowledgements:
 
     async def drain(self) -> None:
         """Send every acknowledgement due now, and wait until they are written."""
+        if self._settling:
+            await asyncio.wait(set(self._settling))  # parts whose batches they may complete
         if self._flush_soon:
             self._flush()
         if self._sender is not None:

@@ -102,7 +102,8 @@ STREAM_CANCEL_POLL_S = 0.05
 #: (to a worker with a free slot, or one that joined since). It bounds how long a batch stays
 #: unacknowledged: this, plus the longest task, stays well below RabbitMQ's consumer timeout.
 PART_WAIT_S = 120.0
-#: How often moving a task of a batch to the dead-letter queue is tried.
+#: How often publishing a copy of a task of a batch (alone, or to the dead-letter queue) is
+#: tried before the worker gives up on it.
 DEAD_LETTER_ATTEMPTS = 3
 #: Headers RabbitMQ sets on a delivery, dropped when a task is published again.
 _BROKER_HEADERS = (
@@ -428,31 +429,40 @@ class Worker:
     async def _unbatch(
         self, message: AbstractIncomingMessage, bodies: list[bytes], headers: dict[str, Any]
     ) -> None:
-        """Publish each task of a redelivered batch alone (confirmed), then acknowledge the
-        batch; if a publish fails, the batch stays unacknowledged and RabbitMQ requeues it when
-        the channel closes (the copies already published are acknowledged unrun, or wait on
-        the lease, where they meet the task again)."""
+        """Publish each task of a redelivered batch alone (confirmed), to its agent's queue,
+        then acknowledge the batch. A publish that fails is tried again a few times; then the
+        batch is returned to its queue (a delivery RabbitMQ counts), not kept unacknowledged
+        for as long as the channel lives. Copies already published find the task stored or
+        leased, and are acknowledged unrun or wait on the lease."""
         assert self._channel is not None
-        queue = message.routing_key or ""
         try:
             for body in bodies:
+                found = addressee(body, headers)
+                agent = found[2] if found is not None else ""
+                # Its agent's queue (a task of an agent this worker does not serve, or one
+                # that names none, goes back where the batch came from, to be refused alone).
+                queue = (
+                    self.cluster.queue(agent)
+                    if agent in self._roster.agents
+                    else (message.routing_key or self.cluster.dead_letter_queue)
+                )
                 copy = aio_pika.Message(
                     body,
                     headers=headers,
                     content_type=CONTENT_TYPE,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=f"{found[0]}:{found[1]}" if found is not None else None,
                 )
-                await self._channel.default_exchange.publish(
-                    copy, routing_key=queue, timeout=STOP_TIMEOUT_S
-                )
+                await self._publish_again(copy, queue)
         except Exception as exc:
             log.warning(
                 "worker %s: could not send a redelivered batch's %d tasks again one by one (%s); "
-                "RabbitMQ requeues it when the connection closes",
+                "returned it to its queue",
                 self.name,
                 len(bodies),
-                self.cluster.redactor()(str(exc) or type(exc).__name__),
+                self._roster_redact(str(exc) or type(exc).__name__),
             )
+            await self._acks.settle(message, message.nack(requeue=True))
             return
         log.info(
             "worker %s: a redelivered batch's %d tasks sent again one per message",
@@ -460,6 +470,20 @@ class Worker:
             len(bodies),
         )
         self._acks.ack(message)
+
+    async def _publish_again(self, copy: aio_pika.Message, queue: str) -> None:
+        """Publish a copy of a task (confirmed), tried up to DEAD_LETTER_ATTEMPTS times."""
+        assert self._channel is not None
+        for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
+            try:
+                await self._channel.default_exchange.publish(
+                    copy, routing_key=queue, timeout=STOP_TIMEOUT_S
+                )
+                return
+            except Exception:
+                if attempt == DEAD_LETTER_ATTEMPTS:
+                    raise
+                await asyncio.sleep(RETRY_PAUSE_S)
 
     async def _take(self, message: Delivery) -> None:
         """Start the task a delivery carries, or refuse it."""
@@ -503,24 +527,17 @@ class Worker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=part.message_id,
         )
-        for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
-            try:
-                await self._channel.default_exchange.publish(
-                    copy, routing_key=self.cluster.dead_letter_queue, timeout=STOP_TIMEOUT_S
-                )
-                return
-            except Exception as exc:
-                if attempt == DEAD_LETTER_ATTEMPTS:
-                    log.error(
-                        "worker %s: could not move task message %s of a batch to the "
-                        "dead-letter queue %r (%s); dropped it",
-                        self.name,
-                        part.message_id or "(unreadable)",
-                        self.cluster.dead_letter_queue,
-                        self._roster_redact(str(exc) or type(exc).__name__),
-                    )
-                    return
-                await asyncio.sleep(RETRY_PAUSE_S)
+        try:
+            await self._publish_again(copy, self.cluster.dead_letter_queue)
+        except Exception as exc:
+            log.error(
+                "worker %s: could not move task message %s of a batch to the dead-letter queue "
+                "%r (%s); dropped it",
+                self.name,
+                part.message_id or "(unreadable)",
+                self.cluster.dead_letter_queue,
+                self._roster_redact(str(exc) or type(exc).__name__),
+            )
 
     @staticmethod
     def _spawn(work: Any, into: set[asyncio.Task[None]]) -> None:
@@ -574,6 +591,7 @@ class Worker:
         arrived = loop.time()
         #: A hand-back of this delivery began: a cancellation does not start another.
         handing_back = False
+        looked = False  # whether the lease's holder was looked up (see LEASED below)
         try:
             while True:
                 local = self._holders.get(key)
@@ -581,26 +599,27 @@ class Worker:
                     # Delivered again while this worker runs it (its channel reconnected):
                     # this delivery settles once that run stored its result.
                     await asyncio.wait({local})
-                await self._wait_for_slot(msg.agent)
+                # A batch's task waits PART_WAIT_S at most, then goes back to the queue alone.
+                deadline = arrived + PART_WAIT_S if isinstance(message, Part) else None
+                if not await self._wait_for_slot(msg.agent, deadline):
+                    log.info(
+                        "worker %s: task %s of run %s waited %.0f s for a slot; handed back",
+                        self.name,
+                        task.id,
+                        run_id,
+                        loop.time() - arrived,
+                    )
+                    handing_back = True
+                    await self._hand_back(message, msg, None, ran=False)
+                    return
                 try:
                     if channel_closed(message):
                         # Its channel closed while it waited (a reconnect): RabbitMQ requeued
                         # it, and whoever it goes to runs it.
                         return
-                    waited = loop.time() - arrived
-                    if self._stopping or (isinstance(message, Part) and waited > PART_WAIT_S):
+                    if self._stopping:
                         # Stopping: a task that waited for a slot (a batch's) is handed back
-                        # unrun rather than started in the grace meant for running ones. A
-                        # batch's task that waited long goes back to the queue alone.
-                        if not self._stopping:
-                            log.info(
-                                "worker %s: task %s of run %s waited %.0f s for a slot; "
-                                "handed back",
-                                self.name,
-                                task.id,
-                                run_id,
-                                waited,
-                            )
+                        # unrun rather than started in the grace meant for running ones.
                         handing_back = True
                         await self._hand_back(message, msg, None, ran=False)
                         return
@@ -623,7 +642,13 @@ class Worker:
                     # batch's, sent again alone; a hand-back's). If the holder's connections
                     # to Redis are gone too, its process is (killed, say): run the task now,
                     # rather than after its lease lapses.
-                    gone = await self._gone(run_id, task.id)
+                    # Looked up once per delivery (a copy may wait out a live holder's whole
+                    # task), and at each turn for a redelivery, as before copies existed.
+                    redelivered = not isinstance(message, Part) and bool(message.redelivered)
+                    gone = None
+                    if redelivered or not looked:
+                        looked = True
+                        gone = await self._gone(run_id, task.id)
                     if gone is not None and gone != dead:
                         dead = gone
                         continue
@@ -665,11 +690,24 @@ class Worker:
             if not handing_back:
                 await self._hand_back(message, msg, token, ran=taken)
 
-    async def _wait_for_slot(self, agent: str) -> None:
-        """Take one of this worker's slots, counting the wait for the registry."""
+    async def _wait_for_slot(self, agent: str, deadline: float | None = None) -> bool:
+        """Take one of this worker's slots, counting the wait for the registry; False if
+        none came by ``deadline`` (loop time)."""
         self._awaiting_slot[agent] = self._awaiting_slot.get(agent, 0) + 1
         try:
-            await self._slots.acquire()
+            if deadline is None or not self._slots.locked():
+                await self._slots.acquire()
+                return True
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            try:
+                # On Python 3.11, wait_for returns the acquisition if it completed as the
+                # timeout struck, and Semaphore.acquire passes a wake-up it cannot use on.
+                await asyncio.wait_for(self._slots.acquire(), left)
+            except TimeoutError:
+                return False
+            return True
         finally:
             self._awaiting_slot[agent] -= 1
 
