@@ -467,6 +467,24 @@ async def test_a_batchs_task_that_waits_long_for_a_slot_goes_back_to_the_queue_a
     assert await queue_depth(cluster, cluster.queue("writer")) == 0
 
 
+class _RefusingExchange:
+    """An exchange whose broker refuses every publish (a queue with no quorum leader)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+
+    async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
+        self.attempts.append(routing_key)
+        raise ConnectionError("the queue has no leader")
+
+
+class _RefusingChannel:
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.default_exchange = _RefusingExchange()
+
+
 async def test_a_task_the_dead_letter_queue_cannot_take_is_dropped_after_a_few_tries(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -477,18 +495,10 @@ async def test_a_task_the_dead_letter_queue_cannot_take_is_dropped_after_a_few_t
     from taskexec.distributed._acks import Part
 
     monkeypatch.setattr(worker_module, "RETRY_PAUSE_S", 0.0)
-    attempts: list[str] = []
-
-    class Refusing:
-        async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
-            attempts.append(routing_key)
-            raise ConnectionError("the dead-letter queue has no leader")
-
-    class Channel:
-        default_exchange = Refusing()
-
+    channel = _RefusingChannel()
+    attempts = channel.default_exchange.attempts
     worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
-    worker._channel = Channel()  # type: ignore[assignment]
+    worker._channel = channel  # type: ignore[assignment]
     part = Part(None, b"{not json", {TASK_HEADER: TASK_VERSION}, None, worker._to_dead_letters)  # type: ignore[arg-type]
     with caplog.at_level("ERROR", logger="taskexec.worker"):
         await part.reject()
@@ -505,20 +515,12 @@ async def test_a_redelivered_batch_that_cannot_be_sent_again_alone_goes_back_to_
     import taskexec.distributed._worker as worker_module
 
     monkeypatch.setattr(worker_module, "RETRY_PAUSE_S", 0.0)
-    attempts: list[str] = []
+    channel = _RefusingChannel()
+    attempts = channel.default_exchange.attempts
     settled: list[str] = []
 
-    class Refusing:
-        async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
-            attempts.append(routing_key)
-            raise ConnectionError("the queue has no leader")
-
-    class Channel:
-        default_exchange = Refusing()
-        is_closed = False
-
     class Delivered:
-        channel = Channel()
+        channel = _RefusingChannel()
         delivery_tag = 7
         routing_key = cluster.queue("writer")
 
@@ -529,7 +531,7 @@ async def test_a_redelivered_batch_that_cannot_be_sent_again_alone_goes_back_to_
             settled.append("ack")
 
     worker = Worker([taskexec.Agent(name="writer", provider="offline")], cluster)
-    worker._channel = Channel()  # type: ignore[assignment]
+    worker._channel = channel  # type: ignore[assignment]
     batch = Delivered()
     worker._acks.delivered(batch)  # type: ignore[arg-type]
     await worker._unbatch(batch, _three_tasks("back"), {TASK_HEADER: TASK_VERSION})  # type: ignore[arg-type]
