@@ -365,9 +365,9 @@ def test_main_leaves_what_its_caller_froze_frozen() -> None:
 
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
         assert cli.main(["validate", str(EXAMPLE)]) == 0
-        assert gc.get_freeze_count() == frozen
+        # Still frozen (an unfreeze empties it; a frozen object freed meanwhile leaves it).
+        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
 
