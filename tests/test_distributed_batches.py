@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 
 import taskexec
-from taskexec import AgentTask, ExecutionStatus
+from taskexec import AgentTask, ExecutionResult, ExecutionStatus
 from taskexec.distributed import Cluster, Worker
 from taskexec.distributed._amqp import declare_agent_queue
 from taskexec.distributed._dispatch import Dispatcher, batch_size
@@ -84,6 +84,25 @@ async def _serving(worker: Worker) -> tuple[asyncio.Event, asyncio.Task[None]]:
     return stop, serving
 
 
+async def _dispatch(
+    cluster: Cluster, worker: Worker, run_id: str, count: int, sending: Cluster | None = None
+) -> tuple[list[ExecutionResult], Dispatcher]:
+    """Send ``count`` tasks of a run at once through a dispatcher (on ``sending``, else the
+    cluster), served by ``worker``; return their results and the dispatcher, closed."""
+    stop, serving = await _serving(worker)
+    try:
+        async with Dispatcher(sending or cluster) as dispatcher:
+            await dispatcher.attach(run_id)
+            tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(count)]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(dispatcher.run(run_id, t, "writer", "llm") for t in tasks)), 60
+            )
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+    return results, dispatcher
+
+
 @pytest.mark.parametrize(("most", "messages"), [(None, 8), (1, 60), (20, 4)])
 async def test_more_tasks_than_slots_go_in_batches_and_each_runs_once(
     cluster: Cluster, mock_server: MockServer, most: int | None, messages: int
@@ -92,25 +111,14 @@ async def test_more_tasks_than_slots_go_in_batches_and_each_runs_once(
     message may carry (8 by default, 1: each alone); every task runs once (counted at the
     server) and gets its own result."""
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=4)
-    stop, serving = await _serving(worker)
-    sending = cluster if most is None else dataclasses.replace(cluster, batch=most)
-    try:
-        async with Dispatcher(sending) as dispatcher:
-            await dispatcher.attach("many")
-            tasks = [AgentTask(id=f"t{i}", prompt=f"task {i}") for i in range(60)]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(dispatcher.run("many", t, "writer", "llm") for t in tasks)), 60
-            )
-            published = dispatcher.published
-        async with store_of(cluster) as store:
-            counted = await store.counters("many")
-    finally:
-        stop.set()
-        await asyncio.wait_for(serving, 30)
+    sending = None if most is None else dataclasses.replace(cluster, batch=most)
+    results, dispatcher = await _dispatch(cluster, worker, "many", 60, sending)
+    async with store_of(cluster) as store:
+        counted = await store.counters("many")
     assert [(r.task_id, r.status) for r in results] == [
-        (t.id, ExecutionStatus.SUCCESS) for t in tasks
+        (f"t{i}", ExecutionStatus.SUCCESS) for i in range(60)
     ]
-    assert published == messages
+    assert dispatcher.published == messages
     assert mock_server.stats.chat_requests == 60
     assert counted == {"executions": 60, "duplicates": 0}
     assert worker.done == 60
@@ -122,20 +130,9 @@ async def test_tasks_that_can_all_start_at_once_go_one_per_message(
     cluster: Cluster, mock_server: MockServer
 ) -> None:
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=8)
-    stop, serving = await _serving(worker)
-    try:
-        async with Dispatcher(cluster) as dispatcher:
-            await dispatcher.attach("few")
-            tasks = [AgentTask(id=f"t{i}", prompt="p") for i in range(8)]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(dispatcher.run("few", t, "writer", "llm") for t in tasks)), 60
-            )
-            published = dispatcher.published
-    finally:
-        stop.set()
-        await asyncio.wait_for(serving, 30)
+    results, dispatcher = await _dispatch(cluster, worker, "few", 8)
     assert all(r.ok for r in results)
-    assert published == 8
+    assert dispatcher.published == 8
     assert mock_server.stats.chat_requests == 8
 
 
@@ -388,21 +385,12 @@ async def test_tasks_of_a_batch_waiting_for_a_slot_are_not_sent_again(
     cluster = new_cluster(orphan_after_s=1.0, poll_s=0.1, heartbeat_s=0.1)
     mock_server.latency_s = 1.5
     worker = Worker([openai_agent(mock_server, "writer")], cluster, concurrency=1)
-    stop, serving = await _serving(worker)
     try:
-        async with Dispatcher(cluster) as dispatcher:
-            await dispatcher.attach("slow")
-            tasks = [AgentTask(id=f"t{i}", prompt="p") for i in range(3)]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(dispatcher.run("slow", t, "writer", "llm") for t in tasks)), 60
-            )
-            published, resent = dispatcher.published, dispatcher.resent
+        results, dispatcher = await _dispatch(cluster, worker, "slow", 3)
     finally:
-        stop.set()
-        await asyncio.wait_for(serving, 30)
         await drop_cluster(cluster, ["writer"])
     assert all(r.ok for r in results)
-    assert (published, resent) == (1, 0)
+    assert (dispatcher.published, dispatcher.resent) == (1, 0)
     assert mock_server.stats.chat_requests == 3
 
 
@@ -502,7 +490,7 @@ async def test_a_task_the_dead_letter_queue_cannot_take_is_dropped_after_a_few_t
     part = Part(None, b"{not json", {TASK_HEADER: TASK_VERSION}, None, worker._to_dead_letters)  # type: ignore[arg-type]
     with caplog.at_level("ERROR", logger="taskexec.worker"):
         await part.reject()
-    assert attempts == [cluster.dead_letter_queue] * worker_module.DEAD_LETTER_ATTEMPTS
+    assert attempts == [cluster.dead_letter_queue] * worker_module.COPY_ATTEMPTS
     assert any("dropped it" in r.message for r in caplog.records)
 
 
@@ -536,5 +524,5 @@ async def test_a_redelivered_batch_that_cannot_be_sent_again_alone_goes_back_to_
     worker._acks.delivered(batch)  # type: ignore[arg-type]
     await worker._unbatch(batch, _three_tasks("back"), {TASK_HEADER: TASK_VERSION})  # type: ignore[arg-type]
     await worker._acks.drain()
-    assert attempts == [cluster.queue("writer")] * worker_module.DEAD_LETTER_ATTEMPTS
+    assert attempts == [cluster.queue("writer")] * worker_module.COPY_ATTEMPTS
     assert settled == ["nack requeue=True"]

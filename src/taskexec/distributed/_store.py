@@ -607,10 +607,6 @@ class ResultStore:
     def _registry(self) -> list[str]:
         return [self.cluster.key("workers", "expiry"), self.cluster.key("workers", "info")]
 
-    async def served_agents(self) -> set[str]:
-        """Return the agents that at least one live worker serves."""
-        return {a for w in await self.workers() for a in w.agents}
-
 
 def worker_info(
     name: str,

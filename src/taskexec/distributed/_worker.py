@@ -104,7 +104,7 @@ STREAM_CANCEL_POLL_S = 0.05
 PART_WAIT_S = 120.0
 #: How often publishing a copy of a task of a batch (alone, or to the dead-letter queue) is
 #: tried before the worker gives up on it.
-DEAD_LETTER_ATTEMPTS = 3
+COPY_ATTEMPTS = 3
 #: Headers RabbitMQ sets on a delivery, dropped when a task is published again.
 _BROKER_HEADERS = (
     "x-delivery-count",
@@ -446,14 +446,8 @@ class Worker:
                     if agent in self._roster.agents
                     else (message.routing_key or self.cluster.dead_letter_queue)
                 )
-                copy = aio_pika.Message(
-                    body,
-                    headers=headers,
-                    content_type=CONTENT_TYPE,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=f"{found[0]}:{found[1]}" if found is not None else None,
-                )
-                await self._publish_again(copy, queue)
+                message_id = f"{found[0]}:{found[1]}" if found is not None else None
+                await self._publish_again(_copy(body, headers, message_id), queue)
         except Exception as exc:
             log.warning(
                 "worker %s: could not send a redelivered batch's %d tasks again one by one (%s); "
@@ -472,16 +466,16 @@ class Worker:
         self._acks.ack(message)
 
     async def _publish_again(self, copy: aio_pika.Message, queue: str) -> None:
-        """Publish a copy of a task (confirmed), tried up to DEAD_LETTER_ATTEMPTS times."""
+        """Publish a copy of a task (confirmed), tried up to COPY_ATTEMPTS times."""
         assert self._channel is not None
-        for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
+        for attempt in range(1, COPY_ATTEMPTS + 1):
             try:
                 await self._channel.default_exchange.publish(
                     copy, routing_key=queue, timeout=STOP_TIMEOUT_S
                 )
                 return
             except Exception:
-                if attempt == DEAD_LETTER_ATTEMPTS:
+                if attempt == COPY_ATTEMPTS:
                     raise
                 await asyncio.sleep(RETRY_PAUSE_S)
 
@@ -519,15 +513,8 @@ class Worker:
         it was refused is already recorded. Keeping the batch unacknowledged instead would
         hold a prefetch slot for as long as the channel lives.
         """
-        assert self._channel is not None
-        copy = aio_pika.Message(
-            part.body,
-            headers=part.headers,
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=part.message_id,
-        )
         try:
+            copy = _copy(part.body, part.headers, part.message_id)
             await self._publish_again(copy, self.cluster.dead_letter_queue)
         except Exception as exc:
             log.error(
@@ -812,13 +799,7 @@ class Worker:
         if self._channel is None or channel_closed(message):
             return
         headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-        )
+        copy = _copy(message.body, headers, message.message_id, message.content_type)
         try:
             await self._channel.default_exchange.publish(
                 copy, routing_key=self.cluster.queue(msg.agent), timeout=STOP_TIMEOUT_S
@@ -1013,6 +994,22 @@ class Worker:
                 event.state,
                 self._roster_redact(str(exc) or type(exc).__name__),
             )
+
+
+def _copy(
+    body: bytes,
+    headers: dict[str, Any],
+    message_id: str | None,
+    content_type: str | None = CONTENT_TYPE,
+) -> aio_pika.Message:
+    """A copy of a task's message, to publish again (persistent, as the original was)."""
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        content_type=content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+    )
 
 
 def _client_name(instance: str) -> str:
